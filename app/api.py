@@ -1,0 +1,80 @@
+"""Routes. Thin: each one reads lifespan state and picks the response type.
+
+The two generation routes are mounted as the pure-ASGI ``Proxy`` (see proxy.py); everything else is FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .state import AppState
+
+router = APIRouter()
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.tokengate
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz() -> dict[str, str]:
+    """The process is alive (says nothing about workers: see /readyz)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"])
+async def readyz(state: State) -> JSONResponse:
+    """200 when at least one worker is ready and the gateway is not draining; lists every worker either way."""
+    workers = [
+        {
+            "name": w.name,
+            "region": w.region,
+            "preset": w.preset,
+            "ready": w.ready,
+            "reason": w.reason,
+            "models": sorted(w.models),
+            "in_flight": w.in_flight,
+        }
+        for w in state.registry.workers()
+    ]
+    ready = any(w["ready"] for w in workers) and not state.proxy.draining
+    not_ready = [w["name"] for w in workers if not w["ready"]]
+    body: dict[str, Any] = {"ready": ready, "draining": state.proxy.draining, "workers": workers,
+                            "not_ready": not_ready}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/v1/models", tags=["openai"])
+async def list_models(state: State, region: Annotated[str | None, Query(max_length=64)] = None
+                      ) -> dict[str, Any]:
+    """Every model a ready worker serves, with the context cap the gateway enforces as ``max_model_len``."""
+    snapshot = state.registry.snapshot
+    data = []
+    for mid in sorted(snapshot.models):
+        workers = snapshot.by_model.get(mid, ())
+        regions = sorted({w.region for w in workers})
+        if region is not None and region not in regions:
+            continue
+        caps = state.proxy.caps_for(mid, snapshot.models[mid])
+        data.append({
+            "id": mid,
+            "object": "model",
+            "created": state.started_at,
+            "owned_by": "tokengate",
+            "max_model_len": caps.context_cap,
+            "regions": regions,
+        })
+    return {"object": "list", "data": data}
+
+
+@router.get("/metrics", tags=["ops"])
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.prom_registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,93 @@
+"""max_tokens and context caps, decided before any GPU time is spent.
+
+The rules, in order:
+1. ``max_tokens`` (or ``max_completion_tokens``) absent → the default; present → validated by protocol.py.
+2. Above the max_tokens cap → ``clamp`` lowers it (and the response says so) or ``reject`` answers 400.
+3. Prompt tokens above the context cap → 400 ``context_length_exceeded``, counted exactly with the model's own
+   tokenizer (or by the worker's ``/tokenize`` where no local tokenizer exists).
+4. Prompt + max_tokens above the context cap → max_tokens is lowered to what is left. vLLM would otherwise cut
+   the answer short silently.  A prompt that fills the cap exactly still gets one token, unless the worker's own
+   limit leaves none (then it is refused like rule 3).
+
+Counting is skipped when a cheap upper bound (bytes of the rendered prompt) already proves the request fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ContextLengthExceeded, MaxTokensExceeded
+
+CapPolicy = Literal["clamp", "reject"]
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """Effective caps for one model on one worker pool."""
+
+    max_tokens_cap: int
+    default_max_tokens: int
+    context_cap: int
+    model_max_len: int
+    policy: CapPolicy = "clamp"
+
+    @classmethod
+    def build(cls, *, model_max_len: int, context_cap: int | None, max_tokens_cap: int | None,
+              default_max_tokens: int | None, policy: CapPolicy) -> Caps:
+        ctx = model_max_len if context_cap is None else min(context_cap, model_max_len)
+        cap = ctx if max_tokens_cap is None else min(max_tokens_cap, ctx)
+        default = cap if default_max_tokens is None else min(default_max_tokens, cap)
+        return cls(cap, default, ctx, model_max_len, policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    max_tokens: int
+    clamped_from: int | None  # the client's own value, when the gateway lowered it
+    reason: str | None  # "max_tokens_cap" | "context_cap" when clamped
+    prompt_tokens: int | None  # exact count, when one was needed
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSize:
+    """How big the prompt is: an upper bound (cheap), and a way to get the exact count when the bound can't decide."""
+
+    bound: int | None
+    exact: Callable[[], Awaitable[int]]
+
+
+async def decide(caps: Caps, requested: int | None, param: str, prompt: PromptSize, *, prompt_param: str,
+                 model: str) -> Decision:
+    clamped_from: int | None = None
+    reason: str | None = None
+    if requested is None:
+        max_tokens = caps.default_max_tokens
+    elif requested > caps.max_tokens_cap:
+        if caps.policy == "reject":
+            raise MaxTokensExceeded(
+                f"'{param}' is {requested}, above this gateway's cap of {caps.max_tokens_cap} for model '{model}'",
+                param=param,
+            )
+        max_tokens, clamped_from, reason = caps.max_tokens_cap, requested, "max_tokens_cap"
+    else:
+        max_tokens = requested
+
+    if prompt.bound is not None and prompt.bound + max_tokens <= caps.context_cap:
+        return Decision(max_tokens, clamped_from, reason, None)
+
+    n_prompt = await prompt.exact()
+    if n_prompt > caps.context_cap or n_prompt >= caps.model_max_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {caps.context_cap} tokens. However, your prompt is "
+            f"{n_prompt} tokens, which leaves no room for the completion. Please reduce the length of the prompt.",
+            param=prompt_param,
+        )
+    left = max(1, caps.context_cap - n_prompt)
+    if max_tokens > left:
+        if requested is not None:
+            clamped_from = requested
+            reason = "context_cap"
+        max_tokens = left
+    return Decision(max_tokens, clamped_from, reason, n_prompt)

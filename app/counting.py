@@ -1,0 +1,112 @@
+"""How big is this prompt? The bridge between a parsed request and caps.decide().
+
+With the model's tokenizer on this machine the prompt is rendered and counted locally (a long one in a thread,
+so the event loop never stalls); requests the local renderer can't reproduce exactly (content parts, tools) and
+models without a local tokenizer are counted by a worker's ``POST /tokenize``, which is exact by definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from .caps import PromptSize
+from .errors import InvalidRequest
+from .protocol import ParsedRequest
+from .tokenizer import LocalTokenizer, TemplateError
+
+RemoteCount = Callable[[dict[str, Any]], Awaitable[int]]
+_REMOTE_CHAT_FIELDS = ("tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+                       "documents", "chat_template")
+
+
+def _text_messages(messages: list[dict[str, Any]]) -> bool:
+    return all(m.get("content") is None or isinstance(m.get("content"), str) for m in messages)
+
+
+def _template_error(exc: TemplateError) -> InvalidRequest:
+    return InvalidRequest(str(exc), param="messages", code="chat_template_error")
+
+
+class PromptCounter:
+    def __init__(self, executor: Executor, *, offloop_bytes: int) -> None:
+        self._executor = executor
+        self._offloop = offloop_bytes
+
+    def size(self, req: ParsedRequest, tokenizer: LocalTokenizer | None, remote: RemoteCount) -> PromptSize:
+        body = req.body
+        if req.route == "chat":
+            messages: list[dict[str, Any]] = body["messages"]
+            if tokenizer is None or body.get("tools") or body.get("chat_template_kwargs") or \
+                    not _text_messages(messages):
+                payload = {"model": req.model, "messages": messages}
+                for key in _REMOTE_CHAT_FIELDS:
+                    if key in body:
+                        payload[key] = body[key]
+                return PromptSize(None, lambda: remote(payload))
+            return self._chat_local(tokenizer, messages, body)
+        return self._completion(tokenizer, req, remote)
+
+    def _chat_local(self, tok: LocalTokenizer, messages: list[dict[str, Any]], body: dict[str, Any]
+                    ) -> PromptSize:
+        add_gen = body.get("add_generation_prompt", True) is not False
+        cont = body.get("continue_final_message") is True
+
+        def render() -> str:
+            try:
+                return tok.render_chat(messages, add_generation_prompt=add_gen and not cont,
+                                       continue_final_message=cont)
+            except TemplateError as exc:
+                raise _template_error(exc) from None
+
+        approx = sum(len(m.get("content") or "") for m in messages)
+        if approx > self._offloop:
+            def count_all() -> int:
+                return tok.count(render(), add_special_tokens=False)
+            return PromptSize(None, lambda: self._offload(count_all))
+        text = render()
+
+        async def exact() -> int:
+            return tok.count(text, add_special_tokens=False)
+
+        return PromptSize(tok.upper_bound(text, add_special_tokens=False), exact)
+
+    def _completion(self, tok: LocalTokenizer | None, req: ParsedRequest, remote: RemoteCount) -> PromptSize:
+        prompt = req.body["prompt"]
+        special = req.body.get("add_special_tokens", True) is not False
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return PromptSize(len(prompt), _const(len(prompt)))
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            longest = max(len(p) for p in prompt)
+            return PromptSize(longest, _const(longest))
+        texts: list[str] = [prompt] if isinstance(prompt, str) else prompt
+        if tok is None:
+            async def via_worker() -> int:
+                counts = [await remote({"model": req.model, "prompt": t, "add_special_tokens": special})
+                          for t in texts]
+                return max(counts)
+            return PromptSize(None, via_worker)
+        bounds = [tok.upper_bound(t, add_special_tokens=special) for t in texts]
+        bound = None if any(b is None for b in bounds) else max(b for b in bounds if b is not None)
+
+        def count_all() -> int:
+            return max(tok.count(t, add_special_tokens=special) for t in texts)
+
+        if sum(len(t) for t in texts) > self._offloop:
+            return PromptSize(bound, lambda: self._offload(count_all))
+
+        async def exact() -> int:
+            return count_all()
+
+        return PromptSize(bound, exact)
+
+    async def _offload(self, fn: Callable[[], int]) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+
+def _const(n: int) -> Callable[[], Awaitable[int]]:
+    async def value() -> int:
+        return n
+    return value

@@ -1,0 +1,189 @@
+"""The gateway's one error tree, and the one place it becomes HTTP.
+
+    GatewayError                       500 server_error
+    ├── InvalidRequest                 400 invalid_request_error   (malformed JSON, wrong types, bad values)
+    │   ├── ContextLengthExceeded      400 code=context_length_exceeded
+    │   └── MaxTokensExceeded          400 code=max_tokens_exceeded (cap policy "reject")
+    ├── AuthenticationFailed           401 authentication_error
+    ├── PermissionDenied               403 permission_error
+    ├── ModelNotFound                  404 code=model_not_found
+    ├── PayloadTooLarge                413 code=request_too_large
+    ├── HeadersTooLarge                431 code=request_header_fields_too_large
+    ├── RateLimited                    429 rate_limit_error        (Retry-After)
+    ├── NoWorkerAvailable              503 code=no_worker_available (Retry-After)
+    ├── UpstreamError                  502 code=worker_unreachable / bad_worker_response
+    │   └── UpstreamTimeout            504 code=worker_timeout
+    └── UpstreamStatus                 the worker's own status and OpenAI-shaped body, passed through
+
+Every class knows its status, OpenAI ``type`` and ``code``; ``render`` draws ``{"error": {...}}`` for all of them,
+both as an HTTP body (before the first byte) and as one in-band SSE event (after it).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code_override = code
+
+    @property
+    def error_code(self) -> str | int | None:
+        return self.code_override if self.code_override is not None else self.code
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def payload(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.error_code}}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class MaxTokensExceeded(InvalidRequest):
+    code = "max_tokens_exceeded"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b'Bearer realm="tokengate"')]
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class _RetryAfter(GatewayError):
+    def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(max(1, round(self.retry_after))).encode())]
+
+
+class RateLimited(_RetryAfter):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class NoWorkerAvailable(_RetryAfter):
+    status = 503
+    type = "server_error"
+    code = "no_worker_available"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "worker_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "worker_timeout"
+
+
+class UpstreamStatus(GatewayError):
+    """A worker answered with an error before the first byte: its status and (OpenAI-shaped) body pass through."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.passthrough_status = status
+        self.raw = body
+        message, param, code, type_ = _parse_worker_error(body, status)
+        super().__init__(message, param=param, code=code)
+        self.worker_type = type_
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "error": {"message": self.message, "type": self.worker_type, "param": self.param, "code": self.error_code}
+        }
+
+
+def _parse_worker_error(body: bytes, status: int) -> tuple[str, str | None, str | None, str]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    fallback = (f"worker answered HTTP {status}", None, None, kind)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return fallback
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        code = err.get("code")
+        param = err.get("param")
+        type_ = err.get("type")
+        return (
+            err["message"],
+            param if isinstance(param, str) else None,
+            str(code) if code is not None else None,
+            type_ if isinstance(type_, str) else fallback[3],
+        )
+    if isinstance(doc, dict) and isinstance(doc.get("detail"), str):  # plain FastAPI errors
+        return doc["detail"], None, None, fallback[3]
+    return fallback
+
+
+def status_of(exc: GatewayError) -> int:
+    return exc.passthrough_status if isinstance(exc, UpstreamStatus) else exc.status
+
+
+def render(exc: GatewayError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) for an error raised before the first byte."""
+    body = exc.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *exc.headers(),
+    ]
+    return status_of(exc), headers, body
+
+
+def sse_event(exc: GatewayError) -> bytes:
+    """The same error as one in-band SSE event, for errors after the first byte."""
+    return b"data: " + exc.body() + b"\n\n"

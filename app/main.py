@@ -1,0 +1,142 @@
+"""create_app(settings): lifespan, routes, error handlers. No logic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+
+from . import __version__
+from .api import router
+from .counting import PromptCounter
+from .errors import GatewayError, InvalidRequest, render
+from .metrics import GatewayMetrics
+from .proxy import Proxy
+from .settings import Settings
+from .state import AppState
+from .tokenizer import TokenizerStore
+from .upstream import UpstreamPool
+from .workers.health import HealthChecker
+from .workers.registry import Registry, Worker
+from .workers.supervisor import Supervisor, WorkerSpec
+
+log = logging.getLogger("tokengate")
+
+
+def external_workers(settings: Settings) -> list[Worker]:
+    workers: list[Worker] = []
+    for i, url in enumerate(settings.upstream):
+        name = url.split("://", 1)[-1]
+        if any(w.name == name for w in workers):
+            name = f"{name}#{i}"
+        workers.append(Worker(name=name, url=url, region=settings.region, preset="external",
+                              api_key=settings.upstream_api_key))
+    return workers
+
+
+def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
+               prom_registry: CollectorRegistry | None = None,
+               on_ready: Callable[[AppState], None] | None = None) -> FastAPI:
+    """Build the gateway. External workers come from ``settings.upstream``; managed ones from ``worker_specs``
+    (launched and supervised by the lifespan)."""
+    prom = prom_registry if prom_registry is not None else CollectorRegistry()
+    metrics = GatewayMetrics(prom, version=__version__)
+    registry = Registry()
+    pool = UpstreamPool(connect_timeout=settings.connect_timeout)
+    tokenizers = TokenizerStore()
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokengate-count")
+    proxy = Proxy(settings=settings, registry=registry, pool=pool, metrics=metrics, tokenizers=tokenizers,
+                  counter=PromptCounter(executor, offloop_bytes=settings.tokenize_offloop_bytes),
+                  default_region=settings.region)
+    health = HealthChecker(registry, pool, metrics, tokenizers, interval=settings.discovery_interval)
+    supervisor = Supervisor(worker_specs, registry, metrics, on_start=health.poke) if worker_specs else None
+    state = AppState(settings, registry, pool, prom, metrics, tokenizers, proxy, health, supervisor,
+                     started_at=int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for worker in external_workers(settings):
+            registry.add(worker)
+        if supervisor is not None:
+            await supervisor.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(health.check_all(), timeout=settings.connect_timeout + 1)
+        health_task = asyncio.create_task(health.run(), name="tokengate-health")
+        ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
+        try:
+            yield
+        finally:
+            proxy.draining = True
+            for task in (health_task, ready_task):
+                if task is not None:
+                    task.cancel()
+            if supervisor is not None:
+                await supervisor.stop()
+            await pool.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="tokengate", version=__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.tokengate = state
+    app.include_router(router)
+    # the hot path: pure ASGI, mounted as plain routes in front of FastAPI's request machinery
+    app.router.routes.insert(0, Route("/v1/chat/completions", proxy, methods=["POST"]))
+    app.router.routes.insert(1, Route("/v1/completions", proxy, methods=["POST"]))
+    _install_error_handlers(app)
+    return app
+
+
+async def _announce(state: AppState, on_ready: Callable[[AppState], None] | None) -> None:
+    while not any(w.ready for w in state.registry.workers()):
+        await asyncio.sleep(0.25)
+    if on_ready is not None:
+        on_ready(state)
+
+
+def _error_response(exc: GatewayError) -> JSONResponse:
+    status, headers, body = render(exc)
+    response = JSONResponse(content=None, status_code=status)
+    response.body = body
+    response.raw_headers = headers
+    return response
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def gateway_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        return _error_response(exc)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        return _error_response(InvalidRequest(first.get("msg", "invalid request"), param=".".join(loc) or None))
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        payload = {"error": {"message": str(exc.detail), "type": type_, "param": None, "code": code}}
+        headers = dict(exc.headers or {})
+        return JSONResponse(payload, status_code=exc.status_code, headers=headers)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(GatewayError("internal error in the gateway"))
+
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

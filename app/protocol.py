@@ -1,0 +1,162 @@
+"""OpenAI request parsing for the two generation routes.
+
+The body is parsed once (orjson) into a dict that is forwarded after the gateway's edits, so unknown fields pass
+through to vLLM (vLLM's ``OpenAIBaseModel`` allows extras); only the fields the gateway interprets are checked
+here, by hand, because this runs on every request.  Anything malformed is an ``InvalidRequest`` naming the
+parameter — never a 500.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from .errors import InvalidRequest
+
+Route = Literal["chat", "completions"]
+ROUTES: dict[str, Route] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    route: Route
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    max_tokens_param: str
+    n: int
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_request") -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def _check_int(body: dict[str, Any], name: str, *, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            raise _bad(f"'{name}' must be an integer, got {value!r}", name, "invalid_type")
+        raise _bad(f"'{name}' must be an integer, got {type(value).__name__}", name, "invalid_type")
+    if value < minimum:
+        raise _bad(f"'{name}' must be at least {minimum}, got {value}", name, "invalid_value")
+    return value
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise _bad("'messages' must be an array of message objects", "messages", "invalid_type")
+    if not messages:
+        raise _bad("'messages' must contain at least one message", "messages", "invalid_value")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _bad(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
+        role = msg.get("role")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"'messages[{i}].role' must be a non-empty string", f"messages[{i}].role", "invalid_type")
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(
+                f"'messages[{i}].content' must be a string or an array of content parts",
+                f"messages[{i}].content",
+                "invalid_type",
+            )
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise _bad(
+                        f"'messages[{i}].content[{j}]' must be a content part object with a 'type'",
+                        f"messages[{i}].content[{j}]",
+                        "invalid_type",
+                    )
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("'prompt' must not be empty", "prompt", "invalid_value")
+        return
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            if not all(prompt):
+                raise _bad("'prompt' must not contain empty strings", "prompt", "invalid_value")
+            return
+        if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in prompt):
+            return
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return
+    if isinstance(prompt, list) and not prompt:
+        raise _bad("'prompt' must not be empty", "prompt", "invalid_value")
+    raise _bad("'prompt' must be a string, an array of strings, or an array of token ids", "prompt", "invalid_type")
+
+
+def parse_request(route: Route, raw: bytes) -> ParsedRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object", None, "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required and must be a non-empty string", "model", "invalid_type")
+    if route == "chat":
+        _check_messages(body.get("messages"))
+    else:
+        if "prompt" not in body:
+            raise _bad("'prompt' is required", "prompt", "missing_required_parameter")
+        _check_prompt(body["prompt"])
+    stream = body.get("stream", True)
+    if stream is None:
+        stream = True
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream", "invalid_type")
+    include_usage = False
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        usage = opts.get("include_usage", False)
+        if not isinstance(usage, bool):
+            raise _bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
+        include_usage = usage
+    max_tokens = _check_int(body, "max_tokens", minimum=1)
+    param = "max_tokens"
+    if route == "chat":
+        mct = _check_int(body, "max_completion_tokens", minimum=1)
+        if mct is not None:  # as vLLM: max_completion_tokens wins over the deprecated max_tokens
+            max_tokens, param = mct, "max_completion_tokens"
+    n = _check_int(body, "n", minimum=1) or 1
+    return ParsedRequest(route, body, model, stream, include_usage, max_tokens, param, n)
+
+
+def set_max_tokens(req: ParsedRequest, value: int) -> None:
+    body = req.body
+    if req.route == "chat" and "max_completion_tokens" in body:
+        body["max_completion_tokens"] = value
+        if body.get("max_tokens") is not None:
+            body["max_tokens"] = value
+    else:
+        body["max_tokens"] = value
+
+
+def upstream_body(req: ParsedRequest) -> bytes:
+    """The body the worker gets: always ``stream`` explicit, and usage asked for so tokens can be counted."""
+    body = req.body
+    body["stream"] = req.stream
+    if req.stream:
+        opts = body.get("stream_options")
+        if isinstance(opts, dict):
+            if not opts.get("include_usage"):
+                body["stream_options"] = {**opts, "include_usage": True}
+        else:
+            body["stream_options"] = {"include_usage": True}
+    elif "stream_options" in body:
+        del body["stream_options"]  # vLLM rejects stream_options without stream
+    return orjson.dumps(body)

@@ -1,0 +1,190 @@
+"""The model's own tokenizer and chat template, counted exactly the way vLLM counts.
+
+vLLM renders the chat template with ``add_generation_prompt`` (Jinja, as transformers does) and tokenises the
+result without adding special tokens; a completion prompt is tokenised with special tokens added.  We load the
+same ``tokenizer.json`` with the ``tokenizers`` library and render the same template with the same Jinja
+environment transformers uses, so the count matches vLLM's ``POST /tokenize`` token for token (the integration
+tests compare them).  Requests this can't render exactly (non-text content parts, tools) are counted by the
+worker instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+class TemplateError(ValueError):
+    """The chat template refused the conversation (e.g. ``raise_exception`` in the template)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # transformers' tojson: no HTML escaping, unicode kept
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):  # AddedToken serialised
+        return str(value["content"])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Normalizer:
+    """Whether the byte-length upper bound is sound for this tokenizer (no normaliser that can grow text)."""
+
+    sound: bool
+    slack: int
+
+
+def _bound_rule(tok_json: dict[str, Any]) -> _Normalizer:
+    norm = tok_json.get("normalizer")
+    model = (tok_json.get("model") or {}).get("type")
+    if model not in ("BPE", "Unigram", "WordPiece"):
+        return _Normalizer(False, 0)
+    steps = [] if norm is None else norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    # Prepend("▁") adds one token at most; Replace(" ", "▁") maps one byte to three but merges keep one token
+    # per original byte or fewer.  Anything else (NFKC, ...) may expand text: count exactly instead.
+    slack = 1  # a Metaspace pre-tokenizer may prepend one "▁" of its own
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Prepend":
+            slack += 1
+        elif kind == "Replace" and step.get("content") == "▁" and (step.get("pattern") or {}).get("String") == " ":
+            continue
+        else:
+            return _Normalizer(False, 0)
+    return _Normalizer(True, slack)
+
+
+class LocalTokenizer:
+    """Counts prompt tokens for one model from its directory (``tokenizer.json`` + chat template)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        root = Path(model_dir)
+        tok_path = root / "tokenizer.json"
+        self._tok = Tokenizer.from_file(str(tok_path))
+        tok_json = json.loads(tok_path.read_text(encoding="utf-8"))
+        config: dict[str, Any] = {}
+        cfg_path = root / "tokenizer_config.json"
+        if cfg_path.exists():
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        template = config.get("chat_template")
+        jinja_path = root / "chat_template.jinja"
+        if jinja_path.exists():
+            template = jinja_path.read_text(encoding="utf-8")
+        elif (root / "chat_template.json").exists():
+            template = json.loads((root / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self._special: dict[str, str] = {}
+        for key in _SPECIAL_KEYS:
+            text = _token_text(config.get(key))
+            if text is not None:
+                self._special[key] = text
+        rule = _bound_rule(tok_json)
+        self._bound_sound = rule.sound
+        post = tok_json.get("post_processor")
+        self._special_added = self._tok.num_special_tokens_to_add(False) if post else 0
+        self._bound_slack = rule.slack
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        if self.chat_template is None:
+            raise TemplateError("this model has no chat template; use /v1/completions")
+        try:
+            text = _compile(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+            )
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"chat template failed: {exc}") from exc
+        if continue_final_message and messages:
+            last = messages[-1].get("content")
+            if isinstance(last, str) and last and last in text:
+                text = text[: text.rindex(last) + len(last)]
+        return text
+
+    def upper_bound(self, text: str, *, add_special_tokens: bool) -> int | None:
+        """A cheap bound that is never below the exact count, or None when no sound bound exists."""
+        if not self._bound_sound:
+            return None
+        extra = self._special_added if add_special_tokens else 0
+        return len(text.encode("utf-8", "surrogatepass")) + extra + self._bound_slack
+
+    def count(self, text: str, *, add_special_tokens: bool) -> int:
+        return len(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+
+def has_local_tokenizer(path: str | None) -> bool:
+    return bool(path) and Path(str(path), "tokenizer.json").is_file()
+
+
+TokenizerLoader = Callable[[str], LocalTokenizer]
+
+
+class TokenizerStore:
+    """Model id → its local tokenizer, loaded once (in a thread) when a worker reports a local model path."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, LocalTokenizer | None] = {}
+        self._roots: dict[str, str | None] = {}
+
+    def get(self, model: str) -> LocalTokenizer | None:
+        return self._by_model.get(model)
+
+    def set(self, model: str, tokenizer: LocalTokenizer | None) -> None:
+        self._by_model[model] = tokenizer
+
+    async def ensure(self, model: str, root: str | None) -> None:
+        import asyncio
+
+        if model in self._roots and self._roots[model] == root:
+            return
+        self._roots[model] = root
+        if root is None or not has_local_tokenizer(root):
+            self._by_model.setdefault(model, None)
+            return
+        try:
+            tok = await asyncio.to_thread(LocalTokenizer, root)
+        except Exception:  # an unreadable tokenizer: fall back to the worker's /tokenize
+            tok = None
+        self._by_model[model] = tok

@@ -1,0 +1,131 @@
+"""Health and readiness of every worker in the registry, external or managed.
+
+A worker is ready when ``/health`` answers 200, ``/v1/models`` lists what it serves, and — on every transition
+to ready — a real 1-token generation succeeds (a worker can answer /health while its engine cannot generate).
+Checks run concurrently every ``interval`` seconds; a worker that fails them leaves rotation at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ..errors import GatewayError
+from ..metrics import GatewayMetrics
+from ..tokenizer import TokenizerStore
+from ..upstream import UpstreamPool
+from .registry import ModelInfo, Registry, Worker
+
+log = logging.getLogger("tokengate.health")
+
+
+class HealthChecker:
+    def __init__(self, registry: Registry, pool: UpstreamPool, metrics: GatewayMetrics, tokenizers: TokenizerStore,
+                 *, interval: float = 5.0, timeout: float = 5.0, probe_timeout: float = 60.0,
+                 on_change: Callable[[Worker], None] | None = None) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.metrics = metrics
+        self.tokenizers = tokenizers
+        self.interval = interval
+        self.timeout = timeout
+        self.probe_timeout = probe_timeout
+        self.on_change = on_change
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """Check now (e.g. a managed worker just started)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.check_all()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def check_all(self) -> None:
+        workers = self.registry.workers()
+        if workers:
+            await asyncio.gather(*(self.check(w) for w in workers))
+
+    async def _get(self, worker: Worker, path: str) -> tuple[int, bytes]:
+        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        resp = await self.pool.request(worker.origin, "GET", path, headers=headers, timeout=self.timeout)
+        try:
+            body = await resp.read(self.timeout, limit=4 * 1024 * 1024)
+        finally:
+            resp.release()
+        return resp.status, body
+
+    async def _probe(self, worker: Worker, model: str) -> str | None:
+        headers = [("content-type", "application/json")]
+        if worker.api_key:
+            headers.append(("authorization", f"Bearer {worker.api_key}"))
+        body = orjson.dumps({"model": model, "prompt": "ready?", "max_tokens": 1, "stream": False})
+        resp = await self.pool.request(worker.origin, "POST", "/v1/completions", body, headers=headers,
+                                       timeout=self.probe_timeout)
+        try:
+            data = await resp.read(self.probe_timeout)
+        finally:
+            resp.release()
+        if resp.status != 200:
+            return f"1-token generation answered HTTP {resp.status}"
+        try:
+            usage = orjson.loads(data).get("usage") or {}
+        except orjson.JSONDecodeError:
+            return "1-token generation answered invalid JSON"
+        if usage.get("completion_tokens", 0) < 1:
+            return "1-token generation produced no token"
+        return None
+
+    async def check(self, worker: Worker) -> None:
+        was_ready = worker.ready
+        try:
+            status, _ = await self._get(worker, "/health")
+            if status != 200:
+                return self._set(worker, False, f"/health answered HTTP {status}")
+            status, body = await self._get(worker, "/v1/models")
+            if status != 200:
+                return self._set(worker, False, f"/v1/models answered HTTP {status}")
+            models = _parse_models(orjson.loads(body))
+            if not models:
+                return self._set(worker, False, "/v1/models lists no model")
+            if not was_ready:
+                for mid in models:
+                    problem = await self._probe(worker, mid)
+                    if problem:
+                        return self._set(worker, False, problem)
+            for info in models.values():
+                await self.tokenizers.ensure(info.id, info.root)
+            self._set(worker, True, "ready", models)
+        except (GatewayError, OSError, orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            self._set(worker, False, f"unreachable: {exc}")
+
+    def _set(self, worker: Worker, ready: bool, reason: str, models: dict[str, ModelInfo] | None = None) -> None:
+        changed = worker.ready != ready
+        self.registry.update(worker, ready=ready, reason=reason, models=models)
+        self.metrics.worker_up.labels(worker.region, worker.preset, worker.name).set(1 if ready else 0)
+        if changed:
+            log.info("worker %s is %s (%s)", worker.name, "ready" if ready else "not ready", reason)
+            if self.on_change is not None:
+                self.on_change(worker)
+
+
+def _parse_models(doc: Any) -> dict[str, ModelInfo]:
+    out: dict[str, ModelInfo] = {}
+    for item in doc.get("data", []):
+        mid = item.get("id")
+        if not isinstance(mid, str):
+            continue
+        max_len = item.get("max_model_len")
+        root = item.get("root")
+        out[mid] = ModelInfo(mid, int(max_len) if isinstance(max_len, int) else 4096,
+                             root if isinstance(root, str) else None)
+    return out

