@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# System packages the test suite and deploy checks need (Debian/Ubuntu). Idempotent: installs only what is missing.
+# Add a package by appending a line to PACKAGES with a comment saying what needs it.
+set -euo pipefail
+
+PACKAGES=(
+    prometheus  # promtool: tests/test_deploy_prometheus.py (check config/rules, test rules)
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-system-deps: all present (${PACKAGES[*]})"
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+echo "install-system-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+# --no-install-recommends: we want the binaries, not the exporters the package recommends.
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
