@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.errors import (
+    ContextLengthExceeded,
+    GatewayError,
+    ModelNotFound,
+    NoWorkerAvailable,
+    RateLimited,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    render,
+    sse_event,
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "type_", "code"),
+    [
+        (ContextLengthExceeded("x", param="messages"), 400, "invalid_request_error", "context_length_exceeded"),
+        (ModelNotFound("x", param="model"), 404, "invalid_request_error", "model_not_found"),
+        (UpstreamError("x"), 502, "server_error", "worker_unreachable"),
+        (UpstreamTimeout("x"), 504, "server_error", "worker_timeout"),
+        (NoWorkerAvailable("x", retry_after=3), 503, "server_error", "no_worker_available"),
+        (GatewayError("x"), 500, "server_error", "internal_error"),
+    ],
+)
+def test_every_error_renders_openai_shaped(exc: GatewayError, status: int, type_: str, code: str) -> None:
+    got_status, headers, body = render(exc)
+    doc = orjson.loads(body)
+    assert got_status == status
+    assert doc == {"error": {"message": "x", "type": type_, "param": exc.param, "code": code}}
+    assert (b"content-type", b"application/json") in headers
+
+
+def test_retry_after_header() -> None:
+    _, headers, _ = render(RateLimited("slow down", retry_after=2.4))
+    assert (b"retry-after", b"2") in headers
+
+
+def test_worker_errors_pass_through_with_their_status() -> None:
+    body = orjson.dumps({"error": {"message": "bad", "type": "BadRequestError", "param": "max_tokens",
+                                   "code": 400}})
+    status, _, out = render(UpstreamStatus(400, body))
+    assert status == 400
+    assert orjson.loads(out)["error"] == {"message": "bad", "type": "BadRequestError", "param": "max_tokens",
+                                          "code": "400"}
+
+
+def test_non_json_worker_errors_still_become_openai_shaped() -> None:
+    status, _, out = render(UpstreamStatus(500, b"<html>oops</html>"))
+    assert status == 500
+    assert set(orjson.loads(out)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sse_event_form() -> None:
+    event = sse_event(UpstreamError("gone"))
+    assert event.startswith(b"data: {") and event.endswith(b"\n\n")
+    assert orjson.loads(event[6:])["error"]["code"] == "worker_unreachable"

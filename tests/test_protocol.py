@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.errors import InvalidRequest
+from app.protocol import parse_request, set_max_tokens, upstream_body
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def raw(doc: object) -> bytes:
+    return orjson.dumps(doc)
+
+
+def test_stream_is_the_default_and_usage_is_requested_upstream() -> None:
+    req = parse_request("chat", raw(CHAT))
+    assert req.stream is True and req.include_usage is False and req.max_tokens is None
+    sent = orjson.loads(upstream_body(req))
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_stream_false_drops_stream_options() -> None:
+    req = parse_request("chat", raw({**CHAT, "stream": False, "stream_options": {"include_usage": True}}))
+    sent = orjson.loads(upstream_body(req))
+    assert sent["stream"] is False and "stream_options" not in sent
+
+
+def test_client_usage_request_is_remembered_and_other_options_kept() -> None:
+    req = parse_request("chat", raw({**CHAT, "stream_options": {"include_usage": True, "x": 1}}))
+    assert req.include_usage is True
+    assert orjson.loads(upstream_body(req))["stream_options"] == {"include_usage": True, "x": 1}
+
+
+def test_unknown_fields_pass_through() -> None:
+    req = parse_request("chat", raw({**CHAT, "top_k": 5, "ignore_eos": True}))
+    sent = orjson.loads(upstream_body(req))
+    assert sent["top_k"] == 5 and sent["ignore_eos"] is True
+
+
+def test_max_completion_tokens_wins_and_both_fields_are_rewritten() -> None:
+    req = parse_request("chat", raw({**CHAT, "max_tokens": 10, "max_completion_tokens": 20}))
+    assert req.max_tokens == 20 and req.max_tokens_param == "max_completion_tokens"
+    set_max_tokens(req, 7)
+    sent = orjson.loads(upstream_body(req))
+    assert sent["max_completion_tokens"] == 7 and sent["max_tokens"] == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({**CHAT, "max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({**CHAT, "max_tokens": -3}, "max_tokens", "invalid_value"),
+        ({**CHAT, "max_tokens": 2.5}, "max_tokens", "invalid_type"),
+        ({**CHAT, "max_tokens": 2.0}, "max_tokens", "invalid_type"),
+        ({**CHAT, "max_tokens": "5"}, "max_tokens", "invalid_type"),
+        ({**CHAT, "max_tokens": True}, "max_tokens", "invalid_type"),
+        ({**CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "invalid_value"),
+        ({**CHAT, "n": 0}, "n", "invalid_value"),
+        ({**CHAT, "stream": "yes"}, "stream", "invalid_type"),
+        ({**CHAT, "stream_options": []}, "stream_options", "invalid_type"),
+        ({"messages": CHAT["messages"]}, "model", "invalid_type"),
+        ({**CHAT, "model": ""}, "model", "invalid_type"),
+        ({**CHAT, "messages": []}, "messages", "invalid_value"),
+        ({**CHAT, "messages": "hi"}, "messages", "invalid_type"),
+        ({**CHAT, "messages": [{"content": "hi"}]}, "messages[0].role", "invalid_type"),
+        ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+        ({**CHAT, "messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", "invalid_type"),
+    ],
+)
+def test_chat_validation_errors_name_the_parameter(body: dict[str, object], param: str, code: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request("chat", raw(body))
+    assert err.value.param == param and err.value.error_code == code and err.value.status == 400
+
+
+@pytest.mark.parametrize("prompt", ["", [], [""], [1, "a"], [[]], [True], {"a": 1}, None])
+def test_bad_prompts_are_400(prompt: object) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request("completions", raw({"model": "m", "prompt": prompt}))
+    assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("prompt", ["hi", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
+def test_good_prompts(prompt: object) -> None:
+    assert parse_request("completions", raw({"model": "m", "prompt": prompt})).route == "completions"
+
+
+def test_missing_prompt() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request("completions", raw({"model": "m"}))
+    assert err.value.error_code == "missing_required_parameter"
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[1,2]", b"null", b'"x"', b"\xff\xfe"])
+def test_malformed_json_is_400(body: bytes) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_request("chat", body)
+    assert err.value.error_code == "invalid_json" and err.value.param is None

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import time
+
+from app.routing import candidates, pick
+from app.workers.registry import ModelInfo, Registry, Worker
+
+
+def registry_with(*specs: tuple[str, str, int]) -> tuple[Registry, list[Worker]]:
+    reg = Registry(eject_after=2, eject_base=10.0)
+    workers = []
+    for name, region, load in specs:
+        w = Worker(name=name, url=f"http://127.0.0.1:{9000 + len(workers)}", region=region)
+        reg.add(w)
+        reg.update(w, ready=True, models={"m": ModelInfo("m", 2048)})
+        w.in_flight = load
+        workers.append(w)
+    return reg, workers
+
+
+def test_least_in_flight_wins() -> None:
+    reg, (a, b, c) = registry_with(("a", "fr", 3), ("b", "fr", 1), ("c", "fr", 2))
+    pool = candidates(reg.snapshot, "m", ["fr"])
+    assert all(pick(pool, time.monotonic(), turn) is b for turn in range(6))
+
+
+def test_ties_rotate() -> None:
+    reg, workers = registry_with(("a", "fr", 0), ("b", "fr", 0), ("c", "fr", 0))
+    pool = candidates(reg.snapshot, "m", ["fr"])
+    chosen = {pick(pool, time.monotonic(), turn) for turn in range(3)}
+    assert chosen == set(workers)
+
+
+def test_region_first_then_fallbacks_never_others() -> None:
+    reg, (fr, uae) = registry_with(("fr0", "fr", 5), ("uae0", "uae", 0))
+    assert candidates(reg.snapshot, "m", ["fr"]) == (fr,)
+    assert candidates(reg.snapshot, "m", ["de", "uae"]) == (uae,)
+    assert candidates(reg.snapshot, "m", ["de"]) == ()
+    assert candidates(reg.snapshot, "other", ["fr"]) == ()
+
+
+def test_excluded_and_not_ready_are_skipped() -> None:
+    reg, (a, b) = registry_with(("a", "fr", 0), ("b", "fr", 5))
+    pool = candidates(reg.snapshot, "m", ["fr"])
+    assert pick(pool, time.monotonic(), 0, exclude=[a]) is b
+    reg.update(b, ready=False, reason="down")
+    assert candidates(reg.snapshot, "m", ["fr"]) == (a,)
+    assert pick(pool, time.monotonic(), 0, exclude=[a]) is None
+
+
+def test_repeated_failures_eject_for_a_backoff_but_never_the_last_one() -> None:
+    reg, (a, b) = registry_with(("a", "fr", 0), ("b", "fr", 0))
+    reg.record_failure(a)
+    assert a.routable(time.monotonic())
+    reg.record_failure(a)
+    assert not a.routable(time.monotonic())
+    assert a.routable(time.monotonic() + 11)
+    # b fails too: a is still ejected, so b is the last one standing and stays in rotation
+    reg.record_failure(b)
+    reg.record_failure(b)
+    assert b.routable(time.monotonic())
+    reg.record_success(a)
+    assert a.routable(time.monotonic())
+
+
+def test_snapshot_lists_only_ready_models_with_smallest_window() -> None:
+    reg = Registry()
+    w1 = Worker(name="a", url="http://127.0.0.1:1")
+    w2 = Worker(name="b", url="http://127.0.0.1:2")
+    reg.add(w1)
+    reg.add(w2)
+    reg.update(w1, ready=True, models={"m": ModelInfo("m", 4096)})
+    reg.update(w2, ready=True, models={"m": ModelInfo("m", 2048)})
+    assert reg.snapshot.models["m"].max_model_len == 2048
+    reg.update(w2, ready=False)
+    assert reg.snapshot.models["m"].max_model_len == 4096
+    assert reg.snapshot.by_model["m"] == (w1,)

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.streaming import SSEParser
+from app.upstream import UpstreamProtocolError
+
+
+def ev(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+ROLE = ev({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+TOK = [ev({"choices": [{"index": 0, "delta": {"content": f" t{i}"}}]}) for i in range(3)]
+USAGE = ev({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+DONE = b"data: [DONE]\n\n"
+STREAM = ROLE + b"".join(TOK) + USAGE + DONE
+
+
+def feed_all(parser: SSEParser, pieces: list[bytes]) -> bytes:
+    return b"".join(parser.feed(p, float(i)) for i, p in enumerate(pieces))
+
+
+def test_whole_stream_forwarded_untouched_when_usage_was_asked() -> None:
+    p = SSEParser(include_usage=True)
+    assert p.feed(STREAM, 1.0) == STREAM
+    st = p.state
+    assert st.saw_done and st.usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert st.content_events == 3 and st.first_token == 1.0
+
+
+def test_usage_event_is_stripped_when_not_asked_and_done_kept() -> None:
+    p = SSEParser(include_usage=False)
+    out = p.feed(STREAM, 1.0)
+    assert out == ROLE + b"".join(TOK) + DONE
+    assert p.state.usage is not None and p.state.saw_done
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 50])
+def test_events_split_across_reads_are_reassembled(size: int) -> None:
+    pieces = [STREAM[i:i + size] for i in range(0, len(STREAM), size)]
+    p = SSEParser(include_usage=False)
+    out = feed_all(p, pieces)
+    assert out == ROLE + b"".join(TOK) + DONE
+    assert p.pending == b""
+    assert p.state.content_events == 3
+
+
+def test_output_is_cut_at_event_boundaries_only() -> None:
+    p = SSEParser(include_usage=True)
+    half = len(ROLE) + 10
+    first = p.feed(STREAM[:half], 0.0)
+    assert first == ROLE
+    assert p.feed(STREAM[half:], 1.0) == STREAM[len(ROLE):]
+
+
+def test_first_token_is_the_first_content_not_the_role_chunk() -> None:
+    p = SSEParser(include_usage=True)
+    p.feed(ROLE, 1.0)
+    assert p.state.first_token is None
+    p.feed(TOK[0], 2.0)
+    p.feed(TOK[1], 3.0)
+    assert (p.state.first_token, p.state.last_token) == (2.0, 3.0)
+
+
+def test_completions_text_counts_as_content() -> None:
+    p = SSEParser(include_usage=True)
+    p.feed(ev({"choices": [{"index": 0, "text": "x"}]}), 4.0)
+    assert p.state.first_token == 4.0
+
+
+def test_crlf_separators_are_accepted() -> None:
+    p = SSEParser(include_usage=True)
+    out = p.feed(STREAM.replace(b"\n", b"\r\n"), 1.0)
+    assert out == STREAM and p.state.saw_done
+
+
+def test_comments_pass_through() -> None:
+    p = SSEParser(include_usage=True)
+    assert p.feed(b": keep-alive\n\n" + TOK[0], 1.0) == b": keep-alive\n\n" + TOK[0]
+
+
+def test_worker_error_event_is_forwarded_and_remembered() -> None:
+    err = ev({"error": {"message": "boom", "type": "x", "param": None, "code": 500}})
+    p = SSEParser(include_usage=False)
+    assert p.feed(err, 1.0) == err
+    assert p.state.saw_error
+
+
+@pytest.mark.parametrize("bad", [b"data: {not json}\n\n", b"garbage line\n\n", b"data: [1,2]\n\n"])
+def test_malformed_events_raise(bad: bytes) -> None:
+    p = SSEParser(include_usage=True)
+    with pytest.raises(UpstreamProtocolError):
+        p.feed(TOK[0] + bad, 1.0)
+
+
+def test_an_event_that_never_ends_is_bounded() -> None:
+    p = SSEParser(include_usage=True)
+    p.feed(b"data: {", 0.0)
+    with pytest.raises(UpstreamProtocolError):
+        for _ in range(5):
+            p.feed(b"x" * (1024 * 1024), 0.0)
