@@ -1,0 +1,331 @@
+"""What the gateway adds: client -> worker directly vs client -> gateway -> worker, in interleaved rounds.
+
+Regimes (each with a warm-up, then ``--rounds`` rounds; the arm order alternates per round):
+  paced       a worker paced like a real engine (20 ms to first token, 10 ms per token, 64 tokens), 64 streams:
+              added TTFT p50/p99 and added e2e (gateway percentile minus direct percentile, pooled over rounds).
+  saturation  a zero-delay worker, 16 tokens, 64 streams: gateway req/s as a ratio to direct.
+Pinning: the gateway on CPU 0; the load client (this process) and the fake worker on CPU 1.  Gateway CPU-seconds
+per 1000 requests come from /proc/PID/stat (utime + stime of the gateway and its children) around each round.
+
+    python -m bench.overhead                                  # the real gateway (`tokengate serve`)
+    python -m bench.overhead --gateway naive                  # calibration: bench/naive_relay.py
+    python -m bench.overhead --gateway-cmd 'mygw --port {port} --upstream {upstream}' --rounds 5 --round-seconds 4
+
+Prints a markdown table and writes bench/results/overhead-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.loadclient import Connection, LoadResult, RequestRecord, Target, chat_body, close_pool, run_closed, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_TOKENGATE = Path(sys.prefix) / "bin" / "tokengate"
+GATEWAYS = {
+    "tokengate": f"{_TOKENGATE} serve --host 127.0.0.1 --port {{port}} --upstream {{upstream}}",
+    "naive": f"{sys.executable} -m bench.naive_relay --host 127.0.0.1 --port {{port}} --upstream {{upstream}}",
+}
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    ttft: float
+    token_delay: float
+    tokens: int
+    about: str
+
+
+REGIMES = {
+    "paced": Regime("paced", 0.020, 0.010, 64, "20 ms TTFT + 10 ms/token x 64, c=64"),
+    "saturation": Regime("saturation", 0.0, 0.0, 16, "zero-delay worker, 16 tokens, c=64"),
+}
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pinned(cmd: list[str], cpu: int | None) -> list[str]:
+    if cpu is None:
+        return cmd
+    if shutil.which("taskset") is None:
+        raise SystemExit("taskset not found (install util-linux) or pass --no-pin")
+    return ["taskset", "-c", str(cpu), *cmd]
+
+
+def spawn(cmd: list[str], cpu: int | None, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with log.open("ab") as f:
+        return subprocess.Popen(_pinned(cmd, cpu), stdout=f, stderr=subprocess.STDOUT, preexec_fn=raise_nofile,
+                                start_new_session=True, env=env)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, 15)
+            proc.wait(10)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            os.killpg(proc.pid, 9)
+            proc.wait(5)
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"process exited with {proc.returncode} before {path} answered; log tail:\n{tail}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise SystemExit(f"GET {path} on port {port} not 200 within {timeout:g} s ({last}); see {log}")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = int(fields[11]) + int(fields[12])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ArmData:
+    records: list[RequestRecord] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    gateway_cpu: float = 0.0
+    worker_cpu: float = 0.0
+
+
+async def _round(target: Target, conc: int, seconds: float, pool: list[Connection], gw_pid: int,
+                 wk_pid: int) -> tuple[LoadResult, float, float]:
+    g0, w0 = tree_cpu_seconds(gw_pid), tree_cpu_seconds(wk_pid)
+    res = await run_closed(target, concurrency=conc, duration=seconds, pool=pool)
+    return res, tree_cpu_seconds(gw_pid) - g0, tree_cpu_seconds(wk_pid) - w0
+
+
+async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: str,
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    wport, gport = free_port(), free_port()
+    pin = not a.no_pin
+    wlog, glog = logdir / f"worker-{reg.name}-{stamp}.log", logdir / f"gateway-{reg.name}-{stamp}.log"
+    worker = spawn([sys.executable, "-m", "bench.fakeworker", "--port", str(wport), "--ttft", str(reg.ttft),
+                    "--token-delay", str(reg.token_delay)], a.client_cpu if pin else None, wlog)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        wait_http(wport, "/health", worker, wlog, 10)
+        upstream = f"http://127.0.0.1:{wport}"
+        cmd = shlex.split(a.gateway_cmd.format(port=gport, upstream=upstream))
+        env = dict(os.environ, **dict(kv.split("=", 1) for kv in a.gateway_env))
+        gateway = spawn(cmd, a.gateway_cpu if pin else None, glog, env)
+        wait_http(gport, "/readyz", gateway, glog, a.ready_timeout)
+        body = chat_body(max_tokens=reg.tokens, model=a.model)
+        targets = {"direct": Target.build(upstream, body),
+                   "gateway": Target.build(f"http://127.0.0.1:{gport}", body, api_key=a.api_key)}
+        for arm, t in targets.items():
+            s = summarize((await run_closed(t, concurrency=1, requests=1, timeout=30)).records, 1.0)
+            if s["ok"] != 1:
+                raise SystemExit(f"{reg.name}: sanity request via {arm} failed: {s['error_kinds']}; see {glog}")
+        pools: dict[str, list[Connection]] = {arm: [] for arm in targets}  # keep-alive across rounds
+        for arm, t in targets.items():
+            await run_closed(t, concurrency=a.concurrency, duration=a.warmup_seconds, pool=pools[arm])
+        data = {arm: ArmData() for arm in targets}
+        for i in range(a.rounds):
+            for arm in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+                res, gcpu, wcpu = await _round(targets[arm], a.concurrency, a.round_seconds, pools[arm], gateway.pid,
+                                               worker.pid)
+                d = data[arm]
+                d.records += res.records
+                d.elapsed += res.elapsed
+                d.gateway_cpu += gcpu
+                d.worker_cpu += wcpu
+                summ = res.summary()
+                summ["gateway_cpu_s"], summ["worker_cpu_s"] = round(gcpu, 3), round(wcpu, 3)
+                d.rounds.append(summ)
+                say(f"  {reg.name} round {i + 1}/{a.rounds} {arm:7s}: {summ['rps']:9.1f} req/s  "
+                    f"TTFT p50 {summ['ttft_ms']['p50']:8.2f} p99 {summ['ttft_ms']['p99']:8.2f} ms  "
+                    f"errors {summ['errors']}  gateway CPU {gcpu:.2f} s")
+        for pool in pools.values():
+            close_pool(pool)
+        return _analyse(reg, data)
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(worker)
+
+
+def _analyse(reg: Regime, data: dict[str, ArmData]) -> dict[str, Any]:
+    out: dict[str, Any] = {"regime": reg.about, "arms": {}}
+    for arm, d in data.items():
+        s = summarize(d.records, d.elapsed)
+        ok = max(1, s["ok"])
+        s["gateway_cpu_s_per_1k"] = round(d.gateway_cpu / ok * 1000, 4)
+        s["worker_cpu_s_per_1k"] = round(d.worker_cpu / ok * 1000, 4)
+        s["rounds"] = d.rounds
+        out["arms"][arm] = s
+    dr, gw = out["arms"]["direct"], out["arms"]["gateway"]
+    added = {}
+    for metric in ("ttft_ms", "e2e_ms"):
+        for q in ("p50", "p90", "p99"):
+            added[f"{metric[:-3]}_{q}_ms"] = round(gw[metric][q] - dr[metric][q], 3)
+    pairs = list(zip(gw["rounds"], dr["rounds"], strict=True))
+    per_round = [g["ttft_ms"]["p50"] - d["ttft_ms"]["p50"] for g, d in pairs]
+    per_round_p99 = [g["ttft_ms"]["p99"] - d["ttft_ms"]["p99"] for g, d in pairs]
+    ratios = [g["rps"] / d["rps"] for g, d in zip(gw["rounds"], dr["rounds"], strict=True) if d["rps"]]
+    out["added"] = added
+    out["added_ttft_p50_ms_per_round"] = [round(x, 3) for x in per_round]
+    out["added_ttft_p99_ms_per_round"] = [round(x, 3) for x in per_round_p99]
+    out["added_ttft_p50_ms_median_round"] = round(statistics.median(per_round), 3)
+    out["added_ttft_p99_ms_median_round"] = round(statistics.median(per_round_p99), 3)
+    out["rps_ratio"] = round(gw["rps"] / dr["rps"], 4) if dr["rps"] else None
+    out["rps_ratio_per_round"] = [round(x, 4) for x in ratios]
+    out["rps_ratio_median"] = round(statistics.median(ratios), 4) if ratios else None
+    return out
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    rows = ["| regime | metric | direct | gateway | added / ratio |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        dr, gw = r["arms"]["direct"], r["arms"]["gateway"]
+        label = f"{name}: {r['regime']}"
+        if name == "paced":
+            for metric, key in (("TTFT", "ttft_ms"), ("e2e", "e2e_ms")):
+                for q in ("p50", "p99"):
+                    d, g = dr[key][q], gw[key][q]
+                    extra = ""
+                    if key == "ttft_ms":
+                        extra = f" (per-round median {r[f'added_ttft_{q}_ms_median_round']:+.2f})"
+                    rows.append(f"| {label} | {metric} {q} ms | {d:.2f} | {g:.2f} | {g - d:+.2f} ms{extra} |")
+                    label = ""
+        else:
+            rows.append(f"| {label} | req/s | {dr['rps']:.0f} | {gw['rps']:.0f} | {r['rps_ratio']:.3f}x "
+                        f"(per-round median {r['rps_ratio_median']:.3f}x) |")
+            d, g = dr["ttft_ms"]["p50"], gw["ttft_ms"]["p50"]
+            rows.append(f"|  | TTFT p50 ms | {d:.2f} | {g:.2f} | {g - d:+.2f} ms |")
+        rows.append(f"|  | gateway CPU-s / 1000 req |  | {gw['gateway_cpu_s_per_1k']:.3f} |  |")
+        errs = f"{dr['errors']} / {gw['errors']}"
+        rows.append(f"|  | requests (errors) direct / gateway | {dr['requests']} | {gw['requests']} | {errs} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Gateway overhead vs direct (see module docstring).")
+    p.add_argument("--gateway", choices=sorted(GATEWAYS), default="tokengate", help="preset gateway command")
+    p.add_argument("--gateway-cmd", default=None, help="command with {port} and {upstream}; overrides --gateway")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--api-key", default=os.environ.get("TOKENGATE_BENCH_API_KEY"), help="sent to the gateway only")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--regimes", default="paced,saturation")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--round-seconds", type=float, default=4.0)
+    p.add_argument("--warmup-seconds", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.add_argument("--gateway-cpu", type=int, default=0)
+    p.add_argument("--client-cpu", type=int, default=1, help="CPU of the load client and the fake worker")
+    p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    if a.gateway_cmd is None:
+        a.gateway_cmd = GATEWAYS[a.gateway]
+    if a.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    raise_nofile()
+    if not a.no_pin:
+        os.sched_setaffinity(0, {a.client_cpu})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logdir = a.out / "raw"
+    logdir.mkdir(parents=True, exist_ok=True)
+    regimes = [REGIMES[n.strip()] for n in a.regimes.split(",") if n.strip()]
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    async def go() -> dict[str, dict[str, Any]]:
+        results = {}
+        for reg in regimes:
+            say(f"{reg.name}: {reg.about}; gateway: {a.gateway_cmd}")
+            results[reg.name] = await run_regime(reg, a, logdir, stamp, say)
+        return results
+
+    import uvloop
+
+    results = uvloop.run(go())
+    meta = {"timestamp": stamp, "gateway_cmd": a.gateway_cmd, "rounds": a.rounds, "round_seconds": a.round_seconds,
+            "warmup_seconds": a.warmup_seconds, "concurrency": a.concurrency, "pinned": not a.no_pin,
+            "gateway_cpu": a.gateway_cpu, "client_cpu": a.client_cpu, "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(), "python": platform.python_version(),
+            "ttft_definition": "send -> first SSE event with non-empty content",
+            "percentiles": "pooled over rounds; added = gateway minus direct"}
+    out = a.out / f"overhead-{stamp}.json"
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwritten: {out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
