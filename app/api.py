@@ -5,13 +5,17 @@ The two generation routes are mounted as the pure-ASGI ``Proxy`` (see proxy.py);
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .errors import AuthenticationFailed, ModelNotFound, PermissionDenied
 from .state import AppState
+from .workers.logs import tail
 
 router = APIRouter()
 
@@ -33,6 +37,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", tags=["ops"])
 async def readyz(state: State) -> JSONResponse:
     """200 when at least one worker is ready and the gateway is not draining; lists every worker either way."""
+    sup = state.supervisor
     workers = [
         {
             "name": w.name,
@@ -42,6 +47,9 @@ async def readyz(state: State) -> JSONResponse:
             "reason": w.reason,
             "models": sorted(w.models),
             "in_flight": w.in_flight,
+            "managed": sup is not None and sup.spec_of(w.name) is not None,
+            "pid": sup.pid_of(w.name) if sup is not None else None,
+            "restarts": sup.restarts_of(w.name) if sup is not None else 0,
         }
         for w in state.registry.workers()
     ]
@@ -73,6 +81,29 @@ async def list_models(state: State, region: Annotated[str | None, Query(max_leng
             "regions": regions,
         })
     return {"object": "list", "data": data}
+
+
+def _admin(request: Request, state: AppState) -> None:
+    key = state.settings.admin_key
+    if key is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise AuthenticationFailed("admin endpoints need 'Authorization: Bearer <admin key>'")
+        return
+    host = request.client.host if request.client else ""
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        raise PermissionDenied("admin endpoints answer loopback clients only unless --admin-key is set")
+
+
+@router.get("/admin/workers/{name}/log", tags=["ops"], response_class=PlainTextResponse)
+async def worker_log(name: str, request: Request, state: State,
+                     lines: Annotated[int, Query(ge=1, le=10_000)] = 200) -> PlainTextResponse:
+    """The last ``lines`` lines of a managed worker's log file."""
+    _admin(request, state)
+    spec = state.supervisor.spec_of(name) if state.supervisor is not None else None
+    if spec is None:
+        raise ModelNotFound(f"no managed worker named '{name[:64]}'", code="worker_not_found")
+    return PlainTextResponse(await asyncio.to_thread(tail, spec.log_path, lines))
 
 
 @router.get("/metrics", tags=["ops"])

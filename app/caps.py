@@ -24,6 +24,36 @@ CapPolicy = Literal["clamp", "reject"]
 
 
 @dataclass(frozen=True, slots=True)
+class CapConfig:
+    """Configured caps; a None field means "not set here" (see ``resolve``)."""
+
+    max_tokens_cap: int | None = None
+    default_max_tokens: int | None = None
+    context_cap: int | None = None
+    policy: CapPolicy | None = None
+
+    def resolve(self, *fallbacks: CapConfig) -> CapConfig:
+        """Each field from the first config that sets it: flags/env, then the preset, then built-in defaults."""
+        out = self
+        for fb in fallbacks:
+            out = CapConfig(
+                out.max_tokens_cap if out.max_tokens_cap is not None else fb.max_tokens_cap,
+                out.default_max_tokens if out.default_max_tokens is not None else fb.default_max_tokens,
+                out.context_cap if out.context_cap is not None else fb.context_cap,
+                out.policy if out.policy is not None else fb.policy,
+            )
+        return out
+
+    def build(self, model_max_len: int) -> Caps:
+        return Caps.build(model_max_len=model_max_len, context_cap=self.context_cap,
+                          max_tokens_cap=self.max_tokens_cap, default_max_tokens=self.default_max_tokens,
+                          policy=self.policy or "clamp")
+
+
+BUILTIN_CAPS = CapConfig(max_tokens_cap=4096, default_max_tokens=256, context_cap=None, policy="clamp")
+
+
+@dataclass(frozen=True, slots=True)
 class Caps:
     """Effective caps for one model on one worker pool."""
 
@@ -40,6 +70,13 @@ class Caps:
         cap = ctx if max_tokens_cap is None else min(max_tokens_cap, ctx)
         default = cap if default_max_tokens is None else min(default_max_tokens, cap)
         return cls(cap, default, ctx, model_max_len, policy)
+
+    def tighten(self, other: Caps) -> Caps:
+        """The stricter of two (a pool whose workers come from different presets obeys all of them)."""
+        return Caps(min(self.max_tokens_cap, other.max_tokens_cap),
+                    min(self.default_max_tokens, other.default_max_tokens),
+                    min(self.context_cap, other.context_cap), min(self.model_max_len, other.model_max_len),
+                    "reject" if "reject" in (self.policy, other.policy) else "clamp")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,34 +10,48 @@ import argparse
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import orjson
+import uvicorn
 from pydantic import ValidationError
 
 from . import __version__
+from .caps import CapConfig
 from .settings import Settings
 from .state import AppState
+from .workers.supervisor import WorkerSpec
 
 log = logging.getLogger("tokengate")
-TINY_MODEL_NAME = "tiny-llama"
+
+# flag dest → Settings field (all of them also read TOKENGATE_<FIELD> from the environment)
+_SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_cap", "default_max_tokens",
+                   "context_cap", "cap_policy", "model", "served_model_name", "worker_max_model_len", "region",
+                   "region_fallbacks", "preset", "presets", "gpus", "replicas", "worker_env", "state_dir",
+                   "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level")
 
 
 def _serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the gateway", description="Run the gateway. With --upstream it proxies "
-                       "to running vLLM servers; with --model it launches them; with neither it serves a tiny "
-                       "generated model on a CPU vLLM engine (the embedded default).")
+    p = sub.add_parser(
+        "serve", help="run the gateway",
+        description="Run the gateway. With --upstream it proxies to running vLLM servers; with --model and "
+                    "--region/--preset it launches and supervises them; with neither it serves a tiny generated "
+                    "model on a CPU vLLM engine (the embedded default). Every flag also reads TOKENGATE_<FLAG>.")
     p.add_argument("--host", help="listen address (default 127.0.0.1) [TOKENGATE_HOST]")
     p.add_argument("--port", type=int, help="listen port (default 8080) [TOKENGATE_PORT]")
     p.add_argument("--upstream", nargs="+", action="extend", metavar="URL",
-                   help="running vLLM OpenAI server(s) to proxy to [TOKENGATE_UPSTREAM, comma separated]")
+                   help="running vLLM OpenAI server(s) to proxy to, as URL or REGION[/PRESET]=URL "
+                        "[TOKENGATE_UPSTREAM, comma separated]")
     p.add_argument("--upstream-api-key", help="API key the external workers expect [TOKENGATE_UPSTREAM_API_KEY]")
     p.add_argument("--max-tokens-cap", type=int, metavar="N",
-                   help="largest max_tokens a request may ask for (default 4096) [TOKENGATE_MAX_TOKENS_CAP]")
+                   help="largest max_tokens a request may ask for (default: the preset's, else 4096) "
+                        "[TOKENGATE_MAX_TOKENS_CAP]")
     p.add_argument("--default-max-tokens", type=int, metavar="N",
-                   help="max_tokens when a request gives none (default 256) [TOKENGATE_DEFAULT_MAX_TOKENS]")
+                   help="max_tokens when a request gives none (default: the preset's, else 256) "
+                        "[TOKENGATE_DEFAULT_MAX_TOKENS]")
     p.add_argument("--context-cap", type=int, metavar="N",
                    help="prompt + completion tokens; default and ceiling: the worker's max_model_len "
                         "[TOKENGATE_CONTEXT_CAP]")
@@ -46,14 +60,45 @@ def _serve_parser(sub: Any) -> None:
                         "[TOKENGATE_CAP_POLICY]")
     p.add_argument("--model", help="model directory to serve on managed workers [TOKENGATE_MODEL]")
     p.add_argument("--served-model-name", help="model name clients use [TOKENGATE_SERVED_MODEL_NAME]")
+    p.add_argument("--region", help="region of the managed workers and of requests without x-tokengate-region "
+                                    "(default local) [TOKENGATE_REGION]")
+    p.add_argument("--preset", help="GPU preset in --region (see `tokengate presets list`), or 'cpu' "
+                                    "[TOKENGATE_PRESET]")
+    p.add_argument("--presets", action="append", type=Path, metavar="DIR",
+                   help="extra presets directory (repeatable) [TOKENGATE_PRESETS]")
+    p.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: all visible) [TOKENGATE_GPUS]")
+    p.add_argument("--replicas", type=int, help="CPU workers with --preset cpu (default 1) [TOKENGATE_REPLICAS]")
     p.add_argument("--max-model-len", type=int, dest="worker_max_model_len",
-                   help="managed workers' --max-model-len (default 2048) [TOKENGATE_WORKER_MAX_MODEL_LEN]")
-    p.add_argument("--region", help="region of requests without x-tokengate-region (default local) "
-                   "[TOKENGATE_REGION]")
-    p.add_argument("--state-dir", type=Path, help="where models and worker logs go [TOKENGATE_STATE_DIR]")
+                   help="managed workers' --max-model-len (default: the preset's; 2048 on CPU) "
+                        "[TOKENGATE_WORKER_MAX_MODEL_LEN]")
+    p.add_argument("--worker-env", action="append", metavar="KEY=VALUE",
+                   help="extra environment for managed workers (repeatable) [TOKENGATE_WORKER_ENV]")
+    p.add_argument("--fallback-region", action="append", dest="region_fallbacks", metavar="FROM=TO",
+                   help="let requests for region FROM use region TO when FROM has no ready worker "
+                        "(repeatable; traffic never leaves its region otherwise) [TOKENGATE_REGION_FALLBACKS]")
+    p.add_argument("--prefix-affinity", type=int, dest="prefix_affinity_bytes", metavar="BYTES",
+                   help="route prompts sharing their first BYTES bytes to the same worker, within a load bound "
+                        "(default 0: off) [TOKENGATE_PREFIX_AFFINITY_BYTES]")
+    p.add_argument("--drain-timeout", type=float, metavar="S",
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests may finish (default 30) "
+                        "[TOKENGATE_DRAIN_TIMEOUT]")
+    p.add_argument("--admin-key", help="bearer key for /admin/* (default: loopback clients only) "
+                                       "[TOKENGATE_ADMIN_KEY]")
+    p.add_argument("--state-dir", type=Path, help="where models and worker logs go (default ~/.cache/tokengate) "
+                                                  "[TOKENGATE_STATE_DIR]")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="[TOKENGATE_LOG_LEVEL]")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the exact worker command lines and environment, start nothing")
     p.set_defaults(func=cmd_serve)
+
+
+def _logs_parser(sub: Any) -> None:
+    p = sub.add_parser("logs", help="show the tail of managed workers' logs")
+    p.add_argument("worker", nargs="?", help="worker name (default: every worker)")
+    p.add_argument("--lines", type=int, default=50)
+    p.add_argument("--state-dir", type=Path, help="[TOKENGATE_STATE_DIR]")
+    p.set_defaults(func=cmd_logs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,18 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tokengate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    try:
-        from .cli_presets import add_presets_parser
-    except ImportError:  # pragma: no cover - during development of presets
-        pass
-    else:
-        add_presets_parser(sub)
+    _logs_parser(sub)
+    from .cli_advise import add_advise_parser
+    from .cli_bench import add_bench_parser
+    from .cli_keys import add_keys_parser
+    from .cli_presets import add_presets_parser
+
+    add_presets_parser(sub)
+    add_bench_parser(sub)
+    add_advise_parser(sub)
+    add_keys_parser(sub)
     return parser
-
-
-_SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_cap", "default_max_tokens",
-                   "context_cap", "cap_policy", "model", "served_model_name", "worker_max_model_len", "region",
-                   "state_dir", "log_level")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -103,56 +147,75 @@ def _examples(state: AppState) -> str:
     )
 
 
-def _worker_specs(settings: Settings) -> tuple[Settings, list[Any]]:
-    """Managed-worker specs for --model, or for the embedded default (a tiny model on the CPU engine)."""
-    from .workers.launch import EngineArgs, cpu_worker_spec
-
-    if settings.upstream:
-        return settings, []
-    if settings.model is None:
-        from .tinymodel import build_tiny_model
-
-        path = build_tiny_model(settings.state_dir / "models" / TINY_MODEL_NAME)
-        settings = settings.model_copy(update={"model": str(path),
-                                               "served_model_name": settings.served_model_name or TINY_MODEL_NAME})
-    assert settings.model is not None
-    name = settings.served_model_name or Path(settings.model).name
-    args = EngineArgs(model=settings.model, served_model_name=name, max_model_len=settings.worker_max_model_len,
-                      extra_args=tuple(settings.worker_extra_args))
-    spec = cpu_worker_spec(args, name=f"{settings.region}-cpu-0", region=settings.region, preset="cpu",
-                           log_dir=settings.state_dir / "logs")
-    return settings, [spec]
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .deployment import plan_deployment, preset_caps
+    from .presets import PresetError, builtin_presets_dir, load_catalog
+    from .workers.plan import PlanError, describe
+
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"tokengate serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings, specs = _worker_specs(settings)
-    return run_server(settings, specs)
+    try:
+        catalog = load_catalog([builtin_presets_dir(), *settings.presets])
+        deployment = plan_deployment(settings, catalog, dry_run=args.dry_run)
+    except (PresetError, PlanError, LookupError) as exc:
+        print(f"tokengate serve: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for note in deployment.notes:
+            print(note if note.startswith("#") else f"# {note}")
+        print(describe(deployment.specs) if deployment.specs else "# no managed workers")
+        return 0
+    for note in deployment.notes:
+        log.info("%s", note)
+    return run_server(deployment.settings, deployment.specs, preset_caps(catalog), set(catalog.regions))
 
 
-def run_server(settings: Settings, specs: Sequence[Any]) -> int:
-    import uvicorn
-
+def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[str, CapConfig] | None = None,
+               regions: set[str] | None = None) -> int:
     from .main import create_app
 
     def on_ready(state: AppState) -> None:
         print(_examples(state), flush=True)
 
-    app = create_app(settings, worker_specs=specs, on_ready=on_ready)
+    app = create_app(settings, worker_specs=specs, preset_caps=caps, regions=regions or set(), on_ready=on_ready)
+    state: AppState = app.state.tokengate
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", log_level=settings.log_level, access_log=settings.access_log,
-                            timeout_graceful_shutdown=30, server_header=False)
-    server = uvicorn.Server(config)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # pragma: no cover - uvicorn handles SIGINT itself
-        pass
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout)), server_header=False)
+    server = DrainingServer(config, state)
+    server.run()
     return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server whose first SIGTERM/SIGINT also marks the gateway draining (/readyz → 503, new requests
+    → 503) while in-flight requests finish, up to the drain deadline (``timeout_graceful_shutdown``)."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._state.proxy.draining = True
+        super().handle_exit(sig, frame)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    log_dir = (args.state_dir or Settings().state_dir) / "logs"
+    files = sorted(log_dir.glob(f"{args.worker}.log" if args.worker else "*.log"))
+    if not files:
+        print(f"no worker logs in {log_dir}", file=sys.stderr)
+        return 1
+    from .workers.logs import tail
+
+    for f in files:
+        print(f"==> {f.name} <==")
+        sys.stdout.write(tail(f, args.lines))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,14 +20,17 @@ from starlette.routing import Route
 
 from . import __version__
 from .api import router
+from .caps import BUILTIN_CAPS, CapConfig
 from .counting import PromptCounter
 from .errors import GatewayError, InvalidRequest, render
 from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .settings import Settings
 from .state import AppState
+from .status import StatusSampler, status_router
 from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
+from .worker_metrics import router as worker_metrics_router
 from .workers.health import HealthChecker
 from .workers.registry import Registry, Worker
 from .workers.supervisor import Supervisor, WorkerSpec
@@ -37,20 +40,28 @@ log = logging.getLogger("tokengate")
 
 def external_workers(settings: Settings) -> list[Worker]:
     workers: list[Worker] = []
-    for i, url in enumerate(settings.upstream):
-        name = url.split("://", 1)[-1]
+    for i, spec in enumerate(settings.upstreams()):
+        name = spec.url.split("://", 1)[-1]
         if any(w.name == name for w in workers):
             name = f"{name}#{i}"
-        workers.append(Worker(name=name, url=url, region=settings.region, preset="external",
-                              api_key=settings.upstream_api_key))
+        workers.append(Worker(name=name, url=spec.url, region=spec.region or settings.default_region,
+                              preset=spec.preset or "external", api_key=settings.upstream_api_key))
     return workers
 
 
+def explicit_caps(settings: Settings) -> CapConfig:
+    return CapConfig(settings.max_tokens_cap, settings.default_max_tokens, settings.context_cap, settings.cap_policy)
+
+
 def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
+               preset_caps: Mapping[str, CapConfig] | None = None, regions: Iterable[str] = (),
                prom_registry: CollectorRegistry | None = None,
                on_ready: Callable[[AppState], None] | None = None) -> FastAPI:
     """Build the gateway. External workers come from ``settings.upstream``; managed ones from ``worker_specs``
-    (launched and supervised by the lifespan)."""
+    (launched and supervised by the lifespan). ``preset_caps`` maps "region/preset" to that preset's caps;
+    flags and env (in ``settings``) override them."""
+    explicit = explicit_caps(settings)
+    caps_by_preset = {key: explicit.resolve(cfg, BUILTIN_CAPS) for key, cfg in (preset_caps or {}).items()}
     prom = prom_registry if prom_registry is not None else CollectorRegistry()
     metrics = GatewayMetrics(prom, version=__version__)
     registry = Registry()
@@ -59,11 +70,14 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokengate-count")
     proxy = Proxy(settings=settings, registry=registry, pool=pool, metrics=metrics, tokenizers=tokenizers,
                   counter=PromptCounter(executor, offloop_bytes=settings.tokenize_offloop_bytes),
-                  default_region=settings.region)
+                  default_caps=explicit.resolve(BUILTIN_CAPS), preset_caps=caps_by_preset,
+                  regions={*regions, *(s.region for s in worker_specs),
+                           *(u.region for u in settings.upstreams() if u.region)})
     health = HealthChecker(registry, pool, metrics, tokenizers, interval=settings.discovery_interval)
     supervisor = Supervisor(worker_specs, registry, metrics, on_start=health.poke) if worker_specs else None
     state = AppState(settings, registry, pool, prom, metrics, tokenizers, proxy, health, supervisor,
                      started_at=int(time.time()))
+    sampler = StatusSampler(prom)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,12 +88,13 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(health.check_all(), timeout=settings.connect_timeout + 1)
         health_task = asyncio.create_task(health.run(), name="tokengate-health")
+        sampler_task = asyncio.create_task(sampler.run(), name="tokengate-status")
         ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
         try:
             yield
         finally:
             proxy.draining = True
-            for task in (health_task, ready_task):
+            for task in (health_task, sampler_task, ready_task):
                 if task is not None:
                     task.cancel()
             if supervisor is not None:
@@ -91,6 +106,8 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
                   docs_url="/docs", redoc_url=None)
     app.state.tokengate = state
     app.include_router(router)
+    app.include_router(status_router(sampler))
+    app.include_router(worker_metrics_router)
     # the hot path: pure ASGI, mounted as plain routes in front of FastAPI's request machinery
     app.router.routes.insert(0, Route("/v1/chat/completions", proxy, methods=["POST"]))
     app.router.routes.insert(1, Route("/v1/completions", proxy, methods=["POST"]))

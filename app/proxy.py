@@ -9,6 +9,7 @@ aborted by closing its connection, which vLLM turns into an engine abort.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass, field
 from time import monotonic, perf_counter
@@ -16,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .caps import Caps, Decision, decide
+from .caps import CapConfig, Caps, Decision, decide
 from .counting import PromptCounter
 from .errors import (
     ContextLengthExceeded,
@@ -30,11 +31,12 @@ from .errors import (
     UpstreamStatus,
     UpstreamTimeout,
     render,
+    sse_event,
     status_of,
 )
 from .metrics import UNKNOWN, GatewayMetrics, RequestRecord
 from .protocol import ROUTES, ParsedRequest, Route, parse_request, set_max_tokens, upstream_body
-from .routing import candidates, pick
+from .routing import affinity_key, candidates, pick
 from .settings import Settings
 from .streaming import SSEParser, relay
 from .tokenizer import TokenizerStore
@@ -85,32 +87,37 @@ def _error_kind(exc: GatewayError) -> str:
 
 class Proxy:
     def __init__(self, *, settings: Settings, registry: Registry, pool: UpstreamPool, metrics: GatewayMetrics,
-                 tokenizers: TokenizerStore, counter: PromptCounter, default_region: str,
-                 fallback_regions: dict[str, list[str]] | None = None) -> None:
+                 tokenizers: TokenizerStore, counter: PromptCounter, default_caps: CapConfig,
+                 preset_caps: dict[str, CapConfig] | None = None, regions: set[str] | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.pool = pool
         self.metrics = metrics
         self.tokenizers = tokenizers
         self.counter = counter
-        self.default_region = default_region
-        self.fallback_regions = fallback_regions or {}
+        self.default_region = settings.default_region
+        self.fallback_regions = settings.fallbacks()
+        self.configured_regions = set(regions or ()) | {self.default_region} | set(self.fallback_regions)
+        self.default_caps = default_caps
+        self.preset_caps = preset_caps or {}
         self._turn = 0
-        self._caps: dict[tuple[str, int], Caps] = {}
+        self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
         self.draining = False
 
     # ASGI entry point for both generation routes
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self.handle(ROUTES[scope["path"]], scope, receive, send)
 
-    def caps_for(self, model: str, info: ModelInfo) -> Caps:
-        key = (model, info.max_model_len)
+    def caps_for(self, model: str, info: ModelInfo, pool: tuple[Worker, ...] = ()) -> Caps:
+        presets = tuple(sorted({f"{w.region}/{w.preset}" for w in pool}))
+        key = (model, info.max_model_len, presets)
         caps = self._caps.get(key)
         if caps is None:
-            s = self.settings
-            caps = Caps.build(model_max_len=info.max_model_len, context_cap=s.context_cap,
-                              max_tokens_cap=s.max_tokens_cap, default_max_tokens=s.default_max_tokens,
-                              policy=s.cap_policy)
+            configs = [self.preset_caps.get(p, self.default_caps) for p in presets] or [self.default_caps]
+
+            caps = configs[0].build(info.max_model_len)
+            for cfg in configs[1:]:
+                caps = caps.tighten(cfg.build(info.max_model_len))
             self._caps[key] = caps
         return caps
 
@@ -131,6 +138,13 @@ class Proxy:
             await self._serve(route, raw, region, request_id, ctx, rec, send)
         except asyncio.CancelledError:
             if not ctx.client_gone or ctx.task is None:
+                # the server is stopping (drain deadline passed): say so in-band rather than truncate
+                rec.status = 503
+                if ctx.started and not ctx.done:
+                    ctx.done = True
+                    with contextlib.suppress(Exception):
+                        await send({"type": "http.response.body", "more_body": False, "body": sse_event(
+                            NoWorkerAvailable("the gateway is shutting down", code="gateway_shutdown"))})
                 raise
             ctx.task.uncancel()
             self._client_gone(route, ctx, rec)
@@ -199,7 +213,7 @@ class Proxy:
         rec.model = req.model
         if self.draining:
             raise NoWorkerAvailable("the gateway is shutting down", retry_after=5)
-        regions = self._regions(region)
+        regions = self._regions(region, snapshot.workers)
         rec.region = regions[0]
         pool = candidates(snapshot, req.model, regions)
         if not pool:
@@ -207,7 +221,7 @@ class Proxy:
                 f"no ready worker serves '{req.model}' in region '{regions[0]}'", retry_after=5,
                 code="no_worker_in_region",
             )
-        caps = self.caps_for(req.model, info)
+        caps = self.caps_for(req.model, info, pool)
         size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self._remote_count(pool, p))
         try:
             ctx.decision = decision = await decide(
@@ -235,8 +249,10 @@ class Proxy:
         else:
             await self._unary(req, ctx, rec, send)
 
-    def _regions(self, region: str | None) -> list[str]:
+    def _regions(self, region: str | None, workers: tuple[Worker, ...]) -> list[str]:
         chosen = region or self.default_region
+        if chosen not in self.configured_regions and not any(w.region == chosen for w in workers):
+            raise InvalidRequest(f"unknown region '{chosen[:64]}'", param="x-tokengate-region", code="unknown_region")
         return [chosen, *self.fallback_regions.get(chosen, ())]
 
     def _enter(self, worker: Worker, ctx: _Ctx, rec: RequestRecord) -> None:
@@ -255,9 +271,10 @@ class Proxy:
         tried: list[Worker] = []
         last: GatewayError | None = None
         path = _PATHS[req.route]
+        affinity = self._affinity(req) if s.prefix_affinity_bytes else None
         for _ in range(s.retry_attempts):
             self._turn += 1
-            worker = pick(pool, monotonic(), self._turn, tried)
+            worker = pick(pool, monotonic(), self._turn, tried, affinity)
             if worker is None:
                 break
             tried.append(worker)
@@ -296,6 +313,24 @@ class Proxy:
         if last is not None:
             raise last
         raise NoWorkerAvailable(f"no ready worker for '{req.model}'", retry_after=2)
+
+    def _affinity(self, req: ParsedRequest) -> int:
+        limit = self.settings.prefix_affinity_bytes
+        if req.route == "chat":
+            parts: list[str] = []
+            size = 0
+            for m in req.body["messages"]:
+                content = m.get("content")
+                if isinstance(content, str):
+                    parts.append(content)
+                    size += len(content)
+                if size >= limit:
+                    break
+            return affinity_key("\x00".join(parts).encode("utf-8", "surrogatepass")[:limit])
+        prompt = req.body["prompt"]
+        if isinstance(prompt, list):
+            prompt = prompt[0] if prompt and isinstance(prompt[0], str) else str(prompt[:limit])
+        return affinity_key(str(prompt).encode("utf-8", "surrogatepass")[:limit])
 
     async def _stream(self, req: ParsedRequest, first: bytes | None, ctx: _Ctx, rec: RequestRecord, send: Any
                       ) -> None:

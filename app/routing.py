@@ -2,10 +2,17 @@
 
 Least requests in flight wins; ties rotate so idle workers share the work. A worker the caller already tried
 (``exclude``) or one ejected for failing is skipped.
+
+Prefix affinity (optional): requests whose prompts start alike carry the same ``affinity`` key and prefer the
+same worker (rendezvous hashing), so vLLM's prefix cache hits — but only while that worker's load stays within
+``(1 + epsilon)`` of the pool's average (consistent hashing with bounded loads): one hot prefix can't take
+everything.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Collection, Sequence
 
 from .workers.registry import Snapshot, Worker
@@ -22,17 +29,29 @@ def candidates(snapshot: Snapshot, model: str, regions: Sequence[str] | None) ->
     return ()
 
 
-def pick(pool: Sequence[Worker], now: float, turn: int, exclude: Collection[Worker] = ()) -> Worker | None:
-    best: Worker | None = None
-    best_load = 1 << 62
+def affinity_key(prefix: bytes) -> int:
+    return zlib.crc32(prefix)
+
+
+def pick(pool: Sequence[Worker], now: float, turn: int, exclude: Collection[Worker] = (),
+         affinity: int | None = None, epsilon: float = 0.25) -> Worker | None:
     n = len(pool)
     if n == 0:
         return None
-    start = turn % n
-    for i in range(n):
-        w = pool[(start + i) % n]
-        if w in exclude or not w.routable(now):
-            continue
+    live = [w for w in pool if w not in exclude and w.routable(now)]
+    if not live:
+        return None
+    if affinity is not None and len(live) > 1:
+        total = sum(w.in_flight for w in live)
+        bound = math.ceil((1 + epsilon) * (total + 1) / len(live))
+        for w in sorted(live, key=lambda w: zlib.crc32(w.name.encode(), affinity), reverse=True):
+            if w.in_flight < bound:
+                return w
+    best: Worker | None = None
+    best_load = 1 << 62
+    start = turn % len(live)
+    for i in range(len(live)):
+        w = live[(start + i) % len(live)]
         if w.in_flight < best_load:
             best, best_load = w, w.in_flight
     return best

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CapPolicy = Literal["clamp", "reject"]
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def _split_list(value: object) -> object:
@@ -21,28 +24,68 @@ def default_state_dir() -> Path:
     return Path.home() / ".cache" / "tokengate"
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One external worker: ``[region[/preset]=]URL``."""
+
+    url: str
+    region: str | None
+    preset: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> UpstreamSpec:
+        label, sep, url = text.partition("=")
+        region = preset = None
+        if sep and "://" not in label:
+            region, _, p = label.partition("/")
+            preset = p or None
+            for part in (region, preset):
+                if part is not None and not _NAME.match(part):
+                    raise ValueError(f"bad region/preset {part!r} in upstream {text!r}")
+        else:
+            url = text
+        if not url.startswith(("http://", "https://")):
+            url = "http://" + url
+        return cls(url.rstrip("/"), region, preset)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENGATE_", extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    upstream: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    upstream: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="external workers: [region[/preset]=]URL"
+    )
     upstream_api_key: str | None = Field(None, description="key the external workers expect (vllm --api-key)")
-    region: str = Field("local", min_length=1, max_length=64, description="default region of requests")
+    region: str | None = Field(None, min_length=1, max_length=64,
+                               description="default region of requests (and of managed workers)")
+    region_fallbacks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="FROM=TO[:TO2]: requests for region FROM may use TO when FROM has none"
+    )
 
-    # caps (None: no gateway cap beyond the worker's max_model_len)
-    max_tokens_cap: int | None = Field(4096, ge=1)
-    default_max_tokens: int | None = Field(256, ge=1, description="lowered to max_tokens_cap when above it")
+    # caps: None means "the preset's, else the built-in default" (4096 / 256 / the worker's max_model_len / clamp)
+    max_tokens_cap: int | None = Field(None, ge=1)
+    default_max_tokens: int | None = Field(None, ge=1, description="lowered to max_tokens_cap when above it")
     context_cap: int | None = Field(None, ge=1)
-    cap_policy: CapPolicy = "clamp"
+    cap_policy: CapPolicy | None = None
 
     # managed workers (the embedded default when neither upstream nor model is given)
     model: str | None = None
     served_model_name: str | None = None
-    worker_max_model_len: int = Field(2048, ge=16)
+    preset: str | None = Field(None, description="preset name in --region; 'cpu' runs the CPU engine")
+    presets: Annotated[list[Path], NoDecode] = Field(default_factory=list, description="extra preset dirs")
+    gpus: Annotated[list[int] | None, NoDecode] = None
+    replicas: int = Field(1, ge=1, le=64, description="CPU workers to run (preset 'cpu')")
+    worker_max_model_len: int | None = Field(None, ge=16)
     worker_extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    worker_startup_timeout: float = Field(300.0, gt=0)
+    worker_env: Annotated[list[str], NoDecode] = Field(default_factory=list, description="KEY=VALUE for workers")
     state_dir: Path = Field(default_factory=default_state_dir)
+    drain_timeout: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+
+    # routing
+    prefix_affinity_bytes: int = Field(0, ge=0, description="hash this many leading prompt bytes to pick a "
+                                                           "worker (vLLM prefix cache); 0 = off")
 
     # upstream transport
     connect_timeout: float = Field(5.0, gt=0)
@@ -55,23 +98,58 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     tokenize_offloop_bytes: int = Field(16 * 1024, ge=0, description="prompts larger than this tokenise in a thread")
 
+    admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
 
-    _split_upstream = field_validator("upstream", "worker_extra_args", mode="before")(_split_list)
+    _split = field_validator("upstream", "worker_extra_args", "worker_env", "region_fallbacks", "presets",
+                             mode="before")(_split_list)
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(x) for x in value.replace(",", " ").split()]
+        return value
 
     @field_validator("upstream")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
-        out = []
         for url in urls:
-            if not url.startswith(("http://", "https://")):
-                url = "http://" + url
-            out.append(url.rstrip("/"))
-        return out
+            UpstreamSpec.parse(url)
+        return urls
+
+    @field_validator("worker_env")
+    @classmethod
+    def _env(cls, items: list[str]) -> list[str]:
+        for item in items:
+            if "=" not in item or not item.partition("=")[0]:
+                raise ValueError(f"worker env {item!r} is not KEY=VALUE")
+        return items
 
     @model_validator(mode="after")
-    def _caps_consistent(self) -> Settings:
-        if self.upstream and self.model:
-            raise ValueError("give either upstream (external workers) or model (managed workers), not both")
+    def _consistent(self) -> Settings:
+        self.fallbacks()  # validates the syntax
+        if self.preset is not None and self.region is None and self.preset != "cpu":
+            raise ValueError("--preset needs --region (presets are defined per region)")
         return self
+
+    @property
+    def default_region(self) -> str:
+        return self.region or "local"
+
+    def upstreams(self) -> list[UpstreamSpec]:
+        return [UpstreamSpec.parse(u) for u in self.upstream]
+
+    def fallbacks(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for item in self.region_fallbacks:
+            src, sep, dst = item.partition("=")
+            targets = [t for t in dst.split(":") if t]
+            if not sep or not _NAME.match(src) or not targets or not all(_NAME.match(t) for t in targets):
+                raise ValueError(f"region fallback {item!r} is not FROM=TO[:TO2...]")
+            out.setdefault(src, []).extend(targets)
+        return out
+
+    def worker_environment(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.worker_env)

@@ -15,7 +15,7 @@ import pytest
 from app.settings import Settings
 
 from .conftest import Engine
-from .utils import RunningGateway, metric_sum, run_gateway, scrape, wait_until
+from .utils import RunningGateway, metric_sum, open_request, run_gateway, scrape, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -226,20 +226,21 @@ def _generated(engine: Engine) -> float:
     return metric_sum(scrape(engine.url + "/metrics"), "vllm:generation_tokens_total")
 
 
-def _assert_engine_stops(engine: Engine, before: float, limit: float) -> None:
-    """Within 1 s of the client leaving, the engine has no request running and its token counter stops."""
+def _assert_upstream_aborted(gw: RunningGateway, engine: Engine, before: float, limit: float) -> None:
+    """Within 1 s of the client leaving, the gateway has dropped the worker request (its connection closed);
+    the engine then shows the abort: nothing running, and its token counter stops well short of max_tokens."""
     gone_at = time.monotonic()
+    wait_until(lambda: sum(w.in_flight for w in gw.state.registry.workers()) == 0, 1.0,
+               "the gateway to drop the worker request", interval=0.01)
+    assert time.monotonic() - gone_at <= 1.0
     samples: list[float] = []
 
-    def stopped() -> bool:
+    def stopped() -> bool:  # vLLM's own metrics lag by a scheduler step or two
         samples.append(_generated(engine))
         return _running(engine) == 0 and len(samples) >= 2 and samples[-1] == samples[-2]
 
-    wait_until(stopped, 1.0, "the engine to abort the request", interval=0.05)
-    assert time.monotonic() - gone_at <= 1.0
-    time.sleep(0.5)
+    wait_until(stopped, 5.0, "the engine to show the abort", interval=0.3)
     generated = _generated(engine) - before
-    assert generated == samples[-1] - before, "the engine kept generating after the disconnect"
     assert generated < limit, f"the engine generated {generated} tokens: not aborted"
 
 
@@ -255,7 +256,7 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(engine: Engine) 
                 seen += line.startswith("data: {")
                 if seen >= 20:
                     break
-        _assert_engine_stops(engine, before, 1000)
+        _assert_upstream_aborted(gw, engine, before, 1000)
         samples = scrape(gw.url + "/metrics")
         assert metric_sum(samples, "tokengate_client_disconnects_total", phase="streaming") == 1
         # tokens streamed before the disconnect are still counted
@@ -267,9 +268,10 @@ def test_client_disconnect_non_stream_aborts_the_engine_request(engine: Engine) 
         wait_until(lambda: _running(engine) == 0, 30, "engine idle")
         before = _generated(engine)
         body = {"model": "tiny-llama", "messages": HELLO, "max_tokens": 2000, "ignore_eos": True, "stream": False}
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(gw.base + "/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.8))
-        _assert_engine_stops(engine, before, 1500)
+        sock = open_request(gw.url, "/v1/chat/completions", body)
+        wait_until(lambda: _generated(engine) - before >= 50, 10, "the engine to start generating")
+        sock.close()
+        _assert_upstream_aborted(gw, engine, before, 1500)
         assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_client_disconnects_total", phase="non_stream") == 1
 
 

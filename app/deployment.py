@@ -1,0 +1,106 @@
+"""What `tokengate serve` will run: settings + presets catalog + this machine → worker specs.
+
+Modes: ``--upstream`` only (external workers, nothing launched); ``--model`` with ``--region``/``--preset``
+(managed GPU workers, or ``--preset cpu`` for the CPU engine); neither (the embedded default: a tiny generated
+model on one CPU worker). Upstreams and managed workers may be mixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .caps import CapConfig
+from .presets import Catalog, Preset
+from .settings import Settings
+from .workers.plan import (
+    CPU_PRESET,
+    ModelSpec,
+    PlanError,
+    detect_gpus,
+    multinode_commands,
+    plan_cpu_workers,
+    plan_gpu_workers,
+)
+from .workers.supervisor import WorkerSpec
+
+TINY_MODEL_NAME = "tiny-llama"
+CPU_MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class Deployment:
+    settings: Settings
+    specs: list[WorkerSpec]
+    preset: Preset | None
+    notes: list[str]
+
+
+def preset_caps(catalog: Catalog) -> dict[str, CapConfig]:
+    return {
+        p.key: CapConfig(p.caps.max_tokens_cap, p.caps.default_max_tokens, p.caps.context_cap, p.caps.cap_policy)
+        for p in catalog.presets()
+    }
+
+
+def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = False,
+                    gpus: Callable[[], list[int]] = detect_gpus) -> Deployment:
+    notes: list[str] = []
+    if settings.upstream and settings.model is None and settings.preset is None:
+        return Deployment(settings, [], None, notes)
+    if settings.model is None:
+        if settings.preset not in (None, CPU_PRESET):
+            raise PlanError("--preset needs --model (a model directory)")
+        from .tinymodel import build_tiny_model
+
+        path = settings.state_dir / "models" / TINY_MODEL_NAME
+        if not dry_run:
+            build_tiny_model(path)
+        notes.append(f"no --model given: serving the tiny generated test model ({path}) on the CPU engine")
+        settings = settings.model_copy(update={
+            "model": str(path), "served_model_name": settings.served_model_name or TINY_MODEL_NAME,
+            "preset": CPU_PRESET,
+        })
+    assert settings.model is not None
+    model = ModelSpec(
+        path=settings.model,
+        served_name=settings.served_model_name or Path(settings.model.rstrip("/")).name,
+        max_model_len=settings.worker_max_model_len,
+        extra_args=tuple(settings.worker_extra_args),
+    )
+    log_dir = settings.state_dir / "logs"
+    extra_env = settings.worker_environment()
+    found = settings.gpus if settings.gpus is not None else gpus()
+    if settings.preset is None:
+        if found:
+            raise PlanError(
+                f"this machine has {len(found)} GPU(s): choose a preset with --region R --preset NAME "
+                "(`tokengate presets pick --model ... --region R` does the memory math)"
+            )
+        settings = settings.model_copy(update={"preset": CPU_PRESET})
+    if settings.preset == CPU_PRESET:
+        region = settings.default_region
+        model = ModelSpec(model.path, model.served_name, model.max_model_len or CPU_MAX_MODEL_LEN, model.extra_args)
+        specs = plan_cpu_workers(model, region=region, replicas=settings.replicas, log_dir=log_dir,
+                                 extra_env=extra_env)
+        return Deployment(settings.model_copy(update={"region": region}), specs, None, notes)
+    assert settings.region is not None and settings.preset is not None
+    preset = catalog.get(settings.region, settings.preset)
+    if preset.nodes > 1:
+        if not dry_run:
+            raise PlanError(
+                f"preset {preset.key} spans {preset.nodes} nodes: start it on a Ray cluster (the commands: "
+                f"`tokengate serve --dry-run --region {preset.region} --preset {preset.name} --model ...`) and "
+                f"point the gateway at it with --upstream {preset.key}=http://HEAD:8000"
+            )
+        notes.append(multinode_commands(preset, model))
+        return Deployment(settings, [], preset, notes)
+    if not found and dry_run:
+        found = list(range(preset.gpus))
+        notes.append(f"no GPU detected: showing the layout for {preset.gpus} GPU(s) (pass --gpus to choose)")
+    specs = plan_gpu_workers(preset, model, found, log_dir=log_dir, extra_env=extra_env)
+    if len(found) % preset.gpus:
+        notes.append(f"{len(found) % preset.gpus} GPU(s) left idle: {len(found)} is not a multiple of "
+                     f"{preset.gpus}")
+    return Deployment(settings, specs, preset, notes)

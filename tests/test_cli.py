@@ -1,0 +1,80 @@
+"""The `tokengate` command-line contract: flags, their TOKENGATE_* variables, --version, serve --dry-run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import __version__
+from app.cli import build_parser, main, settings_from_args
+
+
+def settings(argv: list[str]):  # type: ignore[no-untyped-def]
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "app.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"tokengate {__version__}"
+
+
+def test_flags() -> None:
+    s = settings(["--host", "0.0.0.0", "--port", "9000", "--upstream", "http://a:1", "b:2", "--upstream",
+                  "fr/h100-2x=http://c:3", "--max-tokens-cap", "100", "--default-max-tokens", "10",
+                  "--context-cap", "500", "--cap-policy", "reject"])
+    assert (s.host, s.port) == ("0.0.0.0", 9000)
+    assert [(u.url, u.region, u.preset) for u in s.upstreams()] == [
+        ("http://a:1", None, None), ("http://b:2", None, None), ("http://c:3", "fr", "h100-2x")]
+    assert (s.max_tokens_cap, s.default_max_tokens, s.context_cap, s.cap_policy) == (100, 10, 500, "reject")
+
+
+def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "TOKENGATE_HOST": "0.0.0.0", "TOKENGATE_PORT": "9001", "TOKENGATE_UPSTREAM": "http://a:1,http://b:2",
+        "TOKENGATE_MAX_TOKENS_CAP": "111", "TOKENGATE_DEFAULT_MAX_TOKENS": "11", "TOKENGATE_CONTEXT_CAP": "222",
+        "TOKENGATE_CAP_POLICY": "reject", "TOKENGATE_REGION": "fr", "TOKENGATE_GPUS": "0,1",
+        "TOKENGATE_DRAIN_TIMEOUT": "7", "TOKENGATE_PREFIX_AFFINITY_BYTES": "256",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = settings([])
+    assert (s.host, s.port, s.upstream) == ("0.0.0.0", 9001, ["http://a:1", "http://b:2"])
+    assert (s.max_tokens_cap, s.default_max_tokens, s.context_cap, s.cap_policy) == (111, 11, 222, "reject")
+    assert (s.region, s.gpus, s.drain_timeout, s.prefix_affinity_bytes) == ("fr", [0, 1], 7.0, 256)
+    # flags win over the environment
+    assert settings(["--port", "9002", "--cap-policy", "clamp"]).port == 9002
+    assert settings(["--cap-policy", "clamp"]).cap_policy == "clamp"
+
+
+def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--cap-policy", "sometimes"])
+    assert exc.value.code == 2
+    assert main(["serve", "--max-tokens-cap", "0", "--dry-run"]) == 2
+    assert "max_tokens_cap" in capsys.readouterr().err
+
+
+def test_dry_run_prints_exact_worker_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-4x", "--model", "/models/m",
+                 "--gpus", "0,1,2,3,4,5,6,7", "--state-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("CUDA_VISIBLE_DEVICES=") == 2
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in out and "CUDA_VISIBLE_DEVICES=4,5,6,7" in out
+    assert out.count("--tensor-parallel-size 4") == 2
+    assert "VLLM_API_KEY='<internal key, generated at start>'" in out
+    assert "tg-internal-" not in out  # the real key is never printed
+
+
+def test_dry_run_unknown_preset_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-3x", "--model", "/m"]) == 2
+    err = capsys.readouterr().err
+    assert "h100-3x" in err and "h100-2x" in err
+
+
+def test_preset_needs_a_region(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--dry-run", "--preset", "h100-1x", "--model", "/m"]) == 2
+    assert "--region" in capsys.readouterr().err
