@@ -5,6 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
     prometheus  # promtool: tests/test_deploy_prometheus.py (check config/rules, test rules)
+    redis-server  # tests/test_limits.py: RedisLimiter against a real Redis (limits shared by replicas)
 )
 
 missing=()

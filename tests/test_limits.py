@@ -1,0 +1,398 @@
+"""Rate limits against a real redis-server (started here on a free loopback port) and in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from app.auth import OPEN, Principal
+from app.errors import NoWorkerAvailable, RateLimited, render
+from app.limits import Limiter, Limits, MemoryLimiter, RedisLimiter, Ticket
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ["memory", "redis"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: run scripts/install-system-deps.sh")
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.close()
+        if proc.poll() is None:
+            break
+        proc.communicate()  # the port was taken meanwhile: try another
+    else:
+        pytest.fail("could not start redis-server")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+def _key(**limits: int) -> Principal:
+    return Principal(name=f"k-{uuid.uuid4().hex[:8]}", limits=Limits(**limits))
+
+
+def _prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _replicas(kind: str, url: str, prefix: str | None = None, **kw: float) -> tuple[Limiter, Limiter]:
+    """Two gateway replicas: two RedisLimiters sharing one Redis (in memory there is only one replica)."""
+    if kind == "memory":
+        one = MemoryLimiter(window=kw.get("window", 60.0))
+        return one, one
+    prefix = prefix or _prefix()
+    return (RedisLimiter.from_url(url, prefix=prefix, **kw), RedisLimiter.from_url(url, prefix=prefix, **kw))
+
+
+async def _close(*limiters: Limiter) -> None:
+    for lim in dict.fromkeys(limiters):
+        await lim.aclose()
+
+
+def _run(
+    kind: str, url: str, body: Callable[[Limiter, Limiter], Awaitable[None]], prefix: str | None = None, **kw: float
+) -> None:
+    async def main() -> None:
+        a, b = _replicas(kind, url, prefix, **kw)
+        try:
+            await body(a, b)
+        finally:
+            await _close(a, b)
+
+    asyncio.run(main())
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def url(kind: str, request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("redis_url") if kind == "redis" else ""
+
+
+def test_rpm_holds_across_replicas_with_retry_after(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(rpm=3)
+        for lim in (a, b, a):
+            await lim.settle(await lim.admit(key, 1), 1)
+        with pytest.raises(RateLimited) as info:
+            await b.admit(key, 1)
+        assert info.value.retry_after in (59.0, 60.0)  # the oldest admission leaves the minute then
+        status, headers, body = render(info.value)
+        assert status == 429 and (b"retry-after", str(int(info.value.retry_after)).encode()) in headers
+        assert orjson.loads(body)["error"]["type"] == "rate_limit_error"
+        assert "requests per minute" in info.value.message
+
+    _run(kind, url, main)
+
+
+def test_tpm_holds_across_replicas_with_retry_after(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(tpm=600)  # refills 10 tokens a second
+        t = await a.admit(key, 600)
+        assert t.remaining_tokens == 0
+        with pytest.raises(RateLimited) as info:
+            await b.admit(key, 100)
+        assert info.value.retry_after == 10.0  # 100 tokens at 10/s
+        with pytest.raises(RateLimited) as info:
+            await b.admit(key, 601)  # can never fit: no point retrying
+        assert info.value.error_code == "request_too_large"
+
+    _run(kind, url, main)
+
+
+def test_concurrency_holds_across_replicas(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(max_concurrent=2)
+        ta, tb = await a.admit(key, 1), await b.admit(key, 1)
+        for lim in (a, b):
+            with pytest.raises(RateLimited) as info:
+                await lim.admit(key, 1)
+            assert info.value.error_code == "concurrency_limit_exceeded" and info.value.retry_after == 1.0
+        await b.settle(tb, 1)
+        await b.settle(tb, 1)  # twice: frees one slot, not two
+        tc = await a.admit(key, 1)
+        with pytest.raises(RateLimited):
+            await b.admit(key, 1)
+        await a.settle(ta, 1)
+        await a.settle(tc, 1)
+
+    _run(kind, url, main)
+
+
+def test_settle_gives_back_unused_tokens_and_charges_overuse(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(tpm=1200)  # 20 tokens a second
+        t = await a.admit(key, 800)
+        await a.settle(t, 100)  # used less: 700 back
+        t = await b.admit(key, 800)
+        assert t.remaining_tokens is not None and 300 <= t.remaining_tokens <= 302
+        await b.settle(t, 1000)  # used more: 200 more charged
+        assert t.settled
+        await b.settle(t, 0)  # already settled: nothing changes
+        with pytest.raises(RateLimited) as info:
+            await a.admit(key, 300)  # ~100 left: 200 tokens short at 20/s
+        assert info.value.retry_after == 10.0
+
+    _run(kind, url, main)
+
+
+def test_aborted_stream_settles_with_the_tokens_actually_streamed(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(tpm=1000, max_concurrent=1)
+        streamed = 0
+        started = asyncio.Event()
+
+        async def serve() -> None:  # the proxy's shape: reserve, stream, settle in `finally`
+            nonlocal streamed
+            prompt, max_tokens = 50, 500
+            ticket = await a.admit(key, prompt + max_tokens)
+            try:
+                while True:
+                    streamed += 1
+                    if streamed == 20:
+                        started.set()
+                    await asyncio.sleep(0.001)
+            finally:
+                await a.settle(ticket, prompt + streamed)
+
+        task = asyncio.create_task(serve())
+        await started.wait()
+        task.cancel()  # the client went away mid-stream
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled() and streamed >= 20
+        t = await b.admit(key, 10)  # the slot is free again, and only what was streamed was charged
+        assert t.remaining_tokens is not None
+        assert 1000 - 50 - streamed - 10 <= t.remaining_tokens <= 1000 - 50 - streamed - 10 + 2
+        await b.settle(t, 10)
+
+    _run(kind, url, main)
+
+
+def test_a_refused_request_is_charged_nothing(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(rpm=2, tpm=100)
+        await a.admit(key, 90)
+        with pytest.raises(RateLimited, match="tokens per minute"):
+            await b.admit(key, 50)  # over tpm: must not use up an rpm slot
+        t = await b.admit(key, 10)
+        assert t.remaining_requests == 0 and t.remaining_tokens == 0
+        assert dict(t.headers()) == {
+            b"x-ratelimit-limit-requests": b"2",
+            b"x-ratelimit-remaining-requests": b"0",
+            b"x-ratelimit-limit-tokens": b"100",
+            b"x-ratelimit-remaining-tokens": b"0",
+        }
+
+    _run(kind, url, main)
+
+
+def test_unlimited_keys_are_not_metered(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        for _ in range(50):
+            t = await a.admit(OPEN, 10**9)
+            assert not t.metered and t.headers() == []
+            await b.settle(t, 10**9)
+
+    _run(kind, url, main)
+
+
+def test_memory_windows_slide_with_the_clock() -> None:
+    now = [1000.0]
+    lim = MemoryLimiter(clock=lambda: now[0])
+
+    async def main() -> None:
+        key = _key(rpm=3, tpm=600)
+        for at in (0.0, 10.0, 20.0):
+            now[0] = 1000.0 + at
+            await lim.settle(await lim.admit(key, 1), 1)
+        now[0] = 1030.0
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key, 1)
+        assert info.value.retry_after == 30.0
+        now[0] = 1059.5
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key, 1)
+        assert info.value.retry_after == 1.0
+        now[0] = 1060.0
+        t = await lim.admit(key, 600)  # the first left the window; the bucket is full again
+        assert t.remaining_requests == 0 and t.remaining_tokens == 0
+        now[0] = 1060.5
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key, 1)  # rpm first
+        now[0] = 1075.0
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key, 200)  # 150 refilled in 15 s: 50 short → 5 s
+        assert info.value.retry_after == 5.0 and "tokens per minute" in info.value.message
+
+    asyncio.run(main())
+
+
+def test_redis_sliding_window_expires(redis_url: str) -> None:
+    async def main(lim: Limiter, _: Limiter) -> None:
+        key = _key(rpm=1)
+        await lim.admit(key, 1)
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key, 1)
+        assert info.value.retry_after == 1.0
+        await asyncio.sleep(1.05)
+        await lim.admit(key, 1)
+
+    _run("redis", redis_url, main, window=1.0)
+
+
+_HOLDER = """
+import asyncio, sys
+from app.limits import Limits, RedisLimiter
+from app.auth import Principal
+
+async def main():
+    lim = RedisLimiter.from_url(sys.argv[1], prefix=sys.argv[2], lease=float(sys.argv[3]))
+    await lim.admit(Principal(name="crashy", limits=Limits(max_concurrent=1)), 1)
+    print("held", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_crashed_replica_does_not_leak_its_slots(redis_url: str) -> None:
+    prefix, lease = _prefix(), 1.0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, redis_url, prefix, str(lease)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    freed: list[float] = []
+
+    async def main(lim: Limiter, _: Limiter) -> None:
+        key = Principal(name="crashy", limits=Limits(max_concurrent=1))
+        with pytest.raises(RateLimited):
+            await lim.admit(key, 1)
+        while True:
+            try:
+                t = await lim.admit(key, 1)
+                break
+            except RateLimited:
+                await asyncio.sleep(0.05)
+        freed.append(time.monotonic() - killed)
+        await lim.settle(t, 1)
+
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        proc.send_signal(signal.SIGKILL)  # no settle, no cleanup, no more renewals
+        proc.wait(5)
+        killed = time.monotonic()
+        _run("redis", redis_url, main, prefix=prefix, lease=lease)
+        assert freed[0] < lease + 2.0  # freed by the lease (plus slack for a loaded machine), not never
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_a_live_replica_renews_its_slots(redis_url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(max_concurrent=1)
+        t = await a.admit(key, 1)
+        for _ in range(8):  # 3.2 s: over two leases
+            await asyncio.sleep(0.4)
+            with pytest.raises(RateLimited):
+                await b.admit(key, 1)
+        await a.aclose()  # a graceful shutdown frees what it still holds
+        assert t.settled
+        await b.settle(await b.admit(key, 1), 1)
+
+    _run("redis", redis_url, main, lease=1.5)
+
+
+def test_unreachable_redis_fails_closed_with_503_or_open_when_asked() -> None:
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+
+    async def main() -> None:
+        closed = RedisLimiter.from_url(url, timeout=0.5)
+        fail_open = RedisLimiter.from_url(url, timeout=0.5, fail_open=True)
+        try:
+            with pytest.raises(NoWorkerAvailable) as info:
+                await closed.admit(_key(rpm=1), 1)
+            assert render(info.value)[0] == 503 and info.value.error_code == "rate_limiter_unavailable"
+            with pytest.raises(NoWorkerAvailable):
+                await closed.ping()
+            t = await fail_open.admit(_key(rpm=1), 1)
+            assert not t.metered
+            await fail_open.settle(t, 1)
+        finally:
+            await _close(closed, fail_open)
+
+    asyncio.run(main())
+
+
+def test_limits_hold_under_concurrent_load_from_two_replicas(redis_url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(rpm=25)
+        results = await asyncio.gather(*[(a if i % 2 else b).admit(key, 1) for i in range(60)], return_exceptions=True)
+        assert sum(isinstance(r, Ticket) for r in results) == 25
+        assert all(isinstance(r, (Ticket, RateLimited)) for r in results)
+
+    _run("redis", redis_url, main)
