@@ -1,0 +1,133 @@
+"""``tokengate bench``, driven through argparse the way app/cli.py dispatches (``args.func(args)``), against the
+fake worker on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import build_parser
+from app.cli_bench import add_bench_parser
+from bench.fakeworker import ThreadedFakeWorker
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tokengate")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    args = parse(argv)
+    rc: int = args.func(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def worker() -> Iterator[ThreadedFakeWorker]:
+    with ThreadedFakeWorker(ttft=0.02, token_delay=0.005, model="tiny", max_model_len=600) as w:
+        yield w
+
+
+def small(w: ThreadedFakeWorker, out: Path, *extra: str) -> list[str]:
+    return ["--url", w.url, "--model", "tiny", "--concurrency", "1,2", "--prompt-tokens", "64",
+            "--output-tokens", "4", "--requests", "4", "--out", str(out), "--no-progress", *extra]
+
+
+def test_defaults_and_flags() -> None:
+    a = parse(["--url", "http://h:1", "--model", "m"])
+    assert (a.concurrency, a.prompt_tokens, a.output_tokens) == ([1, 8, 32, 128], [128, 1024, 8192], [64, 256])
+    assert (a.duration, a.requests, a.request_rate, a.goodput, a.chat, a.ignore_eos, a.progress, a.json) == (
+        None, None, None, None, True, True, True, False)
+    a = parse(["--url", "u", "--model", "m", "--concurrency", "4,16", "--prompt-tokens", "1k", "--duration", "5",
+               "--request-rate", "2.5", "--goodput", "ttft:500ms,tpot:50ms", "--completions", "--no-ignore-eos",
+               "--api-key", "k", "--tokenizer", "/x", "--json"])
+    assert (a.concurrency, a.prompt_tokens, a.duration, a.request_rate) == ([4, 16], [1024], 5.0, 2.5)
+    assert (a.goodput, a.chat, a.ignore_eos, a.api_key, a.tokenizer, a.json) == (
+        {"ttft": 0.5, "tpot": 0.05}, False, False, "k", "/x", True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--concurrency", "0"], ["--prompt-tokens", "x"], ["--goodput", "speed:1ms"],
+    ["--duration", "1", "--requests", "2"], ["--chat", "--completions"],
+])
+def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(["--url", "u", "--model", "m", *argv])
+    assert exc.value.code == 2
+    capsys.readouterr()
+
+
+def test_the_tokengate_command_has_bench() -> None:
+    args = build_parser().parse_args(["bench", "--url", "http://h:1", "--model", "m"])
+    assert args.func.__name__ == "cmd_bench"
+
+
+def test_json_run_against_the_fake_worker(worker: ThreadedFakeWorker, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(small(worker, tmp_path, "--json", "--goodput", "ttft:1s"), capsys)
+    assert rc == 0, err
+    summary: dict[str, Any] = json.loads(out)
+    assert [(s["concurrency"], s["prompt_tokens"], s["output_tokens"]) for s in summary["shapes"]] == [
+        (1, 64, 4), (2, 64, 4)]
+    for s in summary["shapes"]:
+        assert (s["requests"], s["completed"], s["failed"]) == (4, 4, 0)
+        assert s["goodput"] == s["request_throughput"] > 0
+        assert s["ttft_ms"]["p50"] >= 15 and s["output_tokens_actual"]["max"] == 4
+    assert summary["prompts"]["source"] == "server /tokenize"  # /v1/models' root is not on this machine
+    assert summary["config"]["goodput"] == {"ttft": 1000.0} and summary["server"]["max_model_len"] == 600
+    assert {p.name for p in tmp_path.iterdir()} >= {"results.json", "results.md", "report.html", "requests.jsonl"}
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 8
+    assert json.loads((tmp_path / "results.json").read_text())["shapes"] == summary["shapes"]
+
+
+def test_table_run_with_completions_and_skipped_shapes(worker: ThreadedFakeWorker, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    argv = small(worker, tmp_path, "--completions", "--prompt-tokens", "64,1024", "--no-ignore-eos")
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    assert out.startswith("| conc |") and "report.html" in out
+    assert "skipped c=1 in=1024 out=4: 1028 tokens exceed the server's max_model_len 600" in out
+    sent = worker.received[-1] if worker.received else None
+    assert sent is not None and sent.path == "/v1/completions" and "ignore_eos" not in sent.json()
+    assert "matplotlib" in err or (tmp_path / "report.png").exists()
+
+
+def test_all_requests_failing_exits_1_with_errors_counted(worker: ThreadedFakeWorker, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    worker.options.status = 503
+    rc, out, err = run(small(worker, tmp_path, "--json"), capsys)
+    assert rc == 1 and "probe request failed (http_503" in err
+    shapes = json.loads(out)["shapes"]
+    assert [(s["failed"], s["errors"]) for s in shapes] == [(4, {"http_503": 4}), (4, {"http_503": 4})]
+
+
+def test_nothing_listening_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, _, err = run(["--url", f"http://127.0.0.1:{port}", "--model", "m", "--requests", "1", "--out",
+                      str(tmp_path), "--no-progress"], capsys)
+    assert rc == 1 and "cannot connect" in err
+
+
+def test_bad_input_exits_2(worker: ThreadedFakeWorker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(small(worker, tmp_path, "--tokenizer", str(tmp_path)), capsys)
+    assert rc == 2 and "no tokenizer.json" in err
+    rc, _, err = run(small(worker, tmp_path, "--prompt-tokens", "2"), capsys)
+    assert rc == 2 and "shorter than the smallest prompt" in err
+
+
+def test_progress_goes_to_stderr(worker: ThreadedFakeWorker, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a for a in small(worker, tmp_path, "--json") if a != "--no-progress"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and "[2/2] c=2 in=64 out=4" in err and "4 done 0 err" in err
+    json.loads(out)  # stdout stays pure JSON
