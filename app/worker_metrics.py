@@ -1,0 +1,101 @@
+"""``GET /metrics/workers``: every registered worker's ``vllm:*`` metrics in one scrape.
+
+Each worker's ``/metrics`` is fetched concurrently (short timeout) through the gateway's ``UpstreamPool``, its
+``vllm:`` families are kept, and every sample gets the worker's ``region``, ``preset`` and ``worker`` labels
+(ours win over a worker's own). Families are merged across workers, so the answer is valid Prometheus text. One
+extra gauge per worker, ``tokengate_worker_metrics_up``, says whether its scrape worked (like Prometheus' ``up``).
+Parsing runs in a thread: a vLLM exposition is ~50 KB of text, and the event loop carries the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from .api import State
+from .errors import GatewayError
+from .upstream import UpstreamPool
+from .workers.registry import Worker
+
+log = logging.getLogger("tokengate.worker_metrics")
+
+SCRAPE_TIMEOUT = 3.0
+MAX_BYTES = 16 * 1024 * 1024
+PREFIX = "vllm:"
+
+
+async def fetch_metrics(pool: UpstreamPool, worker: Worker, timeout: float = SCRAPE_TIMEOUT) -> str | None:
+    """The worker's /metrics text, or None (logged) when it cannot be had within ``timeout``."""
+    headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await pool.request(worker.origin, "GET", "/metrics", headers=headers, timeout=timeout)
+            try:
+                body = await resp.read(timeout, limit=MAX_BYTES)
+            finally:
+                resp.release()
+    except (GatewayError, OSError, TimeoutError) as exc:
+        log.debug("no metrics from worker %s: %s", worker.name, exc)
+        return None
+    if resp.status != 200:
+        log.debug("worker %s answered /metrics with HTTP %d", worker.name, resp.status)
+        return None
+    return body.decode("utf-8", errors="replace")
+
+
+class _Merged(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def relabel(scrapes: Sequence[tuple[Worker, str | None]]) -> bytes:
+    """Prometheus text of every worker's ``vllm:`` families, labelled and merged; ``None`` text: scrape failed."""
+    merged: dict[str, Metric] = {}
+    up = GaugeMetricFamily("tokengate_worker_metrics_up", "1 when the gateway could scrape the worker's /metrics.",
+                           labels=["region", "preset", "worker"])
+    for worker, text in scrapes:
+        ours = {"region": worker.region, "preset": worker.preset, "worker": worker.name}
+        families = []
+        if text is not None:
+            try:
+                families = [f for f in text_string_to_metric_families(text) if f.name.startswith(PREFIX)]
+            except ValueError as exc:
+                log.warning("worker %s sent unparsable metrics: %s", worker.name, exc)
+                text = None
+        up.add_metric([worker.region, worker.preset, worker.name], 0.0 if text is None else 1.0)
+        for family in families:
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            elif target.type != family.type:
+                continue  # workers of different vLLM versions disagree: keep the first one's
+            for s in family.samples:
+                target.add_sample(s.name, {**s.labels, **ours}, s.value, s.timestamp, s.exemplar)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged([*merged.values(), up]))
+    return generate_latest(registry)
+
+
+async def scrape_workers(pool: UpstreamPool, workers: Sequence[Worker], timeout: float = SCRAPE_TIMEOUT) -> bytes:
+    texts = await asyncio.gather(*(fetch_metrics(pool, w, timeout) for w in workers))
+    return await asyncio.to_thread(relabel, list(zip(workers, texts, strict=True)))
+
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/metrics/workers")
+async def worker_metrics(state: State) -> Response:
+    """Every worker's vllm:* metrics with region/preset/worker labels (Prometheus job ``vllm-workers``)."""
+    return Response(await scrape_workers(state.pool, state.registry.workers()), media_type=CONTENT_TYPE_LATEST)
