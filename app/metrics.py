@@ -47,6 +47,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     dispatched: float | None = None
+    streamed: bool = True  # TTFT is what a streaming client feels; a non-streaming one gets everything at the end
 
 
 class GatewayMetrics:
@@ -142,7 +143,8 @@ class GatewayMetrics:
         if rec.dispatched is not None:
             self._dispatch.observe(rec.dispatched - rec.arrival)
         if rec.first_token is not None:
-            ttft.observe(rec.first_token - rec.arrival)
+            if rec.streamed:
+                ttft.observe(rec.first_token - rec.arrival)
             n = rec.completion_tokens
             if n is not None and n > 1 and rec.last_token is not None and rec.last_token > rec.first_token:
                 decode = rec.last_token - rec.first_token

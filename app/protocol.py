@@ -29,6 +29,7 @@ class ParsedRequest:
     max_tokens: int | None
     max_tokens_param: str
     n: int
+    upstream_stream: bool = True
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_request") -> InvalidRequest:
@@ -133,7 +134,9 @@ def parse_request(route: Route, raw: bytes) -> ParsedRequest:
         if mct is not None:  # as vLLM: max_completion_tokens wins over the deprecated max_tokens
             max_tokens, param = mct, "max_completion_tokens"
     n = _check_int(body, "n", minimum=1) or 1
-    return ParsedRequest(route, body, model, stream, include_usage, max_tokens, param, n)
+    # The worker always streams (see aggregate.py) except for beam search, which vLLM can't stream.
+    upstream_stream = stream or body.get("use_beam_search") is not True
+    return ParsedRequest(route, body, model, stream, include_usage, max_tokens, param, n, upstream_stream)
 
 
 def set_max_tokens(req: ParsedRequest, value: int) -> None:
@@ -147,10 +150,11 @@ def set_max_tokens(req: ParsedRequest, value: int) -> None:
 
 
 def upstream_body(req: ParsedRequest) -> bytes:
-    """The body the worker gets: always ``stream`` explicit, and usage asked for so tokens can be counted."""
+    """The body the worker gets: streamed (even for non-streaming clients: see aggregate.py) with usage asked
+    for, so tokens can be counted."""
     body = req.body
-    body["stream"] = req.stream
-    if req.stream:
+    body["stream"] = req.upstream_stream
+    if req.upstream_stream:
         opts = body.get("stream_options")
         if isinstance(opts, dict):
             if not opts.get("include_usage"):

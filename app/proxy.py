@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .aggregate import StreamAggregator
 from .caps import CapConfig, Caps, Decision, decide
 from .counting import PromptCounter
 from .errors import (
@@ -62,6 +63,7 @@ class _Ctx:
     client_gone: bool = False
     worker: Worker | None = None
     resp: UpstreamResponse | None = None
+    request_id: str = ""
     parser: SSEParser | None = None
     decision: Decision | None = None
     stream: bool = True
@@ -101,6 +103,7 @@ class Proxy:
         self.default_caps = default_caps
         self.preset_caps = preset_caps or {}
         self._turn = 0
+        self._background: set[asyncio.Task[None]] = set()
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
         self.draining = False
 
@@ -161,6 +164,8 @@ class Proxy:
                 watcher.cancel()
             if ctx.resp is not None:
                 ctx.resp.abort()
+                if ctx.worker is not None:
+                    self._abort_on_worker(ctx.worker, route, ctx.request_id)
             self._leave(ctx)
             rec.end = perf_counter()
             self.metrics.observe_request(rec)
@@ -176,6 +181,7 @@ class Proxy:
 
     def _client_gone(self, route: Route, ctx: _Ctx, rec: RequestRecord) -> None:
         rec.status = 499
+        rec.streamed = ctx.stream
         st = ctx.parser.state if ctx.parser is not None else None
         if st is not None:
             rec.first_token, rec.last_token = st.first_token, st.last_token
@@ -240,12 +246,15 @@ class Proxy:
         if request_id is None:
             request_id = os.urandom(12).hex()
         ctx.headers.append((b"x-request-id", request_id.encode("latin-1")))
+        ctx.request_id = request_id
         first = await self._dispatch(pool, req, body, request_id, ctx, rec)
         worker = ctx.worker
         assert worker is not None and ctx.resp is not None
         ctx.headers.append((b"x-tokengate-worker", worker.name.encode()))
         if req.stream:
             await self._stream(req, first, ctx, rec, send)
+        elif req.upstream_stream:
+            await self._collect(req, first, ctx, rec, send)
         else:
             await self._unary(req, ctx, rec, send)
 
@@ -292,7 +301,7 @@ class Proxy:
                     resp.release()
                     ctx.resp = None
                     raise UpstreamStatus(resp.status, data)
-                first = await resp.next_chunk(s.read_timeout) if req.stream else None
+                first = await resp.next_chunk(s.read_timeout) if req.upstream_stream else None
                 self.registry.record_success(worker)
                 return first
             except UpstreamStatus as exc:
@@ -360,9 +369,48 @@ class Proxy:
             self.metrics.upstream_errors.labels(worker.name if worker else "", _error_kind(err)).inc()
             resp.abort()
             ctx.resp = None
+            if worker is not None:
+                self._abort_on_worker(worker, req.route, ctx.request_id)
             return
         rec.status = 200
         ctx.resp = None
+        await _finish(resp)
+
+    async def _collect(self, req: ParsedRequest, first: bytes | None, ctx: _Ctx, rec: RequestRecord, send: Any
+                       ) -> None:
+        """A non-streaming client, a streaming worker: gather the stream into one response object."""
+        resp = ctx.resp
+        assert resp is not None
+        agg = StreamAggregator(req.route)
+        ctx.parser = parser = SSEParser(include_usage=True, sink=agg.add)
+        st = parser.state
+        chunk = first
+        try:
+            while chunk is not None:
+                parser.feed(chunk, perf_counter())
+                if st.saw_done:
+                    break
+                chunk = await resp.next_chunk(self.settings.stream_idle_timeout)
+            if not st.saw_done:
+                raise UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+            data = orjson.dumps(agg.result())
+        except GatewayError as exc:
+            if not isinstance(exc, UpstreamStatus):
+                worker = ctx.worker
+                self.metrics.upstream_errors.labels(worker.name if worker else "", _error_kind(exc)).inc()
+            raise
+        rec.streamed = False
+        rec.first_token, rec.last_token = st.first_token, st.last_token
+        usage = st.usage or {}
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.completion_tokens = usage.get("completion_tokens", st.content_events)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                   *ctx.headers]
+        ctx.started = ctx.done = True
+        rec.status = 200
+        ctx.resp = None
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
         await _finish(resp)
 
     async def _unary(self, req: ParsedRequest, ctx: _Ctx, rec: RequestRecord, send: Any) -> None:
@@ -390,6 +438,31 @@ class Proxy:
         rec.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    def _abort_on_worker(self, worker: Worker, route: Route, request_id: str) -> None:
+        """Closing the connection is how vLLM learns a client left, but it sometimes misses it and generates to
+        the end; where the worker has the explicit abort endpoint, say it outright too (fire and forget)."""
+        if not worker.explicit_abort or not request_id:
+            return
+        prefix = "chatcmpl" if route == "chat" else "cmpl"
+        body = orjson.dumps({"request_ids": [f"{prefix}-{request_id}", request_id]})
+        task = asyncio.get_running_loop().create_task(self._post_abort(worker, body))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _post_abort(self, worker: Worker, body: bytes) -> None:
+        headers = [("content-type", "application/json")]
+        if worker.api_key:
+            headers.append(("authorization", f"Bearer {worker.api_key}"))
+        try:
+            resp = await self.pool.request(worker.origin, "POST", "/inference/v1/abort_requests", body,
+                                           headers=headers, timeout=2.0)
+            await resp.read(2.0, limit=65536)
+            resp.release()
+        except GatewayError:
+            return
+        if resp.status in (403, 404, 405):  # not served (older vLLM, or started without --enable-scale-out)
+            worker.explicit_abort = False
 
     async def _remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:
         self._turn += 1

@@ -59,11 +59,12 @@ class SSEState:
 class SSEParser:
     """Feeds raw body bytes, returns the complete events to forward. Pure: no I/O (fuzzed in the tests)."""
 
-    __slots__ = ("include_usage", "state")
+    __slots__ = ("include_usage", "state", "sink")
 
-    def __init__(self, include_usage: bool) -> None:
+    def __init__(self, include_usage: bool, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.include_usage = include_usage
         self.state = SSEState()
+        self.sink = sink  # gets every parsed event object (the non-streaming aggregator)
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         st = self.state
@@ -108,6 +109,8 @@ class SSEParser:
             raise UpstreamProtocolError("worker sent an SSE event that is not valid JSON") from None
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("worker sent an SSE event that is not a JSON object")
+        if self.sink is not None:
+            self.sink(obj)
         if "error" in obj:
             st.saw_error = True
             return False

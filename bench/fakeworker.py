@@ -71,6 +71,7 @@ class FakeWorkerOptions:
     max_tokens_limit: int = 2048
     default_tokens: int = 16
     model: str = "tiny"
+    root: str | None = None
     max_model_len: int = 2048
     fail_after_chunks: int | None = None
     stall_after_chunks: int | None = None
@@ -561,7 +562,7 @@ class FakeWorker:
                 "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                 "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
         card = {"id": o.model, "object": "model", "created": created, "owned_by": "vllm",
-                "root": f"/nonexistent/{o.model}", "parent": None, "max_model_len": o.max_model_len,
+                "root": o.root or f"/nonexistent/{o.model}", "parent": None, "max_model_len": o.max_model_len,
                 "permission": [perm]}
         return orjson.dumps({"object": "list", "data": [card]})
 
@@ -680,6 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=2048)
     p.add_argument("--default-tokens", type=int, default=16, help="tokens when the request has no max_tokens")
     p.add_argument("--model", default="tiny")
+    p.add_argument("--root", default=None, help="model path /v1/models reports (a real one lets the gateway count "
+                                                "prompts locally)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--fail-after-chunks", type=int, default=None, help="close the socket after K SSE events")
     p.add_argument("--stall-after-chunks", type=int, default=None, help="stop after K SSE events, keep socket open")

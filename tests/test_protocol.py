@@ -20,8 +20,16 @@ def test_stream_is_the_default_and_usage_is_requested_upstream() -> None:
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
-def test_stream_false_drops_stream_options() -> None:
-    req = parse_request("chat", raw({**CHAT, "stream": False, "stream_options": {"include_usage": True}}))
+def test_non_streaming_clients_still_get_a_streaming_worker_request() -> None:
+    req = parse_request("chat", raw({**CHAT, "stream": False}))
+    assert req.stream is False and req.upstream_stream is True
+    sent = orjson.loads(upstream_body(req))
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_beam_search_is_not_streamed_upstream() -> None:
+    req = parse_request("completions", raw({"model": "m", "prompt": "x", "stream": False, "use_beam_search": True,
+                                            "stream_options": {"include_usage": True}}))
     sent = orjson.loads(upstream_body(req))
     assert sent["stream"] is False and "stream_options" not in sent
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +63,50 @@ def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), 
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def base(self) -> str:
+        return self.url + "/v1"
+
+    def in_flight(self) -> float:
+        return metric_sum(scrape(self.url + "/metrics"), "tokengate_requests_in_flight")
+
+
+@contextlib.contextmanager
+def gateway_process(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 240.0
+                    ) -> Iterator[GatewayProcess]:
+    """`tokengate serve ARGS` as its own process (the CLI, and no GIL shared with the test) on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile(prefix="tokengate-gw-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", proc)
+    try:
+        try:
+            wait_until(lambda: proc.poll() is None and httpx.get(gw.url + "/readyz").status_code == 200,
+                       ready_timeout, "gateway process ready")
+        except AssertionError:
+            raise AssertionError(Path(log.name).read_text(errors="replace")[-3000:]) from None
+        yield gw
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+        os.unlink(log.name)
 
 
 def open_request(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None

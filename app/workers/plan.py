@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..presets import Preset
-from .launch import EngineArgs, cpu_worker_spec, free_port, gpu_worker_spec
+from .launch import EngineArgs, cpu_worker_spec, free_port, gpu_worker_spec, supports_explicit_abort, vllm_version
 from .supervisor import WorkerSpec
 
 CPU_PRESET = "cpu"
@@ -68,6 +68,7 @@ def engine_args(preset: Preset, model: ModelSpec) -> EngineArgs:
         dtype=preset.dtype if preset.dtype and preset.dtype != "auto" else None,
         quantization=quant,
         extra_args=tuple(extra),
+        explicit_abort=supports_explicit_abort(vllm_version()),
     )
 
 
@@ -103,7 +104,8 @@ def plan_cpu_workers(model: ModelSpec, *, region: str, replicas: int, log_dir: P
                      port: Callable[[], int] = free_port, extra_env: dict[str, str] | None = None
                      ) -> list[WorkerSpec]:
     args = EngineArgs(model=model.path, served_model_name=model.served_name,
-                      max_model_len=model.max_model_len or 2048, extra_args=model.extra_args)
+                      max_model_len=model.max_model_len or 2048, extra_args=model.extra_args,
+                      explicit_abort=supports_explicit_abort(vllm_version()))
     return [
         cpu_worker_spec(args, name=f"{region}-{CPU_PRESET}-{i}", region=region, preset=CPU_PRESET,
                         log_dir=log_dir, port=port(), extra_env=extra_env)

