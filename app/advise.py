@@ -182,12 +182,12 @@ def advise(key: Key, points: Sequence[tuple[float, Signals]], *, catalog: Catalo
 
 def advise_all(series: Mapping[Key, Sequence[tuple[float, Signals]]], *, catalog: Catalog | None,
                for_s: float, preset_override: str | None = None) -> list[Advice]:
+    """``preset_override`` names the preset of the workers labelled "external" (the gateway only proxies to them)."""
     out = []
     for key in sorted(series):
         region, preset, model = key
-        if preset_override is not None:
-            key = (region, preset_override, model)
-        out.append(advise(key, series[(region, preset, model)], catalog=catalog, for_s=for_s))
+        named = (region, preset_override, model) if preset_override is not None and preset == "external" else key
+        out.append(advise(named, series[key], catalog=catalog, for_s=for_s))
     return out
 
 

@@ -168,7 +168,8 @@ def render_text(advice: Sequence[Advice], source: str) -> str:
         verdict = a.verdict.value.upper()
         if a.verdict is Verdict.MOVE:
             verdict = f"MOVE TO {a.region}/{a.next_preset}" if a.next_preset else "MOVE TO A BIGGER PRESET"
-        held = f"  (held {a.held_for / 60:.0f} min)" if a.verdict is not Verdict.NO_DATA and a.held_for else ""
+        acting = a.verdict in (Verdict.MOVE, Verdict.FIX_QUEUEING, Verdict.ADD_REPLICAS)
+        held = f"  (held {a.held_for / 60:.0f} min)" if acting and a.held_for else ""
         s, first = a.latest, a.earliest
         lines += [
             f"{a.region}/{a.preset}  {a.model}  ->  {verdict}{held}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import math
 import time
 from collections import deque
@@ -29,6 +30,8 @@ from .advise import histogram_quantile
 from .api import State
 from .metrics import TTFT_BUCKETS
 from .workers.registry import Registry
+
+log = logging.getLogger("tokengate.status")
 
 WorkerKey = tuple[str, str, str]  # region, preset, worker
 _BOUNDS = (*TTFT_BUCKETS, math.inf)
@@ -144,7 +147,10 @@ class StatusSampler:
 
     async def run(self) -> None:
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # a sampling bug must not end the history for good: the page says how far it goes
+                log.exception("status sampler failed")
             await asyncio.sleep(self.interval)
 
     def report(self, registry: Registry, *, draining: bool = False) -> dict[str, Any]:

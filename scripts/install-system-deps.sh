@@ -6,6 +6,11 @@ set -euo pipefail
 PACKAGES=(
     prometheus  # promtool: tests/test_deploy_prometheus.py (check config/rules, test rules)
     redis-server  # tests/test_limits.py: RedisLimiter against a real Redis (limits shared by replicas)
+    chromium  # tests/test_status.py: the /status page rendered headless (--dump-dom, --screenshot)
+    podman  # tests/test_container.py, scripts/container-smoke.sh: build and run the gateway image, no Docker engine
+    buildah  # podman build's engine (chroot isolation)
+    runc  # the OCI runtime container-smoke.sh runs the image with
+    debootstrap  # container-smoke.sh: the Debian base image, made locally (no registry needed)
 )
 
 missing=()

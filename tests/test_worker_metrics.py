@@ -1,0 +1,110 @@
+"""app/worker_metrics.py: /metrics/workers merges every worker's vllm:* families, labelled region/preset/worker;
+a dead or silent worker costs one short timeout and shows as tokengate_worker_metrics_up 0."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.settings import Settings
+from app.worker_metrics import SCRAPE_TIMEOUT, relabel
+from app.workers.registry import Worker
+from bench.fakeworker import ThreadedFakeWorker
+
+from .conftest import Engine
+from .utils import run_gateway, scrape
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _labelled(samples: Samples, name: str) -> list[dict[str, str]]:
+    return [dict(labels) for (n, labels) in samples if n == name]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield s.getsockname()[1]
+
+
+def test_relabel_merges_families_and_our_labels_win() -> None:
+    text = ("# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="m",worker="theirs"} 2.0\n'
+            "# HELP process_cpu_seconds_total CPU.\n# TYPE process_cpu_seconds_total counter\n"
+            "process_cpu_seconds_total 1.5\n")
+    a = Worker(name="fr-0", url="http://127.0.0.1:1", region="fr", preset="h100-1x")
+    b = Worker(name="fr-1", url="http://127.0.0.1:2", region="fr", preset="h100-2x")
+    dead = Worker(name="uae-0", url="http://127.0.0.1:3", region="uae", preset="h100-1x")
+    out = relabel([(a, text), (b, text.replace("2.0", "5.0")), (dead, None)]).decode()
+    assert out.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert "process_cpu" not in out  # only the vllm: families
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(out) for s in f.samples}
+    running = {(d["worker"], d["preset"]): v for (n, labels), v in samples.items()
+               if n == "vllm:num_requests_running" for d in [dict(labels)]}
+    assert running == {("fr-0", "h100-1x"): 2.0, ("fr-1", "h100-2x"): 5.0}
+    up = {dict(labels)["worker"]: v for (n, labels), v in samples.items() if n == "tokengate_worker_metrics_up"}
+    assert up == {"fr-0": 1.0, "fr-1": 1.0, "uae-0": 0.0}
+
+
+def test_unparsable_worker_text_counts_as_down() -> None:
+    w = Worker(name="w", url="http://127.0.0.1:1")
+    out = relabel([(w, "vllm:x{ 1 2 3\n")]).decode()
+    assert 'tokengate_worker_metrics_up{preset="external",region="local",worker="w"} 0.0' in out
+
+
+def test_fake_workers_dead_and_silent_ones_in_one_bounded_scrape(silent_port: int) -> None:
+    with ThreadedFakeWorker(model="tiny") as w1, ThreadedFakeWorker(model="tiny") as w2:
+        dead = "http://127.0.0.1:9"  # discard port: nothing listens
+        silent = f"http://127.0.0.1:{silent_port}"
+        settings = Settings(upstream=[w1.url, w2.url, dead, silent], connect_timeout=1, discovery_interval=60)
+        with run_gateway(settings) as gw:
+            httpx.post(gw.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "stream": False})
+            started = time.monotonic()
+            samples = scrape(gw.url + "/metrics/workers")
+            took = time.monotonic() - started
+    assert took < SCRAPE_TIMEOUT + 2, "workers must be scraped concurrently, with a short timeout"
+    up = {d["worker"]: samples[("tokengate_worker_metrics_up", tuple(sorted(d.items())))]
+          for d in _labelled(samples, "tokengate_worker_metrics_up")}
+    names = {u.split("://")[1]: u for u in (w1.url, w2.url, dead, silent)}
+    assert up == {names_key: (1.0 if url in (w1.url, w2.url) else 0.0) for names_key, url in names.items()}
+    running = _labelled(samples, "vllm:num_requests_running")
+    assert sorted(d["worker"] for d in running) == sorted(u.split("://")[1] for u in (w1.url, w2.url))
+    assert all(d["region"] == "local" and d["preset"] == "external" and d["model_name"] == "tiny" for d in running)
+
+
+@pytest.mark.engine
+def test_real_engine_metrics_are_reexported_with_worker_labels(engine: Engine) -> None:
+    settings = Settings(upstream=[engine.url], upstream_api_key=engine.api_key)
+    with run_gateway(settings) as gw:
+        name = gw.state.registry.workers()[0].name
+        before = scrape(gw.url + "/metrics/workers")
+        r = httpx.post(gw.url + "/v1/completions", timeout=60,
+                       json={"model": engine.model, "prompt": "hello", "max_tokens": 4, "stream": False})
+        assert r.status_code == 200
+        after = scrape(gw.url + "/metrics/workers")
+        direct = scrape(engine.url + "/metrics", headers=engine.headers)
+    ours = {"region": "local", "preset": "external", "worker": name}
+
+    def value(samples: Samples, metric: str) -> float:
+        found = [v for (n, labels), v in samples.items() if n == metric and ours.items() <= dict(labels).items()]
+        assert found, f"no {metric} with {ours}"
+        return sum(found)
+
+    assert value(after, "vllm:generation_tokens_total") - value(before, "vllm:generation_tokens_total") == 4
+    assert value(after, "vllm:request_success_total") >= 1
+    for metric in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        value(after, metric)
+    assert any(n == "vllm:time_to_first_token_seconds_bucket" for n, _ in after)
+    # every vllm: sample of the worker is there, with the same labels plus ours
+    expected = {(n, tuple(sorted({**dict(labels), **ours}.items()))) for n, labels in direct if n.startswith("vllm:")}
+    assert expected <= set(after)
+    assert value(after, "tokengate_worker_metrics_up") == 1
