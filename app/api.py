@@ -61,17 +61,21 @@ async def readyz(state: State) -> JSONResponse:
 
 
 @router.get("/v1/models", tags=["openai"])
-async def list_models(state: State, region: Annotated[str | None, Query(max_length=64)] = None
-                      ) -> dict[str, Any]:
-    """Every model a ready worker serves, with the context cap the gateway enforces as ``max_model_len``."""
+async def list_models(request: Request, state: State,
+                      region: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    """Every model a ready worker serves that the caller's key may use, with the context cap the gateway enforces
+    (the key's own, if lower) as ``max_model_len``."""
+    principal = state.proxy.keys.authenticate(request.headers.get("authorization"))
     snapshot = state.registry.snapshot
     data = []
     for mid in sorted(snapshot.models):
-        workers = snapshot.by_model.get(mid, ())
-        regions = sorted({w.region for w in workers})
-        if region is not None and region not in regions:
+        if not principal.allows_model(mid):
             continue
-        caps = state.proxy.caps_for(mid, snapshot.models[mid])
+        workers = snapshot.by_model.get(mid, ())
+        regions = sorted(r for r in {w.region for w in workers} if principal.allows_region(r))
+        if not regions or (region is not None and region not in regions):
+            continue
+        caps = principal.caps.apply(state.proxy.caps_for(mid, snapshot.models[mid]))
         data.append({
             "id": mid,
             "object": "model",

@@ -30,8 +30,11 @@ log = logging.getLogger("tokengate")
 # flag dest → Settings field (all of them also read TOKENGATE_<FIELD> from the environment)
 _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_cap", "default_max_tokens",
                    "context_cap", "cap_policy", "model", "served_model_name", "worker_max_model_len", "region",
-                   "region_fallbacks", "preset", "presets", "gpus", "replicas", "worker_env", "state_dir",
-                   "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level")
+                   "region_fallbacks", "preset", "presets", "gpus", "replicas", "worker_env", "worker_extra_args",
+                   "state_dir",
+                   "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
+                   "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
+                   "allow_fields", "allow_unknown_fields", "allow_remote_media")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -73,6 +76,9 @@ def _serve_parser(sub: Any) -> None:
                         "[TOKENGATE_WORKER_MAX_MODEL_LEN]")
     p.add_argument("--worker-env", action="append", metavar="KEY=VALUE",
                    help="extra environment for managed workers (repeatable) [TOKENGATE_WORKER_ENV]")
+    p.add_argument("--worker-arg", action="append", dest="worker_extra_args", metavar="ARG",
+                   help="extra vLLM argument for managed workers, e.g. --worker-arg=--enforce-eager (repeatable) "
+                        "[TOKENGATE_WORKER_EXTRA_ARGS, comma separated]")
     p.add_argument("--fallback-region", action="append", dest="region_fallbacks", metavar="FROM=TO",
                    help="let requests for region FROM use region TO when FROM has no ready worker "
                         "(repeatable; traffic never leaves its region otherwise) [TOKENGATE_REGION_FALLBACKS]")
@@ -82,6 +88,27 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--drain-timeout", type=float, metavar="S",
                    help="on SIGTERM/Ctrl-C, seconds in-flight requests may finish (default 30) "
                         "[TOKENGATE_DRAIN_TIMEOUT]")
+    p.add_argument("--keys", dest="keys_file", type=Path, metavar="FILE",
+                   help="API keys file (hashes, per-key limits; `tokengate keys create`). Without it the gateway "
+                        "runs in OPEN mode: anyone who reaches the port can use it [TOKENGATE_KEYS_FILE]")
+    p.add_argument("--redis", dest="redis_url", metavar="URL",
+                   help="share rate limits across gateway replicas (redis://host:6379/0) [TOKENGATE_REDIS_URL]")
+    p.add_argument("--worker-concurrency", type=int, metavar="N",
+                   help="requests in flight per worker before the gateway queues (default 256) "
+                        "[TOKENGATE_WORKER_CONCURRENCY]")
+    p.add_argument("--queue-size", type=int, metavar="N",
+                   help="requests waiting per worker pool before 429 (default 1024) [TOKENGATE_QUEUE_SIZE]")
+    p.add_argument("--queue-timeout", type=float, metavar="S",
+                   help="longest wait in the queue before 503 (default 30) [TOKENGATE_QUEUE_TIMEOUT]")
+    p.add_argument("--max-n", type=int, help="largest n (default 8) [TOKENGATE_MAX_N]")
+    p.add_argument("--max-logprobs", type=int, help="largest logprobs/top_logprobs (default 20) "
+                                                    "[TOKENGATE_MAX_LOGPROBS]")
+    p.add_argument("--allow-field", action="append", dest="allow_fields", metavar="NAME",
+                   help="let a refused vLLM-only field through, e.g. chat_template_kwargs [TOKENGATE_ALLOW_FIELDS]")
+    p.add_argument("--allow-unknown-fields", action="store_true", default=None,
+                   help="forward unknown request fields instead of 400 [TOKENGATE_ALLOW_UNKNOWN_FIELDS]")
+    p.add_argument("--allow-remote-media", action="store_true", default=None,
+                   help="let workers fetch http(s) media URLs [TOKENGATE_ALLOW_REMOTE_MEDIA]")
     p.add_argument("--admin-key", help="bearer key for /admin/* (default: loopback clients only) "
                                        "[TOKENGATE_ADMIN_KEY]")
     p.add_argument("--state-dir", type=Path, help="where models and worker logs go (default ~/.cache/tokengate) "

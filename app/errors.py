@@ -4,7 +4,7 @@
     ├── InvalidRequest                 400 invalid_request_error   (malformed JSON, wrong types, bad values)
     │   ├── ContextLengthExceeded      400 code=context_length_exceeded
     │   └── MaxTokensExceeded          400 code=max_tokens_exceeded (cap policy "reject")
-    ├── AuthenticationFailed           401 authentication_error
+    ├── AuthenticationFailed           401 invalid_request_error (as OpenAI answers a bad key)
     ├── PermissionDenied               403 permission_error
     ├── ModelNotFound                  404 code=model_not_found
     ├── PayloadTooLarge                413 code=request_too_large
@@ -67,7 +67,7 @@ class MaxTokensExceeded(InvalidRequest):
 
 class AuthenticationFailed(GatewayError):
     status = 401
-    type = "authentication_error"
+    type = "invalid_request_error"
     code = "invalid_api_key"
 
     def headers(self) -> list[tuple[bytes, bytes]]:

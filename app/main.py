@@ -20,10 +20,13 @@ from starlette.routing import Route
 
 from . import __version__
 from .api import router
+from .auth import KeyStore, load_keys
 from .caps import BUILTIN_CAPS, CapConfig
 from .counting import PromptCounter
 from .errors import GatewayError, InvalidRequest, render
+from .limits import Limiter, MemoryLimiter, RedisLimiter
 from .metrics import GatewayMetrics
+from .policy import RequestPolicy
 from .proxy import Proxy
 from .settings import Settings
 from .state import AppState
@@ -68,7 +71,16 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     pool = UpstreamPool(connect_timeout=settings.connect_timeout)
     tokenizers = TokenizerStore()
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokengate-count")
+    keys = load_keys(settings.keys_file) if settings.keys_file is not None else KeyStore.open()
+    if keys.is_open:
+        log.warning("OPEN MODE: no API keys configured (--keys FILE); anyone who can reach this port can use it")
+    limiter: Limiter = RedisLimiter.from_url(settings.redis_url) if settings.redis_url else MemoryLimiter()
+    policy = RequestPolicy(max_n=settings.max_n, max_logprobs=settings.max_logprobs,
+                           allow_fields=frozenset(settings.allow_fields),
+                           allow_unknown_fields=settings.allow_unknown_fields,
+                           allow_remote_media=settings.allow_remote_media)
     proxy = Proxy(settings=settings, registry=registry, pool=pool, metrics=metrics, tokenizers=tokenizers,
+                  keys=keys, limiter=limiter, policy=policy,
                   counter=PromptCounter(executor, offloop_bytes=settings.tokenize_offloop_bytes),
                   default_caps=explicit.resolve(BUILTIN_CAPS), preset_caps=caps_by_preset,
                   regions={*regions, *(s.region for s in worker_specs),
@@ -90,16 +102,20 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         health_task = asyncio.create_task(health.run(), name="tokengate-health")
         sampler_task = asyncio.create_task(sampler.run(), name="tokengate-status")
         ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
+        if isinstance(limiter, RedisLimiter):
+            await limiter.ping()  # fail at start, not on the first request
         try:
             yield
         finally:
             proxy.draining = True
+            proxy.close_admission()
             for task in (health_task, sampler_task, ready_task):
                 if task is not None:
                     task.cancel()
             if supervisor is not None:
                 await supervisor.stop()
             await pool.close()
+            await limiter.aclose()
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tokengate", version=__version__, lifespan=lifespan,

@@ -113,6 +113,14 @@ class GatewayMetrics:
             "tokengate_queue_time_seconds", "Time a request waited for admission to a worker pool.",
             ["model", "region"], buckets=QUEUE_BUCKETS, registry=registry,
         )
+        self.queue_depth = Gauge(
+            "tokengate_queue_depth", "Requests waiting for admission to a worker pool.", ["model", "region"],
+            registry=registry,
+        )
+        self.admission_rejections = Counter(
+            "tokengate_admission_rejections", "Requests refused by admission control: queue_full (429), "
+            "queue_timeout (503), shutting_down.", ["model", "region", "reason"], registry=registry,
+        )
         self.worker_up = Gauge(
             "tokengate_worker_up", "1 when the worker is ready and in rotation.",
             ["region", "preset", "worker"], registry=registry,

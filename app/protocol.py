@@ -97,6 +97,25 @@ def _check_prompt(prompt: Any) -> None:
     raise _bad("'prompt' must be a string, an array of strings, or an array of token ids", "prompt", "invalid_type")
 
 
+MAX_DEPTH = 128  # orjson serialises at most 254 levels; no real request comes near this
+
+
+def depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively, stopping as soon as it passes ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    deepest = 0
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
 def parse_request(route: Route, raw: bytes) -> ParsedRequest:
     try:
         body = orjson.loads(raw)
@@ -104,6 +123,9 @@ def parse_request(route: Route, raw: bytes) -> ParsedRequest:
         raise _bad(f"request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", None, "invalid_json")
+    # nesting can't exceed the number of openers: only walk bodies that have enough of them
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and depth(body, MAX_DEPTH) > MAX_DEPTH:
+        raise _bad(f"request body is nested deeper than {MAX_DEPTH} levels", None, "invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a non-empty string", "model", "invalid_type")

@@ -15,6 +15,7 @@ import math
 import zlib
 from collections.abc import Collection, Sequence
 
+from .protocol import ParsedRequest
 from .workers.registry import Snapshot, Worker
 
 
@@ -31,6 +32,25 @@ def candidates(snapshot: Snapshot, model: str, regions: Sequence[str] | None) ->
 
 def affinity_key(prefix: bytes) -> int:
     return zlib.crc32(prefix)
+
+
+def affinity_for(req: ParsedRequest, limit: int) -> int:
+    """The affinity key of a request: its first ``limit`` prompt bytes (system prompt first, for chats)."""
+    if req.route == "chat":
+        parts: list[str] = []
+        size = 0
+        for m in req.body["messages"]:
+            content = m.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+                size += len(content)
+            if size >= limit:
+                break
+        return affinity_key("\x00".join(parts).encode("utf-8", "surrogatepass")[:limit])
+    prompt = req.body["prompt"]
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else str(prompt[:limit])
+    return affinity_key(str(prompt).encode("utf-8", "surrogatepass")[:limit])
 
 
 def pick(pool: Sequence[Worker], now: float, turn: int, exclude: Collection[Worker] = (),

@@ -98,12 +98,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     tokenize_offloop_bytes: int = Field(16 * 1024, ge=0, description="prompts larger than this tokenise in a thread")
 
+    # tenancy and admission
+    keys_file: Path | None = Field(None, description="API keys (hashes) and per-key limits; unset: OPEN mode")
+    redis_url: str | None = Field(None, description="share rate limits across gateway replicas")
+    worker_concurrency: int = Field(256, ge=1, description="requests in flight per worker before queueing")
+    queue_size: int = Field(1024, ge=0, description="requests waiting per worker pool before 429")
+    queue_timeout: float = Field(30.0, gt=0, description="longest wait in the queue before 503")
+
+    # request policy
+    max_n: int = Field(8, ge=1)
+    max_logprobs: int = Field(20, ge=0)
+    allow_fields: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="vLLM-only fields to let through")
+    allow_unknown_fields: bool = False
+    allow_remote_media: bool = False
+
     admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
 
     _split = field_validator("upstream", "worker_extra_args", "worker_env", "region_fallbacks", "presets",
-                             mode="before")(_split_list)
+                             "allow_fields", mode="before")(_split_list)
 
     @field_validator("gpus", mode="before")
     @classmethod

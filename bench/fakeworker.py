@@ -234,6 +234,8 @@ class _Conn(asyncio.Protocol):
                 s.handle.cancel()
             self.w.stats.aborted += 1
             self.w.stats.in_flight -= 1
+            if s.end != "json":  # tokens already sent count as generated, as in vLLM
+                self.w.stats.generation_tokens += min(s.k, s.tokens)
 
     def data_received(self, data: bytes) -> None:
         if self.idle_handle is not None:

@@ -70,7 +70,7 @@ def test_missing_empty_wrong_or_wrong_scheme_is_401_openai_shaped(header: bytes 
     status, headers, body = render(info.value)
     assert status == 401
     err = orjson.loads(body)["error"]
-    assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key"
     assert err["message"].startswith(message)
     assert (b"www-authenticate", b'Bearer realm="tokengate"') in headers
 

@@ -105,3 +105,12 @@ def test_malformed_json_is_400(body: bytes) -> None:
     with pytest.raises(InvalidRequest) as err:
         parse_request("chat", body)
     assert err.value.error_code == "invalid_json" and err.value.param is None
+
+
+def test_bodies_nested_too_deep_to_forward_are_400() -> None:
+    deep = b'{"model": "m", "messages": [{"role": "user", "content": "a"}], "metadata": ' + b"[" * 300 + b"]" * 300
+    with pytest.raises(InvalidRequest) as err:
+        parse_request("chat", deep + b"}")
+    assert err.value.error_code == "invalid_json" and "nested" in err.value.message
+    many = {**CHAT, "logit_bias": {str(i): [1] for i in range(500)}}  # many openers, shallow: fine
+    assert parse_request("chat", raw(many)).body["logit_bias"]["499"] == [1]

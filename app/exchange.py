@@ -1,0 +1,174 @@
+"""One request/response exchange: its state as it moves through the proxy, and the three ways to answer.
+
+- ``answer_stream``: relay the worker's SSE to a streaming client;
+- ``answer_collected``: build one JSON object from the worker's stream for a non-streaming client;
+- ``answer_unary``: pass a non-streaming worker answer through (beam search only).
+Each fills in the request's metrics record and leaves the worker connection released or aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+import orjson
+
+from .admission import Slot
+from .aggregate import StreamAggregator
+from .auth import OPEN, Principal
+from .caps import Decision
+from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout, status_of
+from .limits import Ticket
+from .metrics import GatewayMetrics, RequestRecord
+from .protocol import ParsedRequest
+from .streaming import SSEParser, relay
+from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
+from .workers.registry import Worker
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+@dataclass(slots=True)
+class Exchange:
+    task: asyncio.Task[Any] | None
+    started: bool = False
+    done: bool = False
+    client_gone: bool = False
+    worker: Worker | None = None
+    resp: UpstreamResponse | None = None
+    request_id: str = ""
+    principal: Principal = OPEN
+    ticket: Ticket | None = None
+    slot: Slot | None = None
+    parser: SSEParser | None = None
+    decision: Decision | None = None
+    stream: bool = True
+    gauge: Any = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def error_kind(exc: GatewayError) -> str:
+    if isinstance(exc, UpstreamStatus):
+        return "status_5xx" if exc.passthrough_status >= 500 else "status_4xx"
+    if isinstance(exc, UpstreamTimeout):
+        return "connect_timeout" if exc.error_code == "worker_connect_timeout" else "timeout"
+    if isinstance(exc, UpstreamClosed):
+        return "closed"
+    if isinstance(exc, UpstreamProtocolError):
+        return "protocol"
+    return "unreachable"
+
+
+def _count_error(metrics: GatewayMetrics, ex: Exchange, exc: GatewayError) -> None:
+    metrics.upstream_errors.labels(ex.worker.name if ex.worker else "", error_kind(exc)).inc()
+
+
+async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, rec: RequestRecord, send: Any, *,
+                        metrics: GatewayMetrics, idle_timeout: float) -> GatewayError | None:
+    """Relay a stream. Returns the error that cut it short (already sent in-band), if any."""
+    resp = ex.resp
+    assert resp is not None
+    ex.parser = parser = SSEParser(req.include_usage)
+    ex.started = True
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + ex.headers})
+    err = await relay(resp, first or b"", parser, send, idle_timeout=idle_timeout)
+    ex.done = True
+    st = parser.state
+    rec.first_token, rec.last_token = st.first_token, st.last_token
+    if st.usage is not None:
+        rec.prompt_tokens = st.usage.get("prompt_tokens")
+        rec.completion_tokens = st.usage.get("completion_tokens")
+    else:
+        rec.completion_tokens = st.content_events
+        rec.prompt_tokens = ex.decision.prompt_tokens if ex.decision else None
+    if st.chunks:
+        metrics.observe_relay(st.relay_seconds / st.chunks)
+    ex.resp = None
+    if err is not None:
+        rec.status = status_of(err)
+        _count_error(metrics, ex, err)
+        resp.abort()
+        return err
+    rec.status = 200
+    await finish(resp)
+    return None
+
+
+async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange, rec: RequestRecord, send: Any,
+                           *, metrics: GatewayMetrics, idle_timeout: float) -> None:
+    """A non-streaming client, a streaming worker: gather the stream into one response object."""
+    resp = ex.resp
+    assert resp is not None
+    agg = StreamAggregator(req.route)
+    ex.parser = parser = SSEParser(include_usage=True, sink=agg.add)
+    st = parser.state
+    chunk = first
+    try:
+        while chunk is not None:
+            parser.feed(chunk, perf_counter())
+            if st.saw_done:
+                break
+            chunk = await resp.next_chunk(idle_timeout)
+        if not st.saw_done:
+            raise UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+        data = orjson.dumps(agg.result())
+    except GatewayError as exc:
+        if not isinstance(exc, UpstreamStatus):
+            _count_error(metrics, ex, exc)
+        raise
+    rec.streamed = False
+    rec.first_token, rec.last_token = st.first_token, st.last_token
+    usage = st.usage or {}
+    rec.prompt_tokens = usage.get("prompt_tokens")
+    rec.completion_tokens = usage.get("completion_tokens", st.content_events)
+    ex.resp = None
+    await _send_json(data, ex, rec, send)
+    await finish(resp)
+
+
+async def answer_unary(ex: Exchange, rec: RequestRecord, send: Any, *, metrics: GatewayMetrics,
+                       read_timeout: float) -> None:
+    resp = ex.resp
+    assert resp is not None
+    try:
+        data = await resp.read(read_timeout)
+    except UpstreamError as exc:
+        _count_error(metrics, ex, exc)
+        raise
+    ex.resp = None
+    resp.release()
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError("worker answered with invalid JSON") from None
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    if isinstance(usage, dict):
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.completion_tokens = usage.get("completion_tokens")
+    await _send_json(data, ex, rec, send)
+
+
+async def _send_json(data: bytes, ex: Exchange, rec: RequestRecord, send: Any) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *ex.headers]
+    ex.started = ex.done = True
+    rec.status = 200
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def finish(resp: UpstreamResponse) -> None:
+    """After [DONE] the worker still owes the chunked-encoding terminator; wait for it briefly so the connection
+    can be reused (the client already has its whole answer)."""
+    try:
+        while await resp.next_chunk(1.0) is not None:
+            pass
+    except GatewayError:
+        resp.abort()
+        return
+    resp.release()

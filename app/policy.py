@@ -1,0 +1,147 @@
+"""What a request may ask of a worker, beyond its shape: fields that have crashed or hijacked vLLM, expensive
+sampling options, oversized schemas, remote media. Checked after parsing, before any tokenisation or routing.
+
+Refused by default, each with a clear 400 naming the parameter (vLLM advisories CVE-2024-8768, CVE-2024-8939,
+CVE-2025-48942/48943/48944, CVE-2025-61620, CVE-2025-62426, GHSA-4xqp-c3mv-qff7, CVE-2026-24779 are about
+exactly these inputs):
+- template and processor hooks (``chat_template``, ``chat_template_kwargs``, ``mm_processor_kwargs``),
+  ``prompt_embeds`` (tensors deserialised by the worker), ``allowed_token_ids`` (out-of-range ids crashed the
+  engine), ``cache_salt`` (lets a client steer the shared prefix cache) — unless listed in ``allow_fields``;
+- ``best_of`` (n-fold work), ``n`` above a cap, ``logprobs``/``top_logprobs``/``prompt_logprobs`` above a cap;
+- JSON schemas, regexes and grammars (``response_format``, ``guided_*``, ``structured_outputs``, tool
+  ``parameters``) larger or deeper than a limit;
+- remote media URLs in image/audio/video/file parts: the worker would fetch them (server-side request forgery)
+  — unless ``allow_remote_media``;
+- unknown fields: a misspelt parameter silently ignored is a bug the client never sees.
+Empty prompts and conversations are refused by protocol.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import InvalidRequest
+from .protocol import ParsedRequest, depth
+
+DANGEROUS_FIELDS = ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "prompt_embeds",
+                    "allowed_token_ids", "cache_salt")
+
+_COMMON = {
+    "model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p", "stop", "seed", "user",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
+    "best_of",
+    # vLLM sampling extensions
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
+    "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens", "include_stop_str_in_output",
+    "prompt_logprobs", "bad_words", "use_beam_search", "priority", "request_id", "return_tokens_as_token_ids",
+    "return_token_ids", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structured_outputs", "logits_processors", "vllm_xargs", "kv_transfer_params",
+    "add_special_tokens", "echo", "suffix", "thinking_token_budget",
+    *DANGEROUS_FIELDS,
+}
+KNOWN_FIELDS = {
+    "chat": _COMMON | {
+        "messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "functions",
+        "function_call", "modalities", "audio", "reasoning_effort", "metadata", "store", "service_tier",
+        "prediction", "web_search_options", "add_generation_prompt", "continue_final_message", "documents",
+        "include_reasoning", "mm_processor_kwargs", "top_logprobs", "verbosity", "safety_identifier",
+        "prompt_cache_key",
+    },
+    "completions": _COMMON | {"prompt"},
+}
+_SCHEMA_FIELDS = ("guided_json", "guided_grammar", "guided_regex", "structured_outputs", "response_format")
+_MEDIA_PARTS = {"image_url": "url", "audio_url": "url", "video_url": "url", "input_audio": None, "file": None}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPolicy:
+    max_n: int = 8
+    max_logprobs: int = 20
+    allow_fields: frozenset[str] = frozenset()
+    allow_unknown_fields: bool = False
+    allow_remote_media: bool = False
+    max_schema_bytes: int = 64 * 1024
+    max_schema_depth: int = 32
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def _check_schema(value: Any, param: str, policy: RequestPolicy) -> None:
+    # depth first: it is iterative, and serialising (for the size) something deeper than orjson's own limit fails
+    if isinstance(value, dict | list) and depth(value, policy.max_schema_depth) > policy.max_schema_depth:
+        raise _bad(f"'{param}' is nested deeper than {policy.max_schema_depth} levels", param, "schema_too_deep")
+    size = len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else len(orjson.dumps(value))
+    if size > policy.max_schema_bytes:
+        raise _bad(f"'{param}' is {size} bytes; the limit is {policy.max_schema_bytes}", param, "schema_too_large")
+
+
+def _check_int_cap(body: dict[str, Any], name: str, cap: int) -> None:
+    value = body.get(name)
+    if value is None or value is False or value is True:
+        return
+    if not isinstance(value, int):
+        raise _bad(f"'{name}' must be an integer", name, "invalid_type")
+    if value < 0 or value > cap:
+        raise _bad(f"'{name}' is {value}; this gateway allows 0 to {cap}", name)
+
+
+def check(req: ParsedRequest, policy: RequestPolicy) -> None:
+    body = req.body
+    if not policy.allow_unknown_fields:
+        known = KNOWN_FIELDS[req.route]
+        for key in body:
+            if key not in known:
+                raise _bad(f"unknown parameter '{key[:64]}'", key[:64], "unknown_parameter")
+    for key in DANGEROUS_FIELDS:
+        if body.get(key) is not None and key not in policy.allow_fields:
+            raise _bad(f"'{key}' is not accepted by this gateway", key, "parameter_not_allowed")
+    if body.get("best_of") is not None:
+        raise _bad("'best_of' is not supported; use 'n'", "best_of", "parameter_not_allowed")
+    if req.n > policy.max_n:
+        raise _bad(f"'n' is {req.n}; this gateway allows at most {policy.max_n}", "n")
+    _check_int_cap(body, "top_logprobs", policy.max_logprobs)
+    _check_int_cap(body, "prompt_logprobs", policy.max_logprobs)
+    if req.route == "completions":
+        _check_int_cap(body, "logprobs", policy.max_logprobs)
+    for key in _SCHEMA_FIELDS:
+        if body.get(key) is not None:
+            _check_schema(body[key], key, policy)
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("'tools' must be an array", "tools", "invalid_type")
+        _check_schema(tools, "tools", policy)
+    if req.route == "chat" and not policy.allow_remote_media:
+        _check_media(body["messages"])
+
+
+def _check_media(messages: list[dict[str, Any]]) -> None:
+    for i, msg in enumerate(messages):
+        content = msg.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type")
+            if kind not in _MEDIA_PARTS:
+                continue
+            inner = part.get(kind)
+            url = inner.get("url") if isinstance(inner, dict) else inner if isinstance(inner, str) else None
+            if isinstance(url, str) and url.lower().startswith(("http://", "https://", "ftp://", "file:")):
+                raise _bad("remote media URLs are not fetched by this gateway's workers; send the data inline "
+                           "(a data: URL)", f"messages[{i}].content[{j}]", "remote_media_not_allowed")
+
+
+def check_min_tokens(req: ParsedRequest, max_tokens: int) -> None:
+    min_tokens = req.body.get("min_tokens")
+    if min_tokens is None:
+        return
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise _bad("'min_tokens' must be a non-negative integer", "min_tokens", "invalid_type")
+    if min_tokens > max_tokens:
+        raise _bad(f"'min_tokens' ({min_tokens}) is above max_tokens ({max_tokens}) for this request",
+                   "min_tokens")

