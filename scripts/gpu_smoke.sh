@@ -23,13 +23,19 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpus_$PRESET.txt"
 GPUARG=(); [ -n "$GPUS" ] && GPUARG=(--gpus "$GPUS")
-python3 -m app.cli serve --region fr --preset "$PRESET" --model /tmp/tiny --served-model-name tiny-llama \
-  --max-model-len 4096 "${GPUARG[@]}" --port 8080 --state-dir /tmp/tgstate --log-level info \
-  --worker-arg=--enforce-eager --worker-arg=--disable-custom-all-reduce \
-  --worker-env VLLM_USE_FLASHINFER_SAMPLER=0 --worker-env VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
-  > "$OUT/gateway_$PRESET.log" 2>&1 &
+SERVE=(--region fr --preset "$PRESET" --model /tmp/tiny --served-model-name tiny-llama
+  --max-model-len 4096 "${GPUARG[@]}" --port 8080 --state-dir /tmp/tgstate
+  --worker-arg=--enforce-eager --worker-arg=--disable-custom-all-reduce
+  --worker-env VLLM_USE_FLASHINFER_SAMPLER=0 --worker-env VLLM_ALLREDUCE_USE_SYMM_MEM=0)
+echo "== worker command lines (tokengate serve --dry-run)"
+python3 -m app.cli serve "${SERVE[@]}" --dry-run | tee "$OUT/dryrun_$PRESET.txt"
+rm -f /tmp/tgstate/logs/*.log
+python3 -m app.cli serve "${SERVE[@]}" --log-level info > "$OUT/gateway_$PRESET.log" 2>&1 &
 GW=$!
 python3 scripts/gpu_check.py http://127.0.0.1:8080 "$OUT" "$PRESET" "$EXPECTED"; RC=$?
+python3 -m app.cli presets pick --model /tmp/tiny --region fr --gpu "${PRESET%%-*}" --context 4096 \
+  --concurrency 1 --json > "$OUT/pick_$PRESET.json"
+python3 scripts/gpu_report.py "$OUT" "$PRESET" /tmp/tgstate/logs | tee "$OUT/report_$PRESET.txt"
 t0=$(date +%s%N)
 kill -TERM $GW; wait $GW; GWRC=$?
 echo "gateway exit $GWRC, $(( ($(date +%s%N) - t0) / 1000000 )) ms after SIGTERM" | tee -a "$OUT/gpus_$PRESET.txt"
