@@ -34,7 +34,8 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_c
                    "state_dir",
                    "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
                    "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
-                   "allow_fields", "allow_unknown_fields", "allow_remote_media")
+                   "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
+                   "header_timeout", "body_timeout")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -109,6 +110,13 @@ def _serve_parser(sub: Any) -> None:
                    help="forward unknown request fields instead of 400 [TOKENGATE_ALLOW_UNKNOWN_FIELDS]")
     p.add_argument("--allow-remote-media", action="store_true", default=None,
                    help="let workers fetch http(s) media URLs [TOKENGATE_ALLOW_REMOTE_MEDIA]")
+    p.add_argument("--forwarded-allow-ips", action="append", metavar="IP",
+                   help="a reverse proxy whose X-Forwarded-For/-Proto are trusted (repeatable; default: none, "
+                        "so clients cannot spoof their address) [TOKENGATE_FORWARDED_ALLOW_IPS]")
+    p.add_argument("--header-timeout", type=float, metavar="S",
+                   help="time a client has to send its request headers (default 10) [TOKENGATE_HEADER_TIMEOUT]")
+    p.add_argument("--body-timeout", type=float, metavar="S",
+                   help="time a client has to send its request body (default 30) [TOKENGATE_BODY_TIMEOUT]")
     p.add_argument("--admin-key", help="bearer key for /admin/* (default: loopback clients only) "
                                        "[TOKENGATE_ADMIN_KEY]")
     p.add_argument("--state-dir", type=Path, help="where models and worker logs go (default ~/.cache/tokengate) "
@@ -203,6 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[str, CapConfig] | None = None,
                regions: set[str] | None = None) -> int:
+    from .httpserver import server_config
     from .main import create_app
 
     def on_ready(state: AppState) -> None:
@@ -210,10 +219,7 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
 
     app = create_app(settings, worker_specs=specs, preset_caps=caps, regions=regions or set(), on_ready=on_ready)
     state: AppState = app.state.tokengate
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            lifespan="on", log_level=settings.log_level, access_log=settings.access_log,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout)), server_header=False)
-    server = DrainingServer(config, state)
+    server = DrainingServer(server_config(app, settings), state)
     server.run()
     return 0 if server.started else 1
 

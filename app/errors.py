@@ -9,6 +9,7 @@
     ├── ModelNotFound                  404 code=model_not_found
     ├── PayloadTooLarge                413 code=request_too_large
     ├── HeadersTooLarge                431 code=request_header_fields_too_large
+    ├── RequestTimeout                 408 code=request_timeout     (body not received in time)
     ├── RateLimited                    429 rate_limit_error        (Retry-After)
     ├── NoWorkerAvailable              503 code=no_worker_available (Retry-After)
     ├── UpstreamError                  502 code=worker_unreachable / bad_worker_response
@@ -96,6 +97,15 @@ class HeadersTooLarge(GatewayError):
     status = 431
     type = "invalid_request_error"
     code = "request_header_fields_too_large"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
 
 
 class _RetryAfter(GatewayError):

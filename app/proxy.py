@@ -103,7 +103,7 @@ class Proxy:
             region, request_id, length, authorization = read_headers(scope)
             ctx.principal = self.keys.authenticate(authorization)
             try:
-                raw = await read_body(receive, length, self.settings.max_body_bytes)
+                raw = await read_body(receive, length, self.settings.max_body_bytes, self.settings.body_timeout)
             except ClientGone:
                 ctx.client_gone = True
                 self._client_gone(route, ctx, rec)

@@ -6,9 +6,10 @@ Content-Length at once, and to a chunked body as it arrives.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from .errors import InvalidRequest, PayloadTooLarge
+from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 REGION_HEADER = b"x-tokengate-region"
 
@@ -41,9 +42,19 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
     return region, request_id, length, authorization
 
 
-async def read_body(receive: Any, length: int | None, limit: int) -> bytes:
+async def read_body(receive: Any, length: int | None, limit: int, timeout: float) -> bytes:
+    """The whole body, within ``limit`` bytes and ``timeout`` seconds (a body trickled byte by byte is a
+    slowloris: 408, and the connection closes)."""
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body of {length} bytes is larger than the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout:g} s") from None
+
+
+async def _read(receive: Any, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

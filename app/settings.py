@@ -96,6 +96,13 @@ class Settings(BaseSettings):
 
     # request limits
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    header_timeout: float = Field(10.0, gt=0, description="time a client has to send its request headers")
+    body_timeout: float = Field(30.0, gt=0, description="time a client has to send its request body")
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="proxies whose X-Forwarded-* headers are trusted (default: none)"
+    )
     tokenize_offloop_bytes: int = Field(16 * 1024, ge=0, description="prompts larger than this tokenise in a thread")
 
     # tenancy and admission
@@ -118,6 +125,7 @@ class Settings(BaseSettings):
     access_log: bool = False
 
     _split = field_validator("upstream", "worker_extra_args", "worker_env", "region_fallbacks", "presets",
+                             "forwarded_allow_ips",
                              "allow_fields", mode="before")(_split_list)
 
     @field_validator("gpus", mode="before")

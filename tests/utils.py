@@ -25,6 +25,7 @@ import redis
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.httpserver import server_config
 from app.main import create_app
 from app.settings import Settings
 from app.state import AppState
@@ -47,8 +48,8 @@ def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), 
                 ready_timeout: float = 240.0) -> Iterator[RunningGateway]:
     """create_app(settings) served by uvicorn on 127.0.0.1:<free port> in a background thread."""
     app = create_app(settings.model_copy(update={"port": 0}), worker_specs=worker_specs)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http="httptools", lifespan="on",
-                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = server_config(app, settings.model_copy(update={"host": "127.0.0.1", "port": 0}),
+                           log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()

@@ -1,0 +1,152 @@
+"""The HTTP server: uvicorn with httptools, hardened against clients that misbehave on purpose.
+
+uvicorn has no limit on how long a client may take to send its request headers, nor on their size or count
+(its h11 backend has a size limit, httptools none). Here a protocol subclass adds, per connection:
+- a header deadline: from connection (or the end of the previous response on a keep-alive connection) to the end
+  of the request headers; past it the connection gets ``408`` and is closed (slowloris);
+- a header size and count limit: past it ``431`` and close, before more is buffered.
+The body has its own deadline in the application (requestio.read_body), where it is an OpenAI-shaped 408.
+
+``X-Forwarded-*`` headers are trusted only from the proxies listed in ``forwarded_allow_ips``; by default from
+nobody (uvicorn would trust loopback peers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
+from .settings import Settings
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class HardenedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header deadline and header size/count limits (class attributes, set
+    by ``protocol_class``)."""
+
+    header_timeout: float = 10.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0  # raw bytes received since the request began, while still in its headers
+        self._head_size = 0  # exact: request line + header fields parsed so far
+        self._head_count = 0
+        self._head_too_large = False
+        self._in_head = True
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._in_head = True
+        self._head_bytes = self._head_count = self._head_size = 0
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            if self._head_bytes:  # started a request and stalled: say why; an idle connection is just closed
+                self._refuse(RequestTimeout(f"request headers not received within {self.header_timeout:g} s"))
+            else:
+                self.transport.close()
+
+    def _refuse(self, exc: GatewayError) -> None:
+        """Answer with an OpenAI-shaped error and close: the request never reaches the application."""
+        self._disarm()
+        status, _, body = render(exc)
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self.transport.write(head % (status, _REASONS[status], len(body)) + body)
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
+            # all of it is still header bytes (a value not yet complete): refuse before buffering more
+            self._head_too_large = True
+            self._refuse(HeadersTooLarge(self._too_large_message()))
+
+    def _too_large_message(self) -> str:
+        return (f"request headers are larger than {self.max_header_bytes} bytes or have more than "
+                f"{self.max_headers} fields")
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse(HeadersTooLarge(self._too_large_message()))
+        else:
+            super().send_400_response(msg)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:  # the next request of a keep-alive connection, pipelined right behind
+            self._in_head = True
+            self._head_bytes = 0
+        self._head_count = self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_count += 1
+        self._head_size += len(name) + len(value) + 4
+        if self._head_count > self.max_headers or self._head_size > self.max_header_bytes:
+            self._head_too_large = True
+            raise _HeadTooLarge  # httptools turns it into a parser error: uvicorn would answer 400, we 431
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle is not None and not self.pipeline:
+            self._arm()  # the keep-alive idle timer runs too; the header deadline covers a slow next request
+
+
+def protocol_class(settings: Settings) -> type[HardenedHttpToolsProtocol]:
+    return type("TokengateHttpProtocol", (HardenedHttpToolsProtocol,), {
+        "header_timeout": settings.header_timeout,
+        "max_header_bytes": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+    })
+
+
+def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration every tokengate server uses (the CLI and the tests)."""
+    trusted = settings.forwarded_allow_ips
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "loop": "uvloop", "http": protocol_class(settings),
+        "lifespan": "on", "log_level": settings.log_level, "access_log": settings.access_log,
+        "timeout_graceful_shutdown": max(1, int(settings.drain_timeout)), "server_header": False,
+        "proxy_headers": bool(trusted), "forwarded_allow_ips": ",".join(trusted) if trusted else None,
+        "timeout_keep_alive": 5,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)

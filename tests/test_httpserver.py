@@ -1,0 +1,228 @@
+"""The HTTP server against clients that misbehave on purpose (slowloris, huge or many headers, spoofed
+forwarding headers), and what the gateway sends on to workers — over real sockets to a real uvicorn."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from app.settings import Settings
+from bench.fakeworker import ThreadedFakeWorker
+
+from .utils import run_gateway, scrape
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+BODY = orjson.dumps(CHAT)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[ThreadedFakeWorker]:
+    with ThreadedFakeWorker(record=True) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def gw(worker: ThreadedFakeWorker) -> Iterator[Any]:
+    settings = Settings(upstream=[worker.url], discovery_interval=60.0, header_timeout=1.0, body_timeout=1.0,
+                        max_header_bytes=8192, max_headers=40)
+    with run_gateway(settings, ready_timeout=20) as gw:
+        yield gw
+
+
+def connect(gw: Any) -> socket.socket:
+    host, port = gw.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def read_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def head(path: str = "/v1/chat/completions", extra: str = "", length: int = len(BODY)) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {length}\r\n{extra}\r\n").encode()
+
+
+def error_of(response: bytes) -> tuple[int, dict[str, Any]]:
+    status = int(response.split(b" ", 2)[1])
+    err: dict[str, Any] = orjson.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return status, err
+
+
+def ok(gw: Any) -> bool:
+    return httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=5).status_code == 200
+
+
+def test_headers_trickled_byte_by_byte_get_408_and_others_are_served(gw: Any) -> None:
+    sock = connect(gw)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+    t0 = time.monotonic()
+    served = []
+    closed_at = None
+    for i in range(40):  # a header byte every 0.1 s: never finishes
+        try:
+            sock.sendall(b"x-slow: %d\r\n" % i if i % 5 == 0 else b"")
+            sock.sendall(b"a")
+        except (BrokenPipeError, ConnectionResetError):
+            closed_at = time.monotonic() - t0
+            break
+        if i % 4 == 0:
+            served.append(ok(gw))
+        time.sleep(0.1)
+    response = read_all(sock, 2)
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+    assert error_of(response)[1]["code"] == "request_timeout"
+    assert closed_at is None or closed_at < 3
+    assert served and all(served)
+
+
+def test_an_idle_connection_is_closed_after_the_header_timeout(gw: Any) -> None:
+    sock = connect(gw)
+    t0 = time.monotonic()
+    data = read_all(sock, 5)
+    sock.close()
+    assert data == b""  # closed without a word: nothing was asked
+    assert 0.8 < time.monotonic() - t0 < 3
+
+
+def test_a_body_trickled_past_its_deadline_is_408(gw: Any, worker: ThreadedFakeWorker) -> None:
+    before = worker.stats.requests
+    sock = connect(gw)
+    sock.sendall(head() + BODY[:10])
+    t0 = time.monotonic()
+    response = read_all(sock, 5)
+    sock.close()
+    status, err = error_of(response)
+    assert status == 408 and err["code"] == "request_timeout"
+    assert 0.8 < time.monotonic() - t0 < 3
+    assert worker.stats.requests == before
+
+
+@pytest.mark.parametrize("extra", [
+    "x-big: " + "a" * 20_000 + "\r\n",
+    "".join(f"x-h{i}: v\r\n" for i in range(60)),
+])
+def test_huge_or_too_many_headers_are_431(gw: Any, extra: str) -> None:
+    sock = connect(gw)
+    sock.sendall(head(extra=extra) + BODY)
+    response = read_all(sock)
+    sock.close()
+    status, err = error_of(response)
+    assert status == 431 and err["code"] == "request_header_fields_too_large"
+    assert ok(gw)
+
+
+def test_a_huge_header_trickled_in_pieces_is_refused_before_it_ends(gw: Any) -> None:
+    sock = connect(gw)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-big: ")
+    refused_after = None
+    for i in range(100):  # 100 x 1 KiB, never ending the value
+        try:
+            sock.sendall(b"b" * 1024)
+        except (BrokenPipeError, ConnectionResetError):
+            refused_after = i
+            break
+        time.sleep(0.005)
+    response = read_all(sock, 3)
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 431")
+    assert refused_after is None or refused_after < 60
+
+
+def test_large_bodies_and_many_ordinary_headers_are_fine(gw: Any) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}  # 1 MB in one write
+    headers = {f"x-app-{i}": "v" for i in range(30)}
+    r = httpx.post(gw.base + "/chat/completions", json=big, headers=headers, timeout=30)
+    assert r.status_code in (200, 400), r.text  # served, or refused by the context cap: not by the server
+    if r.status_code == 400:
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_keep_alive_requests_each_get_their_own_header_deadline(gw: Any) -> None:
+    sock = connect(gw)
+    sock.sendall(head() + BODY)
+    first = b""
+    while b"data: [DONE]" not in first:
+        first += sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # the next one stalls
+    response = read_all(sock, 5)
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 408") or response == b""
+
+
+def test_hop_by_hop_and_client_headers_are_not_forwarded(gw: Any, worker: ThreadedFakeWorker) -> None:
+    sock = connect(gw)
+    extra = ("connection: keep-alive, x-private\r\nkeep-alive: timeout=5\r\nte: trailers\r\nx-private: 1\r\n"
+             "proxy-authorization: Basic eA==\r\nx-forwarded-for: 6.6.6.6\r\nforwarded: for=6.6.6.6\r\n"
+             "x-real-ip: 6.6.6.6\r\ncookie: s=1\r\nauthorization: Bearer client-key\r\n"
+             "x-request-id: abc-123\r\n")
+    sock.sendall(head(extra=extra) + BODY)
+    response = b""
+    while b"data: [DONE]" not in response:
+        response += sock.recv(65536)
+    sock.close()
+    sent = worker.received[-1]
+    assert sent.path == "/v1/chat/completions"
+    forwarded = {k.lower() for k in sent.headers}
+    assert forwarded <= {"host", "content-type", "content-length", "x-request-id", "authorization",
+                         "transfer-encoding", "user-agent", "accept"}, forwarded
+    assert "authorization" not in forwarded  # no internal key configured here, and never the client's
+    assert sent.headers.get("x-request-id") == "abc-123"
+
+
+def test_forwarded_headers_are_not_trusted_unless_configured(worker: ThreadedFakeWorker) -> None:
+    spoof = {"x-forwarded-for": "203.0.113.9"}
+    # admin endpoints answer loopback clients only: a spoofed address must not change who the client is
+    with run_gateway(Settings(upstream=[worker.url], discovery_interval=60.0), ready_timeout=20) as gw:
+        r = httpx.get(gw.url + "/admin/workers/nope/log", headers=spoof)
+        assert r.status_code == 404  # allowed (loopback), then: no such worker
+    trusted = Settings(upstream=[worker.url], discovery_interval=60.0, forwarded_allow_ips=["127.0.0.1"])
+    with run_gateway(trusted, ready_timeout=20) as gw:
+        r = httpx.get(gw.url + "/admin/workers/nope/log", headers=spoof)
+        assert r.status_code == 403  # the trusted proxy says the client is remote
+        assert httpx.get(gw.url + "/admin/workers/nope/log").status_code == 404
+
+
+def test_metric_labels_never_come_from_user_input(gw: Any) -> None:
+    def series() -> int:
+        return sum(1 for (name, _) in scrape(gw.url + "/metrics") if name.startswith("tokengate_"))
+
+    before = series()
+    threads = []
+    for _ in range(4):
+        def spam() -> None:
+            with httpx.Client(timeout=5) as c:
+                for _ in range(50):
+                    junk = uuid.uuid4().hex
+                    c.post(gw.base + "/chat/completions", json={**CHAT, "model": junk},
+                           headers={"x-tokengate-region": junk[:8]})
+                    c.post(gw.base + "/chat/completions", json={**CHAT, "model": junk})
+        threads.append(threading.Thread(target=spam))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = series()
+    assert after - before < 20, f"{after - before} new series from 400 requests with random model/region names"
