@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
@@ -35,7 +37,7 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_c
                    "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
                    "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
-                   "header_timeout", "body_timeout")
+                   "header_timeout", "body_timeout", "write_timeout")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -117,6 +119,9 @@ def _serve_parser(sub: Any) -> None:
                    help="time a client has to send its request headers (default 10) [TOKENGATE_HEADER_TIMEOUT]")
     p.add_argument("--body-timeout", type=float, metavar="S",
                    help="time a client has to send its request body (default 30) [TOKENGATE_BODY_TIMEOUT]")
+    p.add_argument("--write-timeout", type=float, metavar="S",
+                   help="drop a stream whose client has not read for this long, aborting its worker request "
+                        "(default 30) [TOKENGATE_WRITE_TIMEOUT]")
     p.add_argument("--admin-key", help="bearer key for /admin/* (default: loopback clients only) "
                                        "[TOKENGATE_ADMIN_KEY]")
     p.add_argument("--state-dir", type=Path, help="where models and worker logs go (default ~/.cache/tokengate) "
@@ -225,16 +230,33 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's Server whose first SIGTERM/SIGINT also marks the gateway draining (/readyz → 503, new requests
-    → 503) while in-flight requests finish, up to the drain deadline (``timeout_graceful_shutdown``)."""
+    """uvicorn's Server that drains before it shuts down. The first SIGTERM/SIGINT marks the gateway draining
+    (/readyz → 503, new requests → 503) and it keeps listening — uvicorn alone would close the socket at once, so a
+    load balancer or client would meet "connection refused", not a 503 — while in-flight requests finish, up to
+    ``drain_timeout``. Then uvicorn shuts down: what still runs is cancelled (a stream ends with an in-band error
+    event) and the lifespan stops the workers. A second signal ends the wait."""
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
         super().__init__(config)
         self._state = state
+        self._drain: tuple[int, float] | None = None  # (signal, deadline)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._state.proxy.draining = True
+        if self._drain is None and not self.should_exit:
+            self._state.proxy.draining = True
+            self._drain = (sig, time.monotonic() + self._state.settings.drain_timeout)
+            return
+        self.config.timeout_graceful_shutdown = 0
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain is not None and not self.should_exit:
+            sig, deadline = self._drain
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.server_state.tasks:  # every request has finished, or time is up
+                self.config.timeout_graceful_shutdown = max(0, math.ceil(left))
+                super().handle_exit(sig, None)
+        return await super().on_tick(counter)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 import orjson
@@ -34,7 +34,7 @@ SSE_HEADERS = [
 ]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Exchange:
     task: asyncio.Task[Any] | None
     started: bool = False
@@ -51,6 +51,8 @@ class Exchange:
     stream: bool = True
     gauge: Any = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    sending_since: float = 0.0  # monotonic time a write to the client began and has not finished; 0: none
+    write_stalled: bool = False
 
 
 def error_kind(exc: GatewayError) -> str:
@@ -77,7 +79,14 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
     ex.parser = parser = SSEParser(req.include_usage)
     ex.started = True
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + ex.headers})
-    err = await relay(resp, first or b"", parser, send, idle_timeout=idle_timeout)
+
+    async def tracked(message: dict[str, Any]) -> None:
+        # uvicorn's send waits while the client's socket buffer is full: the write watchdog sees how long
+        ex.sending_since = monotonic()
+        await send(message)
+        ex.sending_since = 0.0
+
+    err = await relay(resp, first or b"", parser, tracked, idle_timeout=idle_timeout)
     ex.done = True
     st = parser.state
     rec.first_token, rec.last_token = st.first_token, st.last_token

@@ -113,6 +113,10 @@ class GatewayMetrics:
             "tokengate_queue_time_seconds", "Time a request waited for admission to a worker pool.",
             ["model", "region"], buckets=QUEUE_BUCKETS, registry=registry,
         )
+        self.write_stalls = Counter(
+            "tokengate_write_stalls", "Streams dropped because the client stopped reading for longer than "
+            "write_timeout (the worker request is aborted).", registry=registry,
+        )
         self.queue_depth = Gauge(
             "tokengate_queue_depth", "Requests waiting for admission to a worker pool.", ["model", "region"],
             registry=registry,

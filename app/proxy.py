@@ -76,6 +76,8 @@ class Proxy:
         self.calls = WorkerCalls(pool, timeout=settings.read_timeout)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
         self.draining = False
+        self._live: set[Exchange] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     # ASGI entry point for both generation routes
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -97,6 +99,9 @@ class Proxy:
     async def handle(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
         arrival = perf_counter()
         ctx = Exchange(asyncio.current_task())
+        self._live.add(ctx)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_writes())
         rec = RequestRecord(route, UNKNOWN, "", "", "", 0, arrival, arrival)
         watcher: asyncio.Task[None] | None = None
         try:
@@ -131,6 +136,7 @@ class Proxy:
                 await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             ctx.done = True
+            self._live.discard(ctx)
             if watcher is not None:
                 watcher.cancel()
             if ctx.resp is not None:
@@ -155,6 +161,26 @@ class Proxy:
         if rec.status >= 400 and rec.status != 499 and not rec.completion_tokens:
             used = 0  # refused or failed before any work: charge nothing
         await self.limiter.settle(ctx.ticket, used)
+
+    async def _watch_writes(self) -> None:
+        """A client that stops reading fills its socket buffer, then the gateway's (both bounded), then the
+        relay waits in ``send``; past ``write_timeout`` the client is treated as gone and the worker request is
+        aborted. One timer for all streams: the per-chunk cost is two attribute writes."""
+        limit = self.settings.write_timeout
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = monotonic()
+            for ex in list(self._live):
+                since = ex.sending_since
+                if since and now - since > limit and not ex.done and ex.task is not None:
+                    ex.write_stalled = ex.client_gone = True
+                    self.metrics.write_stalls.inc()
+                    ex.task.cancel()
+
+    def stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     async def _watch(self, receive: Any, ctx: Exchange) -> None:
         while True:
@@ -349,8 +375,31 @@ class Proxy:
         raise NoWorkerAvailable(f"no ready worker for '{req.model}'", retry_after=2)
 
     async def _remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:
-        self._turn += 1
-        worker = pick(pool, monotonic(), self._turn)
-        if worker is None:
-            raise NoWorkerAvailable(f"no ready worker for '{payload.get('model')}'", retry_after=2)
-        return await self.calls.count_tokens(worker, payload)
+        """A worker's own prompt count; a worker that can't be reached is skipped (and counted against), like a
+        dispatch before its first byte."""
+        tried: list[Worker] = []
+        last: GatewayError | None = None
+        for _ in range(self.settings.retry_attempts):
+            self._turn += 1
+            worker = pick(pool, monotonic(), self._turn, tried)
+            if worker is None:
+                break
+            tried.append(worker)
+            try:
+                count = await self.calls.count_tokens(worker, payload)
+            except UpstreamStatus as exc:
+                if exc.passthrough_status not in _RETRIABLE_STATUS:
+                    raise
+                self.registry.record_failure(worker)
+                last = exc
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
+                self.registry.record_failure(worker)
+                if isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout":
+                    raise
+                last = exc
+            else:
+                return count
+        if last is not None:
+            raise last
+        raise NoWorkerAvailable(f"no ready worker for '{payload.get('model')}'", retry_after=2)

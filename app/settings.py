@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(600.0, gt=0, description="time allowed for the worker's response headers")
     stream_idle_timeout: float = Field(120.0, gt=0, description="longest silence allowed mid-stream")
+    write_timeout: float = Field(30.0, gt=0, description="longest a client may leave a stream unread before "
+                                                        "it is dropped and the worker request aborted")
     discovery_interval: float = Field(5.0, gt=0)
     retry_attempts: int = Field(3, ge=1, description="workers tried before the first byte")
 

@@ -158,10 +158,15 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
 
     def send(self, head: bytes, body: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
+        transport = self.transport
+        if transport is None or self._closed or transport.is_closing():
+            raise UpstreamClosed("worker closed the connection before the request was sent")
+        try:
+            transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                transport.write(body)
+        except (RuntimeError, OSError) as exc:  # uvloop: "the handler is closed" when the peer just went away
+            raise UpstreamClosed(f"worker closed the connection before the request was sent: {exc}") from None
 
     async def wait_headers(self, timeout: float) -> None:
         while not self._headers_done:
@@ -302,7 +307,8 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn._closed and now - conn.idle_since < self.idle_ttl:
+            alive = not conn._closed and conn.transport is not None and not conn.transport.is_closing()
+            if alive and now - conn.idle_since < self.idle_ttl:
                 return conn
             if conn.transport is not None:
                 conn.transport.close()
@@ -323,8 +329,8 @@ class UpstreamPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin)
-            conn.send(head, body)
             try:
+                conn.send(head, body)
                 await conn.wait_headers(timeout)
                 return UpstreamResponse(conn)
             except UpstreamClosed:

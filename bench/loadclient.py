@@ -149,7 +149,7 @@ class Connection(asyncio.Protocol):
         err = self.error
         if self.status != 200:
             err = f"HTTP {self.status}: {b''.join(self.body)[:300].decode(errors='replace')}"
-        elif self.sse and not self.done:
+        elif self.sse and not self.done and err is None:  # an in-band error event is a proper end
             err = "stream ended without [DONE]"
         self._finish(err)
 
@@ -253,10 +253,11 @@ def close_pool(pool: list[Connection]) -> None:
 
 
 async def run_open(target: Target, *, rate: float, duration: float, timeout: float = 60.0,
-                   seed: int = 0) -> LoadResult:
-    """Poisson arrivals at ``rate`` req/s for ``duration`` seconds; latency is from the actual send."""
+                   seed: int = 0, pool: list[Connection] | None = None) -> LoadResult:
+    """Poisson arrivals at ``rate`` req/s for ``duration`` seconds; latency is from the actual send (``lag``: how
+    late that was, connecting included).  With ``pool``, idle connections come from it and are left in it."""
     rng = random.Random(seed)
-    idle: list[Connection] = []
+    idle: list[Connection] = pool if pool is not None else []
     records: list[RequestRecord] = []
     tasks: set[asyncio.Task[None]] = set()
 
@@ -291,9 +292,8 @@ async def run_open(target: Target, *, rate: float, duration: float, timeout: flo
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
-    for c in idle:
-        if c.transport is not None:
-            c.transport.close()
+    if pool is None:
+        close_pool(idle)
     return LoadResult(records, time.perf_counter() - t0)
 
 

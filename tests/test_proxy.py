@@ -347,3 +347,25 @@ def test_region_header(worker: ThreadedFakeWorker) -> None:
         assert post("uae").status_code == 200  # allowed fallback
         r = post("mars")
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region"
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_worker_request_aborted(worker: ThreadedFakeWorker) -> None:
+    worker.options.max_tokens_limit = worker.options.max_model_len = 100_000
+    with gateway(worker, write_timeout=1.0, max_tokens_cap=50_000) as gw:
+        # 30k tokens (~7 MB): more than every socket buffer between the worker and the client holds
+        worker.options.token_delay = 0.0002
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window, and never read
+        host, port = gw.url.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        body = orjson.dumps({**CHAT, "max_tokens": 30_000})
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        t0 = time.monotonic()
+        assert worker.wait_for(lambda s: s.aborted == 1, 10), "the worker request was never aborted"
+        assert time.monotonic() - t0 < 6
+        assert worker.stats.generation_tokens < 30_000  # it never got to the end
+        assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_write_stalls_total") == 1
+        sock.close()
+        worker.options.token_delay = 0.0
+        assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 200
