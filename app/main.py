@@ -20,12 +20,14 @@ from starlette.routing import Route
 
 from . import __version__
 from .api import router
+from .asgi import GatewayApp
 from .auth import KeyStore, load_keys
 from .caps import BUILTIN_CAPS, CapConfig
 from .counting import PromptCounter
 from .errors import GatewayError, InvalidRequest, render
 from .limits import Limiter, MemoryLimiter, RedisLimiter
 from .metrics import GatewayMetrics
+from .openapi import document_generation_routes
 from .policy import RequestPolicy
 from .proxy import Proxy
 from .settings import Settings
@@ -119,15 +121,18 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
             await limiter.aclose()
             executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="tokengate", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    app = GatewayApp(title="tokengate", version=__version__, lifespan=lifespan,
+                     docs_url="/docs", redoc_url=None)
     app.state.tokengate = state
     app.include_router(router)
     app.include_router(status_router(sampler))
     app.include_router(worker_metrics_router)
-    # the hot path: pure ASGI, mounted as plain routes in front of FastAPI's request machinery
+    # the hot path: pure ASGI, taken before FastAPI's middlewares and router (asgi.py); the routes stay in the
+    # router too, for a method other than POST (405) and the OpenAPI document
+    app.fast_routes = {"/v1/chat/completions": proxy, "/v1/completions": proxy}
     app.router.routes.insert(0, Route("/v1/chat/completions", proxy, methods=["POST"]))
     app.router.routes.insert(1, Route("/v1/completions", proxy, methods=["POST"]))
+    document_generation_routes(app, policy)
     _install_error_handlers(app)
     return app
 

@@ -89,7 +89,7 @@ def _check_prompt(prompt: Any) -> None:
             return
         if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in prompt):
             return
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p)
                for p in prompt):
             return
     if isinstance(prompt, list) and not prompt:

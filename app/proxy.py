@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from time import monotonic, perf_counter
 from typing import Any
@@ -46,6 +47,7 @@ from .upstream import UpstreamPool
 from .worker_calls import WorkerCalls
 from .workers.registry import ModelInfo, Registry, Worker
 
+log = logging.getLogger("tokengate.proxy")
 _PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _RETRIABLE_STATUS = (502, 503)
 CLAMP_HEADER = b"x-tokengate-max-tokens-clamped"
@@ -134,6 +136,19 @@ class Proxy:
                 ctx.done = True
                 await send({"type": "http.response.start", "status": status, "headers": headers + ctx.headers})
                 await send({"type": "http.response.body", "body": body, "more_body": False})
+        except Exception:  # a bug: say so in OpenAI's shape (in-band once streaming), never a bare 500 or a hang
+            log.exception("unhandled error on %s", scope.get("path"))
+            rec.status = 500
+            internal = GatewayError("internal error in the gateway")
+            if not ctx.done:
+                ctx.done = True
+                with contextlib.suppress(Exception):
+                    if ctx.started:
+                        await send({"type": "http.response.body", "body": sse_event(internal), "more_body": False})
+                    else:
+                        status, headers, body = render(internal)
+                        await send({"type": "http.response.start", "status": status, "headers": headers})
+                        await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             ctx.done = True
             self._live.discard(ctx)

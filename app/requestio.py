@@ -47,18 +47,23 @@ async def read_body(receive: Any, length: int | None, limit: int, timeout: float
     slowloris: 408, and the connection closes)."""
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body of {length} bytes is larger than the limit of {limit} bytes")
+    message = await receive()  # usually the whole body, already here: no timer for the common case
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body: bytes = message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        return body
     try:
         async with asyncio.timeout(timeout):
-            return await _read(receive, limit)
+            return await _read(receive, limit, message)
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {timeout:g} s") from None
 
 
-async def _read(receive: Any, limit: int) -> bytes:
+async def _read(receive: Any, limit: int, message: dict[str, Any]) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -69,4 +74,5 @@ async def _read(receive: Any, limit: int) -> bytes:
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
+        message = await receive()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -72,9 +72,10 @@ class SSEParser:
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         end = data.rfind(b"\n\n")
+        # what stays pending is bounded, also when it follows complete events in the same chunk
+        if len(data) - (end + 2 if end >= 0 else 0) > MAX_EVENT_BYTES:
+            raise UpstreamProtocolError("worker sent an SSE event larger than the limit")
         if end < 0:
-            if len(data) > MAX_EVENT_BYTES:
-                raise UpstreamProtocolError("worker sent an SSE event larger than the limit")
             st._pending = data
             return b""
         out = data[: end + 2]
@@ -95,6 +96,8 @@ class SSEParser:
     def _drop(self, event: bytes, now: float) -> bool:
         """Inspect one event; True when it must not reach the client (the usage event nobody asked for)."""
         st = self.state
+        if event.startswith(b"\n"):  # empty lines before it (valid SSE): a run of 3+ line ends splits this way
+            event = event.lstrip(b"\n")
         if not event.startswith(b"data:"):
             if event.startswith((b":", b"event:", b"id:", b"retry:")) or not event.strip():
                 return False  # SSE comment / keep-alive / fields we pass along

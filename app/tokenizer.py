@@ -53,6 +53,13 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+@lru_cache(maxsize=32)
+def _compiled(template: str) -> tuple[jinja2.Template, dict[str, Any]]:
+    """The template and the globals it can see, flattened once."""
+    compiled = _compile(template)
+    return compiled, dict(compiled.globals)
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
@@ -127,9 +134,12 @@ class LocalTokenizer:
         if self.chat_template is None:
             raise TemplateError("this model has no chat template; use /v1/completions")
         try:
-            text = _compile(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._special
-            )
+            template, base = _compiled(self.chat_template)
+            # a shared context over one flat dict: Template.render would merge the environment's globals (a
+            # ChainMap) into a new dict on every call, a third of the render time for a short chat
+            variables = {**base, **self._special, "messages": messages,
+                         "add_generation_prompt": add_generation_prompt}
+            text = jinja2.utils.concat(template.root_render_func(template.new_context(variables, shared=True)))
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:

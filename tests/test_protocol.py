@@ -82,7 +82,8 @@ def test_chat_validation_errors_name_the_parameter(body: dict[str, object], para
     assert err.value.param == param and err.value.error_code == code and err.value.status == 400
 
 
-@pytest.mark.parametrize("prompt", ["", [], [""], [1, "a"], [[]], [True], {"a": 1}, None])
+@pytest.mark.parametrize("prompt", ["", [], [""], [1, "a"], [[]], [True], {"a": 1}, None, [-1],
+                                    [[1, -2]]])  # negative token ids: flat and batched alike (found by fuzzing)
 def test_bad_prompts_are_400(prompt: object) -> None:
     with pytest.raises(InvalidRequest) as err:
         parse_request("completions", raw({"model": "m", "prompt": prompt}))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from app.streaming import SSEParser
+from app.streaming import MAX_EVENT_BYTES, SSEParser
 from app.upstream import UpstreamProtocolError
 
 
@@ -101,3 +101,62 @@ def test_an_event_that_never_ends_is_bounded() -> None:
     with pytest.raises(UpstreamProtocolError):
         for _ in range(5):
             p.feed(b"x" * (1024 * 1024), 0.0)
+
+
+def test_extra_empty_lines_between_events_are_valid_sse() -> None:
+    # found by fuzzing: "\n\n\n" split an event as "\ndata: ...", refused as malformed — but only when the
+    # extra line end arrived in the same read as the next event
+    stream = TOK[0] + b"\n" + TOK[1] + b"\r\n\r\n" + DONE
+    whole = SSEParser(include_usage=True)
+    assert whole.feed(stream, 1.0) == stream.replace(b"\r\n", b"\n")
+    split = SSEParser(include_usage=True)
+    cut = len(TOK[0]) + 1
+    feed_all(split, [stream[:cut], stream[cut:]])
+    for p in (whole, split):
+        assert p.state.content_events == 2 and p.state.saw_done
+
+
+def test_what_stays_pending_is_bounded_after_complete_events_too() -> None:
+    # found by fuzzing: the limit was checked only for chunks without an event boundary
+    p = SSEParser(include_usage=True)
+    with pytest.raises(UpstreamProtocolError):
+        p.feed(TOK[0] + b"data: {" + b"x" * MAX_EVENT_BYTES, 0.0)
+    assert len(p.pending) <= MAX_EVENT_BYTES
+
+
+def _event(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+CHUNK_SHAPES = [
+    {"choices": [{"index": 0, "delta": {"content": " tok"}}]},
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+    {"choices": [{"index": 0, "text": " t", "logprobs": None}]},
+    {"choices": [{"index": 0, "text": ""}]},
+    {"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]},
+    {"choices": [{"index": 0, "delta": {"reasoning": "hm"}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\""}}]}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": []}}]},
+    {"choices": [{"index": 0, "delta": {"content": "\"content\":\"x"}}]},  # looks like a key, is a value
+    {"choices": [{"index": 0, "delta": {"content": None},
+                  "logprobs": {"content": [{"token": "a", "logprob": -1.0}]}}]},
+    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}},
+]
+
+
+@pytest.mark.parametrize("shape", CHUNK_SHAPES)
+def test_the_fast_path_after_the_first_token_sees_what_a_full_parse_sees(shape: dict[str, object]) -> None:
+    stream = _event({"choices": [{"index": 0, "delta": {"content": "first"}}]}) + _event(shape) * 3
+    fast, full = SSEParser(include_usage=False), SSEParser(include_usage=False, sink=lambda obj: None)
+    assert fast.feed(stream, 1.0) == full.feed(stream, 1.0)
+    assert fast.state.content_events == full.state.content_events
+    assert fast.state.usage == full.state.usage and fast.state.last_token == full.state.last_token
+
+
+@pytest.mark.parametrize("bad", [b'data: {"id": "broken", not json\n\n', b"data: [1, 2]\n\n", b'data: "x"\n\n'])
+def test_invalid_json_after_the_first_token_is_still_an_error(bad: bytes) -> None:
+    parser = SSEParser(include_usage=False)
+    parser.feed(_event({"choices": [{"index": 0, "delta": {"content": "first"}}]}), 1.0)
+    with pytest.raises(UpstreamProtocolError):
+        parser.feed(bad, 2.0)
