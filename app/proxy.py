@@ -240,7 +240,7 @@ class Proxy:
         snapshot = self.registry.snapshot
         info = snapshot.models.get(req.model)
         if info is None:
-            if any(req.model in w.models for w in snapshot.workers):
+            if any(req.model in w.models or req.model in w.expected_models for w in snapshot.workers):
                 rec.model = req.model
                 raise NoWorkerAvailable(f"no worker serving '{req.model}' is ready yet", retry_after=5)
             raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")

@@ -3,6 +3,7 @@ forwarding headers), and what the gateway sends on to workers — over real sock
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ def worker() -> Iterator[ThreadedFakeWorker]:
 @pytest.fixture(scope="module")
 def gw(worker: ThreadedFakeWorker) -> Iterator[Any]:
     settings = Settings(upstream=[worker.url], discovery_interval=60.0, header_timeout=1.0, body_timeout=1.0,
-                        max_header_bytes=8192, max_headers=40)
+                        max_header_bytes=8192, max_headers=40, max_body_bytes=2 * 1024 * 1024)
     with run_gateway(settings, ready_timeout=20) as gw:
         yield gw
 
@@ -151,7 +152,7 @@ def test_a_huge_header_trickled_in_pieces_is_refused_before_it_ends(gw: Any) -> 
 
 
 def test_large_bodies_and_many_ordinary_headers_are_fine(gw: Any) -> None:
-    big = {**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}  # 1 MB in one write
+    big = {**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}  # 1 MB in one write, under 2 MiB
     headers = {f"x-app-{i}": "v" for i in range(30)}
     r = httpx.post(gw.base + "/chat/completions", json=big, headers=headers, timeout=30)
     assert r.status_code in (200, 400), r.text  # served, or refused by the context cap: not by the server
@@ -226,3 +227,37 @@ def test_metric_labels_never_come_from_user_input(gw: Any) -> None:
         t.join()
     after = series()
     assert after - before < 20, f"{after - before} new series from 400 requests with random model/region names"
+
+
+def test_a_declared_body_over_the_limit_is_413_before_it_is_sent(gw: Any, worker: ThreadedFakeWorker) -> None:
+    before = worker.stats.requests
+    sock = connect(gw)
+    sock.sendall(head(length=3 * 1024 * 1024))  # the headers only: the answer must not wait for the body
+    response = read_all(sock, 5)
+    sock.close()
+    status, err = error_of(response)
+    assert status == 413 and err["code"] == "request_too_large"
+    assert worker.stats.requests == before
+
+
+def test_a_chunked_body_over_the_limit_is_413_while_it_is_still_arriving(gw: Any) -> None:
+    sock = connect(gw)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"transfer-encoding: chunked\r\n\r\n")
+    piece = b"x" * (256 * 1024)
+    sent = 0
+    answered = False
+    while sent < 32 * 1024 * 1024:  # never terminated: only the limit can end this
+        try:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += len(piece)
+        if select.select([sock], [], [], 0)[0]:
+            answered = True
+            break
+    response = read_all(sock, 5)
+    sock.close()
+    assert answered or response
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert sent <= 2 * 1024 * 1024 + 4 * len(piece)  # refused near the limit, not after buffering it all

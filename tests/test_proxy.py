@@ -369,3 +369,43 @@ def test_a_client_that_stops_reading_is_dropped_and_the_worker_request_aborted(w
         sock.close()
         worker.options.token_delay = 0.0
         assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 200
+
+
+def test_caps_hold_exactly_under_concurrent_load(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Checklist 15 under load: 150 concurrent requests of three kinds against a 256-token window, counted with
+    the model's own tokenizer (the fake worker reports a real model root, so the gateway counts locally)."""
+    from app.tinymodel import build_tiny_model
+    from app.tokenizer import LocalTokenizer
+
+    root = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    tok = LocalTokenizer(root)
+
+    def prompt_tokens(text: str) -> int:
+        return tok.count(tok.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+
+    short, near, over = "hello there", "word " * 40, "word " * 400
+    n_near = prompt_tokens(near)
+    assert n_near + 200 > 256 and prompt_tokens(over) > 256
+    with ThreadedFakeWorker(root=str(root), max_model_len=256, record=True) as w, gateway(w) as gw:
+        async def one(client: httpx.AsyncClient, kind: str) -> tuple[str, httpx.Response]:
+            text = {"short": short, "near": near, "over": over}[kind]
+            body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 200,
+                    "stream": False}
+            return kind, await client.post(gw.base + "/chat/completions", json=body)
+
+        async def run() -> list[tuple[str, httpx.Response]]:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+                return await asyncio.gather(*(one(client, ("short", "near", "over")[i % 3]) for i in range(150)))
+
+        results = asyncio.run(run())
+    for kind, r in results:
+        if kind == "over":
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        elif kind == "near":
+            assert r.status_code == 200 and r.headers["x-tokengate-max-tokens-clamped"] == "200"
+            assert r.json()["usage"]["completion_tokens"] == 256 - n_near
+        else:
+            assert r.status_code == 200 and "x-tokengate-max-tokens-clamped" not in r.headers
+            assert r.json()["usage"]["completion_tokens"] == 200
+    sent = [req.json()["max_tokens"] for req in w.received if req.path == "/v1/chat/completions"]
+    assert set(sent) == {200, 256 - n_near}  # nothing over the window ever reached the worker

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,13 @@ class RunningGateway:
 
 @contextlib.contextmanager
 def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), wait_ready: bool = True,
-                ready_timeout: float = 240.0) -> Iterator[RunningGateway]:
-    """create_app(settings) served by uvicorn on 127.0.0.1:<free port> in a background thread."""
+                ready_timeout: float = 240.0, before_start: Callable[[AppState], None] | None = None
+                ) -> Iterator[RunningGateway]:
+    """create_app(settings) served by uvicorn on 127.0.0.1:<free port> in a background thread. ``before_start``
+    may tune the app's state (e.g. the supervisor's backoff) before the lifespan starts anything."""
     app = create_app(settings.model_copy(update={"port": 0}), worker_specs=worker_specs)
+    if before_start is not None:
+        before_start(app.state.tokengate)
     config = server_config(app, settings.model_copy(update={"host": "127.0.0.1", "port": 0}),
                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -86,6 +86,8 @@ class HealthChecker:
         return None
 
     async def check(self, worker: Worker) -> None:
+        if worker.process_down:
+            return  # not ready, and "exited (-9), restarting" says more than "connection refused" would
         was_ready = worker.ready
         try:
             status, _ = await self._get(worker, "/health")
@@ -109,6 +111,8 @@ class HealthChecker:
             self._set(worker, False, f"unreachable: {exc}")
 
     def _set(self, worker: Worker, ready: bool, reason: str, models: dict[str, ModelInfo] | None = None) -> None:
+        if worker.process_down:
+            return  # it exited while this check was under way
         changed = worker.ready != ready
         self.registry.update(worker, ready=ready, reason=reason, models=models)
         self.metrics.worker_up.labels(worker.region, worker.preset, worker.name).set(1 if ready else 0)

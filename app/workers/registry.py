@@ -34,6 +34,8 @@ class Worker:
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (until it says otherwise)
+    process_down: bool = False  # a managed worker whose process is not running: its supervisor gives the reason
+    expected_models: frozenset[str] = frozenset()  # what a managed worker will serve once ready
     origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,9 +1,11 @@
 """Launches, watches, restarts and stops managed vLLM worker processes. Never imported by request code.
 
 Each worker runs in its own process group (its engine children too) and is told to die with the gateway
-(``PR_SET_PDEATHSIG``), so no worker outlives us even when we are killed with SIGKILL.  A worker that exits is
-restarted after a backoff that doubles from ``backoff_base`` to ``backoff_max`` and resets once it stayed up
-for ``healthy_after`` seconds; while it is down it is out of rotation (the health checker sees it fail).
+(``PR_SET_PDEATHSIG``).  That signal reaches the worker only, not vLLM's engine processes under it, so a small
+janitor process (its own session, no state but the worker groups it is told about) kills the groups when its
+pipe from the gateway closes: no worker process outlives us even when we are killed with SIGKILL.  A worker that
+exits is restarted after a backoff that doubles from ``backoff_base`` to ``backoff_max`` and resets once it
+stayed up for ``healthy_after`` seconds; while it is down it is out of rotation, with the supervisor's reason.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,18 @@ from .registry import Registry, Worker
 
 log = logging.getLogger("tokengate.supervisor")
 _PR_SET_PDEATHSIG = 1
+# "+PGID" / "-PGID" lines on stdin; end of input (the gateway exited or was killed) kills every group still known
+_JANITOR = """\
+import os, signal, sys
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +70,14 @@ class _Managed:
     exits: list[int] = field(default_factory=list)
 
 
+def _served_names(argv: tuple[str, ...]) -> frozenset[str]:
+    """The model names a vLLM command line will serve (--served-model-name, else --model)."""
+    for flag in ("--served-model-name", "--model"):
+        if flag in argv[:-1]:
+            return frozenset({argv[argv.index(flag) + 1]})
+    return frozenset()
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -75,10 +98,12 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.on_start = on_start
         self._managed = [
-            _Managed(s, Worker(name=s.name, url=s.url, region=s.region, preset=s.preset, api_key=s.api_key))
+            _Managed(s, Worker(name=s.name, url=s.url, region=s.region, preset=s.preset, api_key=s.api_key,
+                               expected_models=_served_names(s.argv)))
             for s in specs
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self._janitor: subprocess.Popen[str] | None = None
 
     @property
     def managed(self) -> list[_Managed]:
@@ -100,6 +125,7 @@ class Supervisor:
         return [m.proc.pid for m in self._managed if m.proc is not None and m.proc.returncode is None]
 
     async def start(self) -> None:
+        self._start_janitor()
         for m in self._managed:
             m.worker.reason = "starting"
             self.registry.add(m.worker)
@@ -121,6 +147,8 @@ class Supervisor:
         finally:
             logf.close()
         m.started_at = time.monotonic()
+        m.worker.process_down = False
+        self._tell_janitor(f"+{m.proc.pid}")
         log.info("worker %s started (pid %d, port %d), log: %s", spec.name, m.proc.pid, spec.port, spec.log_path)
         if self.on_start is not None:
             self.on_start()
@@ -139,11 +167,13 @@ class Supervisor:
                 if m.stopping:
                     return
                 log.warning("worker %s exited with %s", m.spec.name, code)
+            m.worker.process_down = True
             self.registry.update(m.worker, ready=False, reason=f"exited ({m.exits[-1]}), restarting")
             self.metrics.worker_up.labels(m.spec.region, m.spec.preset, m.spec.name).set(0)
-            with contextlib.suppress(ProcessLookupError):
-                if m.proc is not None:
+            if m.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(m.proc.pid, signal.SIGKILL)  # engine children of a dead server
+                self._tell_janitor(f"-{m.proc.pid}")
             up_for = time.monotonic() - m.started_at
             m.failures_in_row = 1 if up_for >= self.healthy_after else m.failures_in_row + 1
             delay = min(self.backoff_max, self.backoff_base * 2 ** (m.failures_in_row - 1))
@@ -158,6 +188,7 @@ class Supervisor:
         """TERM every worker's process group, wait, then KILL what is left."""
         for m in self._managed:
             m.stopping = True
+            m.worker.process_down = True
             self.registry.update(m.worker, ready=False, reason="stopping")
         for task in self._tasks:
             if not task.done():
@@ -177,4 +208,37 @@ class Supervisor:
                 os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 await asyncio.wait_for(p.wait(), 5)
+            self._tell_janitor(f"-{p.pid}")
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_janitor()
+
+    def _start_janitor(self) -> None:
+        try:
+            self._janitor = subprocess.Popen([sys.executable, "-I", "-c", _JANITOR], stdin=subprocess.PIPE,
+                                             stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+        except OSError as exc:
+            log.warning("no janitor process (%s): if the gateway is killed, engine processes may outlive it", exc)
+
+    def _tell_janitor(self, line: str) -> None:
+        j = self._janitor
+        if j is None or j.stdin is None:
+            return
+        try:
+            j.stdin.write(line + "\n")
+            j.stdin.flush()
+        except OSError as exc:  # it died: workers still die with the gateway, their engine children may not
+            log.warning("janitor process gone (%s)", exc)
+            self._janitor = None
+
+    async def _stop_janitor(self) -> None:
+        j, self._janitor = self._janitor, None
+        if j is None:
+            return
+        with contextlib.suppress(OSError):
+            if j.stdin is not None:
+                j.stdin.close()  # its cue: every group it still knows is gone already
+        try:
+            await asyncio.to_thread(j.wait, 5)
+        except subprocess.TimeoutExpired:
+            j.kill()
+            await asyncio.to_thread(j.wait)
