@@ -370,24 +370,26 @@ class Proxy:
                 first = await resp.next_chunk(s.read_timeout) if req.upstream_stream else None
                 self.registry.record_success(worker)
                 return first
-            except UpstreamStatus as exc:
-                self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
-                if exc.passthrough_status not in _RETRIABLE_STATUS:
-                    raise
-                self.registry.record_failure(worker)
-                last = exc
-            except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
+            except (UpstreamStatus, UpstreamError) as exc:
                 if ctx.resp is not None:
                     ctx.resp.abort()
                     ctx.resp = None
-                self.registry.record_failure(worker)
-                if isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout":
-                    raise  # the worker may still be working on it: don't send the same request twice
+                self._worker_failed(worker, exc)
                 last = exc
         if last is not None:
             raise last
         raise NoWorkerAvailable(f"no ready worker for '{req.model}'", retry_after=2)
+
+    def _worker_failed(self, worker: Worker, exc: UpstreamStatus | UpstreamError) -> None:
+        """A worker failed before the first byte: count it against the worker, and raise when no other worker may
+        be tried — the worker's own refusal of this request, or a timeout after the request was sent (the worker
+        may still be working on it: never send the same request twice)."""
+        self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
+        if isinstance(exc, UpstreamStatus) and exc.passthrough_status not in _RETRIABLE_STATUS:
+            raise exc
+        self.registry.record_failure(worker)
+        if isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout":
+            raise exc
 
     async def _remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:
         """A worker's own prompt count; a worker that can't be reached is skipped (and counted against), like a
@@ -401,20 +403,10 @@ class Proxy:
                 break
             tried.append(worker)
             try:
-                count = await self.calls.count_tokens(worker, payload)
-            except UpstreamStatus as exc:
-                if exc.passthrough_status not in _RETRIABLE_STATUS:
-                    raise
-                self.registry.record_failure(worker)
+                return await self.calls.count_tokens(worker, payload)
+            except (UpstreamStatus, UpstreamError) as exc:
+                self._worker_failed(worker, exc)
                 last = exc
-            except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
-                self.registry.record_failure(worker)
-                if isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout":
-                    raise
-                last = exc
-            else:
-                return count
         if last is not None:
             raise last
         raise NoWorkerAvailable(f"no ready worker for '{payload.get('model')}'", retry_after=2)

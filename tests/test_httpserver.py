@@ -248,9 +248,13 @@ def test_a_chunked_body_over_the_limit_is_413_while_it_is_still_arriving(gw: Any
     sent = 0
     answered = False
     while sent < 32 * 1024 * 1024:  # never terminated: only the limit can end this
+        if select.select([sock], [], [], 0.002)[0]:  # the answer is there: stop before a reset could drop it
+            answered = True
+            break
         try:
             sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError):  # refused and closed while we were still sending
+            answered = True
             break
         sent += len(piece)
         if select.select([sock], [], [], 0)[0]:
@@ -258,6 +262,7 @@ def test_a_chunked_body_over_the_limit_is_413_while_it_is_still_arriving(gw: Any
             break
     response = read_all(sock, 5)
     sock.close()
-    assert answered or response
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
-    assert sent <= 2 * 1024 * 1024 + 4 * len(piece)  # refused near the limit, not after buffering it all
+    # answered while the body was still coming: not after it ended (it never does). What the client got to send
+    # before it noticed includes what the kernel buffers on the way (a few MiB on loopback), never all 32 MiB
+    assert answered and sent < 16 * 1024 * 1024
