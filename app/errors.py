@@ -12,6 +12,7 @@
     ├── RequestTimeout                 408 code=request_timeout     (body not received in time)
     ├── RateLimited                    429 rate_limit_error        (Retry-After)
     ├── NoWorkerAvailable              503 code=no_worker_available (Retry-After)
+    ├── GatewayOverloaded              503 code=gateway_overloaded  (Retry-After; out of file descriptors)
     ├── UpstreamError                  502 code=worker_unreachable / bad_worker_response
     │   └── UpstreamTimeout            504 code=worker_timeout
     └── UpstreamStatus                 the worker's own status and OpenAI-shaped body, passed through
@@ -127,6 +128,14 @@ class NoWorkerAvailable(_RetryAfter):
     status = 503
     type = "server_error"
     code = "no_worker_available"
+
+
+class GatewayOverloaded(_RetryAfter):
+    """The gateway itself ran out of something (file descriptors): not the worker's fault."""
+
+    status = 503
+    type = "server_error"
+    code = "gateway_overloaded"
 
 
 class UpstreamError(GatewayError):

@@ -146,7 +146,7 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "lifespan": "on", "log_level": settings.log_level, "access_log": settings.access_log,
         "timeout_graceful_shutdown": max(1, int(settings.drain_timeout)), "server_header": False,
         "proxy_headers": bool(trusted), "forwarded_allow_ips": ",".join(trusted) if trusted else None,
-        "timeout_keep_alive": 5,
+        "timeout_keep_alive": 5, "backlog": 4096,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)

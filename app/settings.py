@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="proxies whose X-Forwarded-* headers are trusted (default: none)"
     )
-    tokenize_offloop_bytes: int = Field(16 * 1024, ge=0, description="prompts larger than this tokenise in a thread")
+    tokenize_offloop_bytes: int = Field(4 * 1024, ge=0, description="prompts larger than this tokenise in a thread "
+                                                                    "(4 KiB: at most ~2 ms of tokenising on the loop)")
 
     # tenancy and admission
     keys_file: Path | None = Field(None, description="API keys (hashes) and per-key limits; unset: OPEN mode")
@@ -122,6 +123,7 @@ class Settings(BaseSettings):
     allow_unknown_fields: bool = False
     allow_remote_media: bool = False
 
+    gc_freeze: bool = Field(True, description="move start-up objects out of the garbage collector's reach")
     admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False

@@ -158,7 +158,11 @@ class LocalTokenizer:
         return len(text.encode("utf-8", "surrogatepass")) + extra + self._bound_slack
 
     def count(self, text: str, *, add_special_tokens: bool) -> int:
-        return len(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch_fast skips the offsets (a third of the time of encode for a long prompt)
+        fast = getattr(self._tok, "encode_batch_fast", None)
+        if fast is not None:
+            return len(fast([text], add_special_tokens=add_special_tokens)[0])
+        return len(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -12,6 +12,7 @@ Flow control both ways: a response whose reader falls behind pauses the socket (
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl as ssl_module
 import time
 from collections import deque
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import GatewayOverloaded, UpstreamError, UpstreamTimeout
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
@@ -298,6 +299,9 @@ class UpstreamPool:
                 code="worker_connect_timeout",
             ) from exc
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the worker's: say so, don't blame it
+                raise GatewayOverloaded("the gateway has no file descriptors left for a worker connection "
+                                        "(raise its open-file limit, or add gateway replicas)", retry_after=1) from exc
             raise UpstreamError(f"worker {origin.host}:{origin.port} unreachable: {exc.strerror or exc}") from exc
         self._all.add(proto)
         return proto

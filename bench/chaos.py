@@ -59,10 +59,16 @@ def _free_port() -> int:
 
 
 def raise_fd_limit(n: int = 65536) -> None:
+    """Raise this process's (and so its children's) open-file limit to ``n``: the hard limit too, where allowed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = n if hard == resource.RLIM_INFINITY else min(n, hard)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if hard != resource.RLIM_INFINITY and hard < n:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+            return
+        except (ValueError, OSError):  # not privileged: as far as the hard limit goes
+            n = hard
+    if soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
 @dataclass
@@ -87,9 +93,10 @@ class Stack:
             log.close()
 
 
-def start_stack(*, ttft: float, token_delay: float, tokens: int, log_dir: Path) -> Stack:
+def start_stack(*, ttft: float, token_delay: float, tokens: int, log_dir: Path, n_workers: int = 2,
+                extra: tuple[str, ...] = ()) -> Stack:
     workers, urls, logs = [], [], []
-    for i in range(2):
+    for i in range(n_workers):
         port = _free_port()
         log = open(log_dir / f"chaos-worker{i}.log", "wb")  # noqa: SIM115
         logs.append(log)
@@ -103,14 +110,14 @@ def start_stack(*, ttft: float, token_delay: float, tokens: int, log_dir: Path) 
     logs.append(log)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--upstream", *urls, "--port", str(port), "--log-level",
-         "warning", "--queue-size", "100000", "--worker-concurrency", "100000"],
+         "warning", "--queue-size", "100000", "--worker-concurrency", "100000", *extra],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENGATE_DISCOVERY_INTERVAL": "1"})
     stack = Stack(workers, urls, gateway, f"http://127.0.0.1:{port}", logs)
     deadline = time.monotonic() + 60
     while True:
         try:
             doc = httpx.get(stack.url + "/readyz", timeout=2).json()
-            if sum(w["ready"] for w in doc["workers"]) == 2:
+            if sum(w["ready"] for w in doc["workers"]) == n_workers:
                 return stack
         except (httpx.HTTPError, ValueError):
             pass

@@ -6,6 +6,7 @@ import pytest
 from app.errors import (
     ContextLengthExceeded,
     GatewayError,
+    GatewayOverloaded,
     ModelNotFound,
     NoWorkerAvailable,
     RateLimited,
@@ -25,6 +26,7 @@ from app.errors import (
         (UpstreamError("x"), 502, "server_error", "worker_unreachable"),
         (UpstreamTimeout("x"), 504, "server_error", "worker_timeout"),
         (NoWorkerAvailable("x", retry_after=3), 503, "server_error", "no_worker_available"),
+        (GatewayOverloaded("x", retry_after=1), 503, "server_error", "gateway_overloaded"),
         (GatewayError("x"), 500, "server_error", "internal_error"),
     ],
 )

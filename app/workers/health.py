@@ -2,7 +2,8 @@
 
 A worker is ready when ``/health`` answers 200, ``/v1/models`` lists what it serves, and — on every transition
 to ready — a real 1-token generation succeeds (a worker can answer /health while its engine cannot generate).
-Checks run concurrently every ``interval`` seconds; a worker that fails them leaves rotation at once.
+Checks run concurrently every ``interval`` seconds; a worker that fails them leaves rotation at once — unless it
+was ready and only answered late (a busy worker): then after three late checks in a row.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 
 import orjson
 
-from ..errors import GatewayError
+from ..errors import GatewayError, GatewayOverloaded, UpstreamTimeout
 from ..metrics import GatewayMetrics
 from ..tokenizer import TokenizerStore
 from ..upstream import UpstreamPool
 from .registry import ModelInfo, Registry, Worker
 
 log = logging.getLogger("tokengate.health")
+SLOW_CHECKS_TO_FAIL = 3
 
 
 class HealthChecker:
@@ -107,8 +109,21 @@ class HealthChecker:
             for info in models.values():
                 await self.tokenizers.ensure(info.id, info.root)
             self._set(worker, True, "ready", models)
+        except GatewayOverloaded as exc:  # the gateway's own limit: the worker is not to blame
+            log.error("health check of worker %s skipped: %s", worker.name, exc)
+        except UpstreamTimeout as exc:
+            # slow is not down: a worker busy with thousands of streams may answer its health check late. A ready
+            # worker leaves rotation after SLOW_CHECKS_TO_FAIL slow checks in a row, not on the first
+            worker.slow_checks += 1
+            if was_ready and worker.slow_checks < SLOW_CHECKS_TO_FAIL:
+                log.warning("worker %s answered its health check late (%d in a row): %s", worker.name,
+                            worker.slow_checks, exc)
+                return
+            self._set(worker, False, f"unreachable: {exc}")
         except (GatewayError, OSError, orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
             self._set(worker, False, f"unreachable: {exc}")
+        else:
+            worker.slow_checks = 0
 
     def _set(self, worker: Worker, ready: bool, reason: str, models: dict[str, ModelInfo] | None = None) -> None:
         if worker.process_down:
@@ -116,8 +131,9 @@ class HealthChecker:
         changed = worker.ready != ready
         self.registry.update(worker, ready=ready, reason=reason, models=models)
         self.metrics.worker_up.labels(worker.region, worker.preset, worker.name).set(1 if ready else 0)
-        if changed:
-            log.info("worker %s is %s (%s)", worker.name, "ready" if ready else "not ready", reason)
+        if changed:  # leaving rotation is worth a warning; joining it is routine
+            log.log(logging.INFO if ready else logging.WARNING, "worker %s is %s (%s)", worker.name,
+                    "ready" if ready else "not ready", reason)
             if self.on_change is not None:
                 self.on_change(worker)
 

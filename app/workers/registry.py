@@ -36,6 +36,7 @@ class Worker:
     explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (until it says otherwise)
     process_down: bool = False  # a managed worker whose process is not running: its supervisor gives the reason
     expected_models: frozenset[str] = frozenset()  # what a managed worker will serve once ready
+    slow_checks: int = 0  # health checks in a row that timed out
     origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,79 @@
+"""Health checks against a worker that is slow, then gone: late answers from a busy worker do not take it out of
+rotation at once; a refused connection does."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from app.metrics import GatewayMetrics
+from app.tokenizer import TokenizerStore
+from app.upstream import UpstreamPool
+from app.workers.health import SLOW_CHECKS_TO_FAIL, HealthChecker
+from app.workers.registry import Registry, Worker
+from bench.fakeworker import FakeWorker
+
+
+class _SlowHealth:
+    """A TCP front that delays /health by ``delay`` seconds, passing everything else to the fake worker."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.delay = 0.0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, first: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if first and b"GET /health" in data and self.delay:
+                        await asyncio.sleep(self.delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, True), pipe(up_r, writer, False))
+
+
+async def _scenario() -> list[tuple[bool, str]]:
+    async with FakeWorker() as fake:
+        front = _SlowHealth(int(fake.url.rsplit(":", 1)[1]))
+        server = await asyncio.start_server(front.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        registry = Registry()
+        worker = Worker(name="w", url=f"http://127.0.0.1:{port}")
+        registry.add(worker)
+        pool = UpstreamPool(idle_ttl=0.0)
+        checker = HealthChecker(registry, pool, GatewayMetrics(CollectorRegistry()), TokenizerStore(),
+                                timeout=0.2)
+        seen: list[tuple[bool, str]] = []
+        await checker.check(worker)
+        seen.append((worker.ready, worker.reason))
+        front.delay = 0.5  # busy: every health check answers late
+        for _ in range(SLOW_CHECKS_TO_FAIL):
+            await checker.check(worker)
+            seen.append((worker.ready, worker.reason))
+        front.delay = 0.0
+        await checker.check(worker)  # back: ready again after its probe
+        seen.append((worker.ready, worker.reason))
+        server.close()
+        await server.wait_closed()
+        await checker.check(worker)  # gone: refused at once
+        seen.append((worker.ready, worker.reason))
+        await pool.close()
+        return seen
+
+
+def test_late_health_answers_need_several_in_a_row_a_refusal_does_not() -> None:
+    seen = asyncio.run(_scenario())
+    assert seen[0] == (True, "ready")
+    slow = seen[1:1 + SLOW_CHECKS_TO_FAIL]
+    assert [ready for ready, _ in slow] == [True] * (SLOW_CHECKS_TO_FAIL - 1) + [False]
+    assert "unreachable" in slow[-1][1]
+    assert seen[-2] == (True, "ready")
+    assert seen[-1][0] is False and "unreachable" in seen[-1][1]
