@@ -81,10 +81,11 @@ def _pinned(cmd: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd]
 
 
-def spawn(cmd: list[str], cpu: int | None, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(cmd: list[str], cpu: int | None, log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as f:
         return subprocess.Popen(_pinned(cmd, cpu), stdout=f, stderr=subprocess.STDOUT, preexec_fn=raise_nofile,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=env, cwd=cwd)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"timestamp": stamp, "gateway_cmd": a.gateway_cmd, "rounds": a.rounds, "round_seconds": a.round_seconds,
             "warmup_seconds": a.warmup_seconds, "concurrency": a.concurrency, "pinned": not a.no_pin,
             "gateway_cpu": a.gateway_cpu, "client_cpu": a.client_cpu, "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(), "python": platform.python_version(),
+            "cpu_model": cpu_model(), "python": platform.python_version(),
             "ttft_definition": "send -> first SSE event with non-empty content",
             "percentiles": "pooled over rounds; added = gateway minus direct"}
     out = a.out / f"overhead-{stamp}.json"
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwritten: {out}")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -82,13 +82,29 @@ class PeerUnavailable(RuntimeError):
     pass
 
 
-def tokengate(port: int, upstream: str, extra: list[str] | None = None) -> Launch:
+def tokengate(port: int, upstream: str, extra: list[str] | None = None, src: Path | None = None) -> Launch:
+    """The project venv's ``tokengate``; with ``src``, the ``app`` package in that directory instead (see
+    ``export_tokengate``), run by the same interpreter."""
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", upstream, "--log-level", "warning",
+            *(extra or [])]
+    if src is not None:
+        env = dict(os.environ, PYTHONPATH=str(src))
+        return Launch([sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", *args],
+                      "/readyz", env, src)
     exe = Path(sys.prefix) / "bin" / "tokengate"
     if not exe.exists():
         raise PeerUnavailable(f"{exe} not found (run from the project venv: `make run` / pip install -e .)")
-    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", upstream,
-           "--log-level", "warning", *(extra or [])]
-    return Launch(cmd, "/readyz")
+    return Launch([str(exe), *args], "/readyz")
+
+
+def export_tokengate(rev: str, dest: Path) -> Path:
+    """``app/`` and ``presets/`` as of git revision ``rev`` into ``dest`` (to measure a commit, not the working tree,
+    without touching the checkout)."""
+    repo = BENCH.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev, "app", "presets"], cwd=repo, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
 
 
 def vllm_router(port: int, upstream: str, prometheus_port: int) -> Launch:
@@ -115,8 +131,10 @@ def litellm(port: int, models: dict[str, str], workdir: Path) -> Launch:
     cfg = workdir / "litellm.yaml"
     cfg.write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in _LITELLM_DROP_ENV}
+    # LITELLM_LOG=WARNING also sets uvicorn's log level, so no access line per request (the other arms log at
+    # warning too); unset, LiteLLM's handler defaults to DEBUG and uvicorn logs every request
     env.update(LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY="true", LITELLM_TELEMETRY="False",
-               LITELLM_LOCAL_MODEL_COST_MAP="True")
+               LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="WARNING")
     cmd = [str(exe), "--config", str(cfg), "--num_workers", "1", "--host", "127.0.0.1", "--port", str(port)]
     return Launch(cmd, "/health/liveliness", env, workdir)
 
