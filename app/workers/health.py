@@ -47,8 +47,11 @@ class HealthChecker:
         while True:
             await self.check_all()
             self._wake.clear()
+            # a worker on its way up (starting, or back from a crash) is checked every second: it takes traffic
+            # as soon as it can, not up to a whole interval later
+            waiting = any(not w.ready and not w.process_down for w in self.registry.workers())
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), min(self.interval, 1.0) if waiting else self.interval)
             except TimeoutError:
                 pass
 
