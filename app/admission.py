@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .errors import GatewayError, NoWorkerAvailable, RateLimited
@@ -70,6 +70,12 @@ class AdmissionController:
         self._queued = 0
         self._hold: float | None = None  # moving mean of how long a slot is held
         self._closed: str | None = None
+        self.on_queue: Callable[[int], None] | None = None  # told the queue length whenever it changes
+
+    def _set_queued(self, n: int) -> None:
+        self._queued = n
+        if self.on_queue is not None:
+            self.on_queue(n)
 
     @property
     def in_flight(self) -> int:
@@ -115,7 +121,7 @@ class AdmissionController:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), priority, now)
         self._queues.setdefault(priority, deque()).append(waiter)
-        self._queued += 1
+        self._set_queued(self._queued + 1)
         wait = self.queue_timeout if timeout is None else timeout
         timer = loop.call_later(wait, self._expire, waiter, wait)
         try:
@@ -139,7 +145,7 @@ class AdmissionController:
                 if not waiter.fut.done():
                     waiter.fut.set_exception(NoWorkerAvailable(message, retry_after=5, code="shutting_down"))
         self._queues.clear()
-        self._queued = 0
+        self._set_queued(0)
 
     def _release(self, slot: Slot) -> None:
         now = time.monotonic()
@@ -170,7 +176,7 @@ class AdmissionController:
         best = max(p for p, q in self._queues.items() if q)
         queue = self._queues[best]
         waiter = queue.popleft()
-        self._queued -= 1
+        self._set_queued(self._queued - 1)
         if not queue:
             del self._queues[best]
         return waiter
@@ -189,7 +195,7 @@ class AdmissionController:
             queue.remove(waiter)
         except ValueError:
             return
-        self._queued -= 1
+        self._set_queued(self._queued - 1)
         if not queue:
             del self._queues[waiter.priority]
 

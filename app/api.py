@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .errors import AuthenticationFailed, ModelNotFound, PermissionDenied
 from .state import AppState
@@ -112,4 +114,9 @@ async def worker_log(name: str, request: Request, state: State,
 
 @router.get("/metrics", tags=["ops"])
 async def metrics(state: State) -> Response:
+    """Prometheus text. With --workers N, every process's values, summed (prometheus-client multiprocess mode)."""
+    if state.settings.workers > 1 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(state.prom_registry), media_type=CONTENT_TYPE_LATEST)

@@ -37,7 +37,7 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_c
                    "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
                    "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
-                   "header_timeout", "body_timeout", "write_timeout")
+                   "header_timeout", "body_timeout", "write_timeout", "workers")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -119,6 +119,9 @@ def _serve_parser(sub: Any) -> None:
                    help="time a client has to send its request headers (default 10) [TOKENGATE_HEADER_TIMEOUT]")
     p.add_argument("--body-timeout", type=float, metavar="S",
                    help="time a client has to send its request body (default 30) [TOKENGATE_BODY_TIMEOUT]")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="gateway processes sharing the port, metrics summed across them (external workers "
+                        "only; give them --redis for shared limits) [TOKENGATE_WORKERS]")
     p.add_argument("--write-timeout", type=float, metavar="S",
                    help="drop a stream whose client has not read for this long, aborting its worker request "
                         "(default 30) [TOKENGATE_WRITE_TIMEOUT]")
@@ -219,6 +222,14 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     from .httpserver import server_config
     from .main import create_app
 
+    if settings.workers > 1:
+        if specs:
+            print("tokengate serve: --workers needs --upstream: managed workers are supervised by one gateway "
+                  "process (run one gateway with managed workers, or several in front of external ones)",
+                  file=sys.stderr)
+            return 2
+        return _run_processes(settings)
+
     def on_ready(state: AppState) -> None:
         print(_examples(state), flush=True)
 
@@ -227,6 +238,33 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     server = DrainingServer(server_config(app, settings), state)
     server.run()
     return 0 if server.started else 1
+
+
+def _run_processes(settings: Settings) -> int:
+    """``--workers N``: N gateway processes accepting on one socket (uvicorn's multiprocess supervisor), each
+    built by ``app.main:app_from_env`` from these settings; metrics summed across them through
+    prometheus-client's multiprocess mode (a fresh directory of per-process files, removed at the end)."""
+    import os
+    import shutil
+    import tempfile
+
+    from uvicorn.supervisors import Multiprocess
+
+    from .httpserver import PROTOCOL_PATH, server_config
+    from .main import SETTINGS_ENV
+
+    metrics_dir = tempfile.mkdtemp(prefix="tokengate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    try:
+        config = server_config("app.main:app_from_env", settings, factory=True, workers=settings.workers,
+                               http=PROTOCOL_PATH)
+        sock = config.bind_socket()
+        log.info("tokengate: %d gateway processes on http://%s:%d", settings.workers, settings.host, settings.port)
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
 
 
 class DrainingServer(uvicorn.Server):

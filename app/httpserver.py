@@ -130,6 +130,17 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             self._arm()  # the keep-alive idle timer runs too; the header deadline covers a slow next request
 
 
+def configure_protocol(settings: Settings) -> None:
+    """Set the limits on the protocol class itself: a gateway process started by uvicorn's multiprocess
+    supervisor imports the class by name (a class made per settings does not cross a process spawn)."""
+    HardenedHttpToolsProtocol.header_timeout = settings.header_timeout
+    HardenedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
+    HardenedHttpToolsProtocol.max_headers = settings.max_headers
+
+
+PROTOCOL_PATH = "app.httpserver:HardenedHttpToolsProtocol"
+
+
 def protocol_class(settings: Settings) -> type[HardenedHttpToolsProtocol]:
     return type("TokengateHttpProtocol", (HardenedHttpToolsProtocol,), {
         "header_timeout": settings.header_timeout,

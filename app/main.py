@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,9 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
         if isinstance(limiter, RedisLimiter):
             await limiter.ping()  # fail at start, not on the first request
+        if settings.workers > 1 and not settings.redis_url and not keys.is_open:
+            log.warning("--workers %d without --redis: each gateway process enforces the per-key limits on its own "
+                        "(a key gets up to %d times its rpm/tpm/concurrency)", settings.workers, settings.workers)
         if settings.gc_freeze:
             # everything loaded so far (tokenizers, templates, pydantic models) lives as long as the process: keep
             # it out of the collector's full passes, which otherwise stall the loop for tens of ms under load
@@ -126,6 +130,10 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
             await pool.close()
             await limiter.aclose()
             executor.shutdown(wait=False, cancel_futures=True)
+            if settings.workers > 1 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # live gauges go
 
     app = GatewayApp(title="tokengate", version=__version__, lifespan=lifespan,
                      docs_url="/docs", redoc_url=None)
@@ -141,6 +149,23 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     document_generation_routes(app, policy)
     _install_error_handlers(app)
     return app
+
+
+SETTINGS_ENV = "TOKENGATE_SETTINGS_JSON"
+
+
+def app_from_env() -> FastAPI:
+    """One gateway process of ``tokengate serve --workers N``: the settings the parent resolved, from the
+    environment (uvicorn's multiprocess supervisor starts each process with this factory)."""
+    from .deployment import preset_caps
+    from .httpserver import configure_protocol
+    from .presets import builtin_presets_dir, load_catalog
+
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_protocol(settings)
+    catalog = load_catalog([builtin_presets_dir(), *settings.presets])
+    return create_app(settings, preset_caps=preset_caps(catalog), regions=set(catalog.regions))
 
 
 async def _announce(state: AppState, on_ready: Callable[[AppState], None] | None) -> None:

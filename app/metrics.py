@@ -86,7 +86,8 @@ class GatewayMetrics:
             WORKER_LABELS, registry=registry,
         )
         self.in_flight = Gauge(
-            "tokengate_requests_in_flight", "Requests being served, by worker.", WORKER_LABELS, registry=registry
+            "tokengate_requests_in_flight", "Requests being served, by worker.", WORKER_LABELS, registry=registry,
+            multiprocess_mode="livesum",
         )
         self.cap_clamps = Counter(
             "tokengate_cap_clamps", "Requests whose max_tokens the gateway lowered, by reason.",
@@ -119,7 +120,7 @@ class GatewayMetrics:
         )
         self.queue_depth = Gauge(
             "tokengate_queue_depth", "Requests waiting for admission to a worker pool.", ["model", "region"],
-            registry=registry,
+            registry=registry, multiprocess_mode="livesum",
         )
         self.admission_rejections = Counter(
             "tokengate_admission_rejections", "Requests refused by admission control: queue_full (429), "
@@ -127,7 +128,7 @@ class GatewayMetrics:
         )
         self.worker_up = Gauge(
             "tokengate_worker_up", "1 when the worker is ready and in rotation.",
-            ["region", "preset", "worker"], registry=registry,
+            ["region", "preset", "worker"], registry=registry, multiprocess_mode="livemax",
         )
         self.worker_restarts = Counter(
             "tokengate_worker_restarts", "Managed worker restarts after a crash.",

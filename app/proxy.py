@@ -308,14 +308,16 @@ class Proxy:
             await answer_unary(ctx, rec, send, metrics=self.metrics, read_timeout=s.read_timeout)
 
     def _gate(self, model: str, region: str, pool: tuple[Worker, ...]) -> AdmissionController:
-        """The admission controller of a worker pool, sized to the workers it has now."""
+        """The admission controller of a worker pool, sized to the workers it has now (with --workers N, each
+        gateway process takes its share)."""
         s = self.settings
-        capacity = max(1, len(pool) * s.worker_concurrency)
+        capacity = max(1, -(-len(pool) * s.worker_concurrency // s.workers))
         gate = self._admission.get((model, region))
         if gate is None:
-            gate = AdmissionController(capacity, s.queue_size, s.queue_timeout, name=f"{model}@{region}")
+            gate = AdmissionController(capacity, -(-s.queue_size // s.workers), s.queue_timeout,
+                                       name=f"{model}@{region}")
             self._admission[(model, region)] = gate
-            self.metrics.queue_depth.labels(model, region).set_function(lambda: gate.queued)
+            gate.on_queue = self.metrics.queue_depth.labels(model, region).set  # a value: multiprocess-safe
         elif gate.max_in_flight != capacity:
             gate.max_in_flight = capacity
         return gate

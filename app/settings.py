@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     allow_unknown_fields: bool = False
     allow_remote_media: bool = False
 
+    workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the port (external workers only)")
     gc_freeze: bool = Field(True, description="move start-up objects out of the garbage collector's reach")
     admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
