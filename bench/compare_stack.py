@@ -13,17 +13,7 @@ from pathlib import Path
 
 from bench import peers
 from bench.loadclient import Target, chat_body, run_closed
-from bench.overhead import free_port, spawn, stop, wait_http
-
-
-@dataclass(frozen=True)
-class Regime:
-    name: str
-    ttft: float
-    token_delay: float
-    tokens: int
-    about: str
-
+from bench.overhead import Regime, free_port, spawn, stop, wait_http
 
 REGIMES = {
     "paced": Regime("paced", 0.020, 0.010, 64, "worker 20 ms to first token, 10 ms/token, 64 tokens"),
