@@ -326,7 +326,9 @@ def test_tokens_streamed_before_a_disconnect_are_counted(engine: Engine) -> None
 
 def test_metrics_move_with_traffic(gw: RunningGateway) -> None:
     before = scrape(gw.url + "/metrics")
-    r = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=64, stream=True,
+    # 256 tokens: enough that they never all arrive in one read, even on a starved machine (tokens/s and
+    # inter-token latency need a first and a last token at different times)
+    r = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=256, stream=True,
                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     usage = [c.usage for c in r if c.usage][0]
     assert usage is not None
@@ -340,7 +342,7 @@ def test_metrics_move_with_traffic(gw: RunningGateway) -> None:
     assert delta("tokengate_output_tokens_per_second_count", route="chat") == 1
     assert delta("tokengate_inter_token_latency_seconds_count", route="chat") == 1
     assert delta("tokengate_e2e_latency_seconds_count", route="chat") == 1
-    assert delta("tokengate_completion_tokens_total") == usage.completion_tokens == 64
+    assert delta("tokengate_completion_tokens_total") == usage.completion_tokens == 256
     assert delta("tokengate_prompt_tokens_total") == usage.prompt_tokens
     assert metric_sum(after, "tokengate_requests_in_flight") == 0
 

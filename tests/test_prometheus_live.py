@@ -164,5 +164,7 @@ def test_advise_reads_this_prometheus(live: Live, capsys: pytest.CaptureFixture[
     assert (advice["region"], advice["preset"], advice["model"]) == ("local", "external", live.model)
     latest = advice["latest"]
     assert latest["ttft_p95"] > 0 and latest["request_rate"] > 0 and latest["kv_cache_usage"] is not None
-    assert latest["clamp_ratio"] == pytest.approx(0.25, abs=0.05)
+    # 6 clamped in 24: rate() extrapolates each series from its own first scrape, so the ratio of two rates over
+    # a window that holds only three rounds of traffic is near, not at, the ratio of the counts
+    assert latest["clamp_ratio"] == pytest.approx(0.25, abs=0.1)
     assert advice["verdict"] == "stay"  # no 5-minute-old baseline to compare with yet
