@@ -245,7 +245,8 @@ def test_ready_needs_a_real_generation_not_only_health() -> None:
         assert entry(doc, name)["reason"] == "1-token generation answered HTTP 500"
         assert entry(doc, name)["models"] == []  # never in rotation, so it serves nothing
         assert worker_up(gw.url, name) == 0
-        assert chat(gw.url).status_code in (404, 503)  # no ready worker: nothing serves the model yet
+        r = chat(gw.url)  # the model is known (from /v1/models), its only worker can't generate: 503, not 404
+        assert r.status_code == 503 and "retry-after" in r.headers, r.text
 
         w.options.status = None  # fixed: the next probe generates a token
         wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 200, 10, "worker ready once fixed")

@@ -104,6 +104,7 @@ class HealthChecker:
             models = _parse_models(orjson.loads(body))
             if not models:
                 return self._set(worker, False, "/v1/models lists no model")
+            worker.expected_models = frozenset(models)  # while it can't generate yet: 503 for these, not 404
             if not was_ready:
                 for mid in models:
                     problem = await self._probe(worker, mid)
