@@ -52,7 +52,6 @@ class Exchange:
     gauge: Any = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     sending_since: float = 0.0  # monotonic time a write to the client began and has not finished; 0: none
-    write_stalled: bool = False
 
 
 def error_kind(exc: GatewayError) -> str:

@@ -121,7 +121,7 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         finally:
             proxy.draining = True
             proxy.close_admission()
-            proxy.stop_watchdog()
+            proxy.watchdog.stop()
             for task in (health_task, sampler_task, ready_task):
                 if task is not None:
                     task.cancel()

@@ -44,6 +44,7 @@ from .routing import affinity_for, candidates, pick
 from .settings import Settings
 from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
+from .watchdog import WriteWatchdog
 from .worker_calls import WorkerCalls
 from .workers.registry import ModelInfo, Registry, Worker
 
@@ -78,8 +79,7 @@ class Proxy:
         self.calls = WorkerCalls(pool, timeout=settings.read_timeout)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
         self.draining = False
-        self._live: set[Exchange] = set()
-        self._watchdog: asyncio.Task[None] | None = None
+        self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
 
     # ASGI entry point for both generation routes
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -107,9 +107,7 @@ class Proxy:
     async def handle(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
         arrival = perf_counter()
         ctx = Exchange(asyncio.current_task())
-        self._live.add(ctx)
-        if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch_writes())
+        self.watchdog.track(ctx)
         rec = RequestRecord(route, UNKNOWN, "", "", "", 0, arrival, arrival)
         watcher: asyncio.Task[None] | None = None
         try:
@@ -157,7 +155,7 @@ class Proxy:
                         await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             ctx.done = True
-            self._live.discard(ctx)
+            self.watchdog.untrack(ctx)
             if watcher is not None:
                 watcher.cancel()
             if ctx.resp is not None:
@@ -182,26 +180,6 @@ class Proxy:
         if rec.status >= 400 and rec.status != 499 and not rec.completion_tokens:
             used = 0  # refused or failed before any work: charge nothing
         await self.limiter.settle(ctx.ticket, used)
-
-    async def _watch_writes(self) -> None:
-        """A client that stops reading fills its socket buffer, then the gateway's (both bounded), then the
-        relay waits in ``send``; past ``write_timeout`` the client is treated as gone and the worker request is
-        aborted. One timer for all streams: the per-chunk cost is two attribute writes."""
-        limit = self.settings.write_timeout
-        while True:
-            await asyncio.sleep(min(1.0, limit / 4))
-            now = monotonic()
-            for ex in list(self._live):
-                since = ex.sending_since
-                if since and now - since > limit and not ex.done and ex.task is not None:
-                    ex.write_stalled = ex.client_gone = True
-                    self.metrics.write_stalls.inc()
-                    ex.task.cancel()
-
-    def stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
 
     async def _watch(self, receive: Any, ctx: Exchange) -> None:
         while True:

@@ -52,6 +52,18 @@ def classify(r: RequestRecord) -> str:
     return "truncated"
 
 
+def outcome_summary(records: list[RequestRecord]) -> tuple[dict[str, int], dict[str, str]]:
+    """How many requests ended each way, and the first error message of each way that is not ``done``."""
+    outcomes: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for r in records:
+        kind = classify(r)
+        outcomes[kind] += 1
+        if kind != "done":
+            examples.setdefault(kind, (r.error or "")[:200])
+    return dict(outcomes), examples
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +86,6 @@ def raise_fd_limit(n: int = 65536) -> None:
 @dataclass
 class Stack:
     workers: list[subprocess.Popen[bytes]]
-    worker_urls: list[str]
     gateway: subprocess.Popen[bytes]
     url: str
     logs: list[Any]
@@ -112,7 +123,7 @@ def start_stack(*, ttft: float, token_delay: float, tokens: int, log_dir: Path, 
         [sys.executable, "-m", "app.cli", "serve", "--upstream", *urls, "--port", str(port), "--log-level",
          "warning", "--queue-size", "100000", "--worker-concurrency", "100000", *extra],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENGATE_DISCOVERY_INTERVAL": "1"})
-    stack = Stack(workers, urls, gateway, f"http://127.0.0.1:{port}", logs)
+    stack = Stack(workers, gateway, f"http://127.0.0.1:{port}", logs)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -153,15 +164,10 @@ def run_chaos(*, streams: int, duration: float, kill_at: float, ttft: float = 0.
         gateway_alive = stack.gateway.poll() is None
     finally:
         stack.stop()
-    outcomes = Counter(classify(r) for r in records)
-    examples: dict[str, str] = {}
-    for r in records:
-        kind = classify(r)
-        if kind != "done" and kind not in examples:
-            examples[kind] = (r.error or "")[:200]
+    outcomes, examples = outcome_summary(records)
     return {
         "streams": streams, "duration_s": duration, "kill_at_s": kill_at, "elapsed_s": round(elapsed, 2),
-        "requests": len(records), "outcomes": dict(outcomes), "examples": examples,
+        "requests": len(records), "outcomes": outcomes, "examples": examples,
         "gateway_alive": gateway_alive,
         "workers_ready_after": [w["ready"] for w in readyz["workers"]],
         "upstream_errors": {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])

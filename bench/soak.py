@@ -15,11 +15,10 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .chaos import classify, raise_fd_limit, start_stack
+from .chaos import outcome_summary, raise_fd_limit, start_stack
 from .loadclient import Target, chat_body, run_closed
 
 
@@ -64,12 +63,11 @@ def run_soak(*, streams: int, duration: float, token_delay: float, tokens: int,
         alive = stack.gateway.poll() is None
     finally:
         stack.stop()
-    outcomes = Counter(classify(r) for r in result.records)
-    examples = {classify(r): (r.error or "")[:200] for r in result.records if classify(r) != "done"}
+    outcomes, examples = outcome_summary(result.records)
     loaded = max(samples) if samples else peak
     return {
         "streams": streams, "duration_s": duration, "elapsed_s": round(elapsed, 1), "token_delay_s": token_delay,
-        "requests": len(result.records), "outcomes": dict(outcomes), "examples": examples, "gateway_alive": alive,
+        "requests": len(result.records), "outcomes": outcomes, "examples": examples, "gateway_alive": alive,
         "gateway_rss_idle_mib": round(idle / 1024, 1), "gateway_rss_loaded_mib": round(loaded / 1024, 1),
         "gateway_rss_peak_mib": round(peak / 1024, 1),
         "kib_per_stream": round((loaded - idle) / streams, 1),
