@@ -23,7 +23,7 @@ from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
-from .streaming import SSEParser, relay
+from .streaming import ClientWriter, SSEParser, relay, splice
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 
@@ -52,6 +52,10 @@ class Exchange:
     gauge: Any = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     sending_since: float = 0.0  # monotonic time a write to the client began and has not finished; 0: none
+    client: ClientWriter | None = None  # direct writes to the client's connection, where the server offers them
+
+    def stalled(self, since: float) -> None:
+        self.sending_since = since
 
 
 def error_kind(exc: GatewayError) -> str:
@@ -77,15 +81,20 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
     assert resp is not None
     ex.parser = parser = SSEParser(req.include_usage)
     ex.started = True
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + ex.headers})
+    client = ex.client
+    if client is not None and client.can_start():
+        err = await splice(resp, first or b"", parser, client, SSE_HEADERS + ex.headers, idle_timeout=idle_timeout,
+                           on_stall=ex.stalled)
+    else:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + ex.headers})
 
-    async def tracked(message: dict[str, Any]) -> None:
-        # uvicorn's send waits while the client's socket buffer is full: the write watchdog sees how long
-        ex.sending_since = monotonic()
-        await send(message)
-        ex.sending_since = 0.0
+        async def tracked(message: dict[str, Any]) -> None:
+            # uvicorn's send waits while the client's socket buffer is full: the write watchdog sees how long
+            ex.sending_since = monotonic()
+            await send(message)
+            ex.sending_since = 0.0
 
-    err = await relay(resp, first or b"", parser, tracked, idle_timeout=idle_timeout)
+        err = await relay(resp, first or b"", parser, tracked, idle_timeout=idle_timeout)
     ex.done = True
     st = parser.state
     rec.first_token, rec.last_token = st.first_token, st.last_token
@@ -163,9 +172,13 @@ async def answer_unary(ex: Exchange, rec: RequestRecord, send: Any, *, metrics: 
 
 
 async def _send_json(data: bytes, ex: Exchange, rec: RequestRecord, send: Any) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *ex.headers]
     ex.started = ex.done = True
     rec.status = 200
+    client = ex.client
+    if client is not None and client.can_start():
+        client.respond(200, [(b"content-type", b"application/json"), *ex.headers], data)
+        return
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *ex.headers]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
 

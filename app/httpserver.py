@@ -14,19 +14,130 @@ nobody (uvicorn would trust loopback peers).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
 from .settings import Settings
+from .streaming import CLIENT_WRITER
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class _HeadTooLarge(Exception):
     pass
+
+
+class ClientLink:
+    """Writes generation responses straight to the client's connection (``streaming.ClientWriter``).
+
+    uvicorn's ASGI ``send`` costs a message dict, a dozen checks and one socket write per call: a stream's head,
+    each chunk and its end would be separate writes (syscalls, and separate TCP segments for the client to wake up
+    for). Here the head goes out with the first chunk, and a stream that is already complete (a short answer)
+    goes out in one write. uvicorn's bookkeeping of the response is kept as its ``send`` keeps it (started,
+    complete, keep-alive, the next pipelined request), so anything may still go through ``send`` afterwards."""
+
+    __slots__ = ("_cycle", "_on_lost")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self._on_lost: Callable[[], None] | None = None
+
+    def watch(self, on_lost: Callable[[], None]) -> bool:
+        """Call ``on_lost`` if the connection is lost before the response is complete (from the server's own
+        callback: no task per request waiting for it). False when it is lost already."""
+        if self._cycle.disconnected:
+            return False
+        self._on_lost = on_lost
+        return True
+
+    def lost(self) -> None:
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None and not self._cycle.response_complete:
+            on_lost()
+
+    def complete(self) -> bool:
+        return self._cycle.response_complete
+
+    def can_start(self) -> bool:
+        c = self._cycle
+        return not c.response_started and not c.disconnected
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], framing: bytes) -> list[bytes]:
+        c = self._cycle
+        c.response_started = True
+        c.waiting_for_100_continue = False
+        if c.access_log:
+            c.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(c.scope), c.scope["method"],
+                                 get_path_with_query_string(c.scope), c.scope["http_version"], status)
+        parts = [STATUS_LINE[status]]
+        for name, value in c.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not c.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(framing)
+        return parts
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, end: bool) -> None:
+        """A chunked response's head and first chunk in one write (and its end, with ``end``)."""
+        c = self._cycle
+        if c.disconnected or c.response_started:
+            return
+        c.chunked_encoding = True
+        parts = self._head(status, headers, b"transfer-encoding: chunked\r\n\r\n")
+        if body:
+            parts.append(b"%x\r\n%b\r\n" % (len(body), body))
+        if end:
+            parts.append(b"0\r\n\r\n")
+        c.transport.write(b"".join(parts))
+        if end:
+            self._completed()
+
+    def write(self, data: bytes) -> None:
+        c = self._cycle
+        if not c.disconnected and not c.response_complete:
+            c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end(self, data: bytes) -> None:
+        c = self._cycle
+        if c.disconnected or c.response_complete:
+            return
+        c.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+        self._completed()
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response with a Content-Length, in one write."""
+        c = self._cycle
+        if c.disconnected or c.response_started:
+            return
+        c.chunked_encoding = False
+        parts = self._head(status, headers, b"content-length: %d\r\n\r\n" % len(body))
+        parts.append(body)
+        c.transport.write(b"".join(parts))
+        self._completed()
+
+    def _completed(self) -> None:
+        c = self._cycle
+        c.response_complete = True
+        c.message_event.set()
+        if not c.keep_alive:
+            c.transport.close()
+        c.on_response()
+
+    @property
+    def write_paused(self) -> bool:
+        return self._cycle.flow.write_paused
+
+    async def drain(self) -> None:
+        c = self._cycle
+        if c.flow.write_paused and not c.disconnected:
+            await c.flow.drain()
 
 
 class HardenedHttpToolsProtocol(HttpToolsProtocol):
@@ -45,6 +156,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._head_too_large = False
         self._in_head = True
         self._head_timer: asyncio.TimerHandle | None = None
+        self._links: list[ClientLink] = []  # of this connection's requests whose responses are not complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -53,6 +165,9 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        links, self._links = self._links, []
+        for link in links:
+            link.lost()
 
     def _arm(self) -> None:
         self._disarm()
@@ -123,6 +238,14 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and self.scope["method"] == "POST":
+            scope: dict[str, Any] = self.scope  # type: ignore[assignment]  # ASGI types extensions narrowly
+            link = ClientLink(cycle)
+            scope["extensions"] = {CLIENT_WRITER: link}
+            if self._links:
+                self._links = [k for k in self._links if not k.complete()]
+            self._links.append(link)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

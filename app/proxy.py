@@ -42,6 +42,7 @@ from .protocol import ROUTES, ParsedRequest, Route, parse_request, set_max_token
 from .requestio import ClientGone, read_body, read_headers
 from .routing import affinity_for, candidates, pick
 from .settings import Settings
+from .streaming import CLIENT_WRITER
 from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
 from .watchdog import WriteWatchdog
@@ -107,6 +108,9 @@ class Proxy:
     async def handle(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
         arrival = perf_counter()
         ctx = Exchange(asyncio.current_task())
+        extensions = scope.get("extensions")
+        if extensions:
+            ctx.client = extensions.get(CLIENT_WRITER)
         self.watchdog.track(ctx)
         rec = RequestRecord(route, UNKNOWN, "", "", "", 0, arrival, arrival)
         watcher: asyncio.Task[None] | None = None
@@ -119,7 +123,12 @@ class Proxy:
                 ctx.client_gone = True
                 self._client_gone(route, ctx, rec)
                 return
-            watcher = asyncio.get_running_loop().create_task(self._watch(receive, ctx))
+            if ctx.client is None:
+                watcher = asyncio.get_running_loop().create_task(self._watch(receive, ctx))
+            elif not ctx.client.watch(lambda: self._lost(ctx)):
+                ctx.client_gone = True
+                self._client_gone(route, ctx, rec)
+                return
             await self._serve(route, raw, region, request_id, ctx, rec, send)
         except asyncio.CancelledError:
             if not ctx.client_gone or ctx.task is None:
@@ -185,10 +194,14 @@ class Proxy:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if not ctx.done and ctx.task is not None:
-                    ctx.client_gone = True
-                    ctx.task.cancel()
+                self._lost(ctx)
                 return
+
+    @staticmethod
+    def _lost(ctx: Exchange) -> None:
+        if not ctx.done and ctx.task is not None:
+            ctx.client_gone = True
+            ctx.task.cancel()
 
     def _client_gone(self, route: Route, ctx: Exchange, rec: RequestRecord) -> None:
         rec.status = 499

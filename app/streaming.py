@@ -7,14 +7,15 @@ is removed again when the client did not ask for it.  Events are parsed only to 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from time import perf_counter
-from typing import Any
+from time import monotonic, perf_counter
+from typing import Any, Protocol
 
 import orjson
 
-from .errors import GatewayError, sse_event
+from .errors import GatewayError, UpstreamError, UpstreamTimeout, sse_event
 from .upstream import UpstreamProtocolError, UpstreamResponse
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
@@ -166,3 +167,180 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
     body = b"" if st.saw_error else sse_event(truncated)
     await send({"type": "http.response.body", "body": body, "more_body": False})
     return truncated
+
+
+CLIENT_WRITER = "tokengate.client"  # the ASGI scope extension under which the server offers a ClientWriter
+
+
+class ClientWriter(Protocol):
+    """Writes a response straight to the client's connection, beside the ASGI ``send``: the head with the first
+    body chunk, each later chunk, the end — fewer writes, and no message objects per chunk."""
+
+    def can_start(self) -> bool:
+        """Nothing of the response has gone out yet, and the client is still there."""
+        ...
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, end: bool) -> None:
+        """A chunked response's head and first chunk (and its end, with ``end``)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """One more chunk (dropped when the client has gone: its watcher notices)."""
+        ...
+
+    def end(self, data: bytes) -> None:
+        """The last chunk and the end of the response."""
+        ...
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response with a Content-Length."""
+        ...
+
+    @property
+    def write_paused(self) -> bool: ...
+
+    async def drain(self) -> None:
+        """Wait until the client's connection takes writes again (or is gone)."""
+        ...
+
+    def watch(self, on_lost: Callable[[], None]) -> bool:
+        """Have ``on_lost`` called when the connection is lost before the response is complete; False when it
+        is lost already."""
+        ...
+
+
+class _Splice:
+    """The relay as callbacks: the worker connection hands each read to ``on_data``, which parses it and writes it
+    to the client on the spot — no task wake-up, future or timer per chunk. The task that owns the exchange sleeps
+    until the stream ends, or until the client stops taking writes (then the worker is paused, not buffered)."""
+
+    __slots__ = ("parser", "client", "resp", "loop", "idle_timeout", "waiter", "last_read", "paused", "finished",
+                 "final", "error", "timer", "head")
+
+    def __init__(self, parser: SSEParser, client: ClientWriter, resp: UpstreamResponse, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop, head: list[tuple[bytes, bytes]]) -> None:
+        self.parser = parser
+        self.client = client
+        self.resp = resp
+        self.loop = loop
+        self.idle_timeout = idle_timeout
+        self.head: list[tuple[bytes, bytes]] | None = head  # the response headers, until they have gone out
+        self.waiter: asyncio.Future[None] | None = None
+        self.last_read = loop.time()
+        self.paused = False
+        self.finished = False
+        self.final = b""  # the body of the closing write
+        self.error: GatewayError | None = None
+        self.timer = loop.call_at(self.last_read + idle_timeout, self._check_idle)
+
+    # Sink
+    def on_data(self, data: bytes) -> None:
+        if self.finished:
+            return
+        t0 = perf_counter()
+        st = self.parser.state
+        try:
+            out = self.parser.feed(data, t0)
+        except GatewayError as exc:
+            self._finish(exc, sse_event(exc))
+            return
+        if st.saw_done:
+            st.chunks += 1
+            st.relay_seconds += perf_counter() - t0
+            self._finish(None, out)
+            return
+        self.last_read = self.loop.time()
+        if out:
+            if self.head is not None:
+                self.client.start(200, self.head, out, False)
+                self.head = None
+            else:
+                self.client.write(out)  # a client that has gone is noticed by its own watcher (it cancels us)
+            st.chunks += 1
+            st.relay_seconds += perf_counter() - t0
+            if self.client.write_paused and not self.paused:
+                self.paused = True
+                self.resp.pause_reading()
+                self._wake()
+
+    def on_end(self) -> None:
+        if self.finished:
+            return
+        truncated = UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+        # an error event the worker sent itself has already gone out in-band: just end the stream
+        self._finish(truncated, b"" if self.parser.state.saw_error else sse_event(truncated))
+
+    def on_error(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        err = exc if isinstance(exc, GatewayError) else UpstreamError(f"worker connection failed: {exc}")
+        self._finish(err, sse_event(err))
+
+    # internals
+    def _finish(self, error: GatewayError | None, final: bytes) -> None:
+        self.finished = True
+        self.error = error
+        self.timer.cancel()
+        self.resp.detach()
+        if self.head is not None:
+            self.client.start(200, self.head, final, True)  # the whole answer in one write
+            self.head = None
+        else:
+            self.client.end(final)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _check_idle(self) -> None:
+        if self.finished:
+            return
+        now = self.loop.time()
+        due = self.last_read + self.idle_timeout
+        if not self.paused and now >= due:
+            err = UpstreamTimeout(f"worker sent no more of the response within {self.idle_timeout:g} s")
+            self._finish(err, sse_event(err))
+            return
+        # idle while the client was not reading is not the worker's fault
+        self.timer = self.loop.call_at(now + self.idle_timeout if self.paused else due, self._check_idle)
+
+    async def run(self, first: bytes, on_stall: Callable[[float], None]) -> None:
+        if first:
+            self.on_data(first)
+        if not self.finished:
+            if self.head is not None:  # nothing to show yet (a partial event): the head goes now, alone
+                self.client.start(200, self.head, b"", False)
+                self.head = None
+            self.resp.attach(self)  # what arrived meanwhile is handed over at once, the rest as it comes
+        try:
+            while not self.finished:
+                if self.paused:
+                    on_stall(monotonic())  # the write watchdog times how long the client takes
+                    await self.client.drain()
+                    on_stall(0.0)
+                    self.paused = False
+                    self.last_read = self.loop.time()
+                    self.resp.resume_reading()
+                    continue
+                self.waiter = self.loop.create_future()
+                await self.waiter
+                self.waiter = None
+        finally:
+            if not self.finished:  # cancelled (the client went away): the caller aborts the worker request
+                self.finished = True
+                self.timer.cancel()
+                self.resp.detach()
+            elif self.paused:
+                self.resp.resume_reading()  # the rest (the chunked terminator) is read to reuse the connection
+
+
+async def splice(resp: UpstreamResponse, first: bytes, parser: SSEParser, client: ClientWriter,
+                 headers: list[tuple[bytes, bytes]], *, idle_timeout: float, on_stall: Callable[[float], None]
+                 ) -> GatewayError | None:
+    """``relay`` with its per-chunk path in callbacks (``_Splice``), writing straight to the client; it sends the
+    response's head too (with the first chunk). Same contract as ``relay``."""
+    sp = _Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers)
+    await sp.run(first, on_stall)
+    return sp.error

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -41,6 +41,16 @@ class UpstreamProtocolError(UpstreamError):
 
 class UpstreamAborted(Exception):
     """We closed the connection ourselves (the client went away)."""
+
+
+class Sink(Protocol):
+    """Takes a response body as it arrives, from the connection's own callbacks (no task wake-up per read)."""
+
+    def on_data(self, data: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+    def on_error(self, exc: BaseException) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +78,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("origin", "transport", "parser", "status", "headers", "_headers_done", "_buf", "_buffered",
                  "_paused", "_complete", "_closed", "_exc", "_waiter", "_keep_alive", "_got_bytes", "idle_since",
-                 "pool")
+                 "pool", "_sink")
 
     def __init__(self, origin: Origin, pool: UpstreamPool) -> None:
         self.origin = origin
@@ -91,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._keep_alive = True
         self._got_bytes = False
+        self._sink: Sink | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,6 +115,8 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamProtocolError("worker tried to upgrade the connection"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"malformed HTTP from worker: {exc}"))
+        if self._sink is not None:
+            self._feed_sink()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -111,6 +124,8 @@ class _Connection(asyncio.Protocol):
         if not self._complete and self._exc is None:
             self._exc = UpstreamClosed("worker closed the connection before the response was complete")
         self._wake()
+        if self._sink is not None:
+            self._feed_sink()
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -125,6 +140,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._buf.append(body)
         self._buffered += len(body)
+        if self._sink is not None:
+            return  # handed over in one piece when this read has been parsed (_feed_sink)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -146,6 +163,32 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._wake()
+
+    def _feed_sink(self) -> None:
+        """Sink mode: what this read brought, in one call, then the end (or the failure) once it is known."""
+        sink = self._sink
+        assert sink is not None
+        if self._buf:
+            data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+            self._buf.clear()
+            self._buffered = 0
+            sink.on_data(data)
+        if self._sink is None:
+            return  # the sink let go while taking the data
+        if self._complete:
+            sink.on_end()
+        elif self._exc is not None:
+            sink.on_error(self._exc)
+
+    def attach(self, sink: Sink) -> None:
+        self._sink = sink
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._feed_sink()
+
+    def detach(self) -> None:
+        self._sink = None
 
     async def _wait(self, timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()
@@ -236,6 +279,25 @@ class UpstreamResponse:
                 self.abort()
                 raise UpstreamProtocolError(f"worker response larger than {limit} bytes")
             parts.append(chunk)
+
+    def attach(self, sink: Sink) -> None:
+        """From now on the body goes to ``sink`` as it arrives (what is buffered already, at once); until
+        ``detach()``. ``next_chunk``/``read`` are not used meanwhile."""
+        self._conn.attach(sink)
+
+    def detach(self) -> None:
+        self._conn.detach()
+
+    def pause_reading(self) -> None:
+        """Sink mode's flow control: stop reading from the worker until ``resume_reading()``."""
+        transport = self._conn.transport
+        if transport is not None and not self._conn._closed:
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self._conn.transport
+        if transport is not None and not self._conn._closed:
+            transport.resume_reading()
 
     def release(self) -> None:
         if self._done:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httptools
 import httpx
 import orjson
 import pytest
@@ -409,3 +410,61 @@ def test_caps_hold_exactly_under_concurrent_load(tmp_path_factory: pytest.TempPa
             assert r.json()["usage"]["completion_tokens"] == 200
     sent = [req.json()["max_tokens"] for req in w.received if req.path == "/v1/chat/completions"]
     assert set(sent) == {200, 256 - n_near}  # nothing over the window ever reached the worker
+
+
+class _Responses:
+    """httptools callbacks: the responses on one connection, parsed in order (chunked or Content-Length)."""
+
+    def __init__(self) -> None:
+        self.done: list[httpx.Response] = []
+        self._headers: list[tuple[str, str]] = []
+        self._body = b""
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode(), value.decode()))
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self.done.append(httpx.Response(self.parser.get_status_code(), headers=self._headers, content=self._body))
+        self._headers, self._body = [], b""
+
+
+def _read_responses(sock: socket.socket, count: int, timeout: float = 10.0) -> list[httpx.Response]:
+    """Read ``count`` responses off one connection; a malformed one (a missing terminator, a stray chunk) fails
+    the parse, and bytes past the last one stay unread."""
+    got = _Responses()
+    sock.settimeout(timeout)
+    while len(got.done) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        got.parser.feed_data(data)
+    return got.done
+
+
+def _raw(body: dict[str, Any], extra: str = "") -> bytes:
+    data = orjson.dumps(body)
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n{extra}"
+            f"content-length: {len(data)}\r\n\r\n").encode() + data
+
+
+def test_responses_written_straight_to_the_socket_keep_the_connection_usable(worker: ThreadedFakeWorker) -> None:
+    # streams and JSON answers bypass the ASGI send (one write with the head): the connection must stay a valid
+    # HTTP/1.1 keep-alive connection, also with requests pipelined behind each other
+    with gateway(worker) as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(_raw(CHAT) + _raw({**CHAT, "stream": False}) + _raw({**CHAT, "max_tokens": 3}))
+            got = _read_responses(sock, 3)
+            assert [r.status_code for r in got] == [200, 200, 200]
+            assert events(got[0].text)[-1] == "[DONE]" and len(events(got[0].text)) == 10
+            assert orjson.loads(got[1].content)["usage"]["completion_tokens"] == 8
+            assert got[1].headers["content-length"] == str(len(got[1].content))
+            assert len(events(got[2].text)) == 1 + 3 + 1
+            sock.sendall(_raw(CHAT, "connection: close\r\n"))  # the same connection, once more, then closed
+            last = _read_responses(sock, 1)
+            assert last[0].status_code == 200 and last[0].headers["connection"] == "close"
+            assert sock.recv(1) == b""  # closed by the gateway after the response

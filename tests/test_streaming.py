@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
 import orjson
 import pytest
 
-from app.streaming import MAX_EVENT_BYTES, SSEParser
-from app.upstream import UpstreamProtocolError
+from app.errors import GatewayError, UpstreamTimeout
+from app.streaming import MAX_EVENT_BYTES, SSEParser, relay, splice
+from app.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 
 
 def ev(obj: object) -> bytes:
@@ -160,3 +166,209 @@ def test_invalid_json_after_the_first_token_is_still_an_error(bad: bytes) -> Non
     parser.feed(_event({"choices": [{"index": 0, "delta": {"content": "first"}}]}), 1.0)
     with pytest.raises(UpstreamProtocolError):
         parser.feed(bad, 2.0)
+
+
+# --- the relay itself: relay() (over ASGI send) and splice() (callbacks, straight to the client) --------------------
+
+class FakeResponse:
+    """A worker response fed from a script: body pieces, then the end, an exception, or silence (``stall``).
+    Serves both reading styles: ``next_chunk`` (relay) and ``attach`` (splice, one piece per loop turn)."""
+
+    def __init__(self, pieces: list[bytes], *, then: BaseException | None = None, stall: bool = False) -> None:
+        self.pieces = list(pieces)
+        self.then = then
+        self.stall = stall
+        self.sink: object | None = None
+        self.paused = False
+        self.pause_calls = self.resume_calls = 0
+
+    async def next_chunk(self, timeout: float) -> bytes | None:
+        if self.pieces:
+            return self.pieces.pop(0)
+        if self.then is not None:
+            raise self.then
+        if self.stall:
+            await asyncio.sleep(timeout)
+            raise UpstreamTimeout(f"worker sent no more of the response within {timeout:g} s")
+        return None
+
+    def attach(self, sink: object) -> None:
+        self.sink = sink
+        asyncio.get_running_loop().call_soon(self._pump)
+
+    def detach(self) -> None:
+        self.sink = None
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pause_calls += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.resume_calls += 1
+        if self.sink is not None:
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        sink: Any = self.sink
+        if sink is None or self.paused:
+            return
+        if self.pieces:
+            sink.on_data(self.pieces.pop(0))
+            asyncio.get_running_loop().call_soon(self._pump)
+        elif self.then is not None:
+            sink.on_error(self.then)
+        elif not self.stall:
+            sink.on_end()
+
+
+class FakeClient:
+    """A ClientWriter that records what reached the client, and can stop taking writes until ``unblock()``."""
+
+    def __init__(self, *, block_after: int | None = None) -> None:
+        self.head: list[tuple[bytes, bytes]] | None = None
+        self.body = b""
+        self.writes = 0
+        self.ended = False
+        self.block_after = block_after
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def can_start(self) -> bool:
+        return self.head is None
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, end: bool) -> None:
+        assert self.head is None and status == 200
+        self.head = headers
+        self._take(body)
+        self.ended = end
+
+    def write(self, data: bytes) -> None:
+        assert self.head is not None and not self.ended
+        self._take(data)
+
+    def end(self, data: bytes) -> None:
+        assert self.head is not None and not self.ended
+        self._take(data)
+        self.ended = True
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        raise AssertionError("not for streams")
+
+    def _take(self, data: bytes) -> None:
+        self.body += data
+        self.writes += 1
+        if self.block_after is not None and self.writes >= self.block_after:
+            self._writable.clear()
+
+    @property
+    def write_paused(self) -> bool:
+        return not self._writable.is_set()
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    def unblock(self) -> None:
+        self.block_after = None
+        self._writable.set()
+
+    def watch(self, on_lost: Callable[[], None]) -> bool:
+        raise AssertionError("the proxy's business")
+
+
+async def run_relay(style: str, resp: FakeResponse, *, include_usage: bool = False, idle: float = 5.0,
+                    client: FakeClient | None = None) -> tuple[bytes, bool, GatewayError | None, SSEParser]:
+    """Relay ``resp`` in one style; returns (bytes the client got, whether the response ended, error, parser)."""
+    parser = SSEParser(include_usage)
+    first = resp.pieces.pop(0) if resp.pieces else b""
+    if style == "relay":
+        messages: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+
+        err = await relay(cast(UpstreamResponse, resp), first, parser, send, idle_timeout=idle)
+        body = b"".join(m["body"] for m in messages)
+        return body, not messages[-1]["more_body"], err, parser
+    client = client or FakeClient()
+    err = await splice(cast(UpstreamResponse, resp), first, parser, client, [(b"x-test", b"1")], idle_timeout=idle,
+                       on_stall=lambda since: None)
+    assert client.head == [(b"x-test", b"1")]
+    return client.body, client.ended, err, parser
+
+
+STYLES = ["relay", "splice"]
+
+
+def in_loop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+    return run
+
+
+@pytest.mark.parametrize("style", STYLES)
+@in_loop
+async def test_a_whole_stream_is_relayed_with_the_unasked_usage_removed(style: str) -> None:
+    body, ended, err, parser = await run_relay(style, FakeResponse([STREAM]))
+    assert (body, ended, err) == (ROLE + b"".join(TOK) + DONE, True, None)
+    assert parser.state.usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+@in_loop
+async def test_splice_writes_a_complete_short_answer_in_one_write() -> None:
+    client = FakeClient()
+    await run_relay("splice", FakeResponse([STREAM]), include_usage=True, client=client)
+    assert client.writes == 1 and client.body == STREAM and client.ended
+
+
+@pytest.mark.parametrize("style", STYLES)
+@in_loop
+async def test_events_split_across_worker_reads_reach_the_client_whole(style: str) -> None:
+    pieces = [STREAM[i:i + 7] for i in range(0, len(STREAM), 7)]
+    body, ended, err, parser = await run_relay(style, FakeResponse(pieces), include_usage=True)
+    assert (body, ended, err) == (STREAM, True, None)
+    assert parser.state.content_events == 3
+
+
+@pytest.mark.parametrize("style", STYLES)
+@in_loop
+async def test_a_worker_that_dies_mid_stream_ends_it_with_an_in_band_error(style: str) -> None:
+    resp = FakeResponse([ROLE, TOK[0]], then=UpstreamClosed("worker closed the connection"))
+    body, ended, err, _ = await run_relay(style, resp)
+    assert isinstance(err, UpstreamClosed) and ended
+    assert body.startswith(ROLE + TOK[0])
+    last = orjson.loads(body[len(ROLE + TOK[0]):].removeprefix(b"data: "))
+    assert last["error"]["code"] == "worker_disconnected" and DONE not in body
+
+
+@pytest.mark.parametrize("style", STYLES)
+@in_loop
+async def test_a_stream_cut_without_done_is_not_passed_off_as_complete(style: str) -> None:
+    body, ended, err, _ = await run_relay(style, FakeResponse([ROLE, TOK[0]]))
+    assert isinstance(err, UpstreamProtocolError) and err.error_code == "worker_stream_truncated" and ended
+    assert b"worker_stream_truncated" in body and DONE not in body
+
+
+@pytest.mark.parametrize("style", STYLES)
+@in_loop
+async def test_a_worker_that_goes_silent_is_timed_out_in_band(style: str) -> None:
+    body, ended, err, _ = await run_relay(style, FakeResponse([ROLE, TOK[0]], stall=True), idle=0.05)
+    assert isinstance(err, UpstreamTimeout) and ended
+    assert body.startswith(ROLE + TOK[0]) and b"\"code\":\"worker_timeout\"" in body and DONE not in body
+
+
+@in_loop
+async def test_splice_pauses_the_worker_while_the_client_is_not_reading() -> None:
+    client = FakeClient(block_after=2)
+    resp = FakeResponse([ROLE, TOK[0], TOK[1], TOK[2], USAGE + DONE])
+    stalls: list[float] = []
+    task = asyncio.get_running_loop().create_task(
+        splice(cast(UpstreamResponse, resp), resp.pieces.pop(0), SSEParser(False), client, [], idle_timeout=0.05,
+               on_stall=stalls.append))
+    await asyncio.sleep(0.2)  # longer than the idle timeout: a paused worker is not a silent one
+    assert not task.done() and resp.paused and client.writes == 2 and stalls[-1] > 0
+    client.unblock()
+    assert await task is None
+    assert client.body == ROLE + b"".join(TOK) + DONE and client.ended
+    assert resp.pause_calls == 1 and resp.resume_calls >= 1 and stalls[-1] == 0.0
