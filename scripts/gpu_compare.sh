@@ -1,0 +1,98 @@
+#!/bin/bash
+# Gateway overhead on a GPU machine with no network (run through the `device` tool): one vLLM on GPU 0, tokengate
+# in front of it, and scripts/gpu_compare.py measuring client -> vLLM vs client -> tokengate -> the same vLLM.
+#
+#   bash scripts/gpu_compare.sh [gpu_compare.py args...]     e.g. --concurrency 1,16,64 --rounds 3 --max-tokens 64
+#
+# Same payload and setup as scripts/gpu_smoke.sh (see scripts/gpu_payload.sh's header; carry .gpu-vllm/kit and
+# .gpu-vllm/tgwheels once /tmp/w holds the parts). Results go to $OUT (default /tmp/out): gpu_compare_LABEL.{json,md,log},
+# gpus_compare.txt, vllm_compare.log, gateway_compare.log. LABEL defaults to the card (h100, h200, ...).
+# Test overrides: SITE, TGSITE, TINY, VLLM_PORT, GW_PORT, EXTRA_VLLM_ARGS (word-split), LABEL.
+# CPU pinning (taskset lists; default none): PIN_VLLM, PIN_GATEWAY, PIN_CLIENT. EAGER= (empty): CUDA graphs on.
+# SHAPE=8b: the tiny model's tokenizer with a Llama-3-8B-shaped config and random weights (vLLM --load-format dummy):
+# decode steps as long as a real 8B model's, so the engine, not its Python front end, sets the pace.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+KIT=.gpu-vllm/kit
+SITE=${SITE:-/tmp/site}; TGSITE=${TGSITE:-/tmp/tgsite}; TINY=${TINY:-/tmp/tiny}
+VLLM_PORT=${VLLM_PORT:-8001}; GW_PORT=${GW_PORT:-8080}
+if [ ! -f "$SITE/.vllm_ok" ]; then bash $KIT/setup.sh > "$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 3; }; fi
+if [ ! -f "$TGSITE/.ok" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$TGSITE" .gpu-vllm/tgwheels/*.whl \
+    && touch "$TGSITE/.ok" || exit 3
+fi
+if [ ! -f "$TINY/config.json" ]; then
+  PYTHONPATH=$SITE python3 $KIT/mktiny.py "$TINY" > "$OUT/mktiny.log" 2>&1 || { tail -30 "$OUT/mktiny.log"; exit 4; }
+fi
+if [ "${SHAPE:-tiny}" = 8b ]; then
+  mkdir -p /tmp/dummy8b && cp "$TINY"/*.json "$TINY"/*.jinja /tmp/dummy8b/ 2>/dev/null
+  python3 - <<'PY' || exit 4
+import json
+p = "/tmp/dummy8b/config.json"
+c = json.load(open(p))
+c.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+         num_key_value_heads=8, max_position_embeddings=8192, torch_dtype="bfloat16", dtype="bfloat16")
+c.pop("head_dim", None)
+json.dump(c, open(p, "w"), indent=1)
+PY
+  TINY=/tmp/dummy8b
+  EXTRA_VLLM_ARGS="${EXTRA_VLLM_ARGS:-} --load-format dummy --dtype bfloat16"
+fi
+export PYTHONPATH=$TGSITE:$SITE:$PWD
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpus_compare.txt"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -1)
+LABEL=${LABEL:-$(echo "${GPU_NAME:-gpu}" | sed 's/^NVIDIA //' | awk '{print tolower($1)}' | cut -d- -f1)}
+LABEL=${LABEL:-gpu}
+SETSID=$(command -v setsid || true)   # own process group: the fallback SIGKILL also reaches vLLM's engine process
+
+VL=""; GW=""
+stop() {  # stop PID NAME SECONDS: SIGTERM, wait, then SIGKILL its process group
+  local pid=$1 name=$2 t=$3 end rc
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null
+  end=$((SECONDS + t))
+  while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "$name still up ${t} s after SIGTERM: SIGKILL"; kill -KILL -- "-$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null
+  fi
+  wait "$pid" 2>/dev/null; rc=$?
+  echo "$name exited ($rc)"
+}
+cleanup() { stop "$GW" gateway 30; GW=""; stop "$VL" vllm 60; VL=""; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_http() {  # wait_http URL PID SECONDS LOG
+  local url=$1 pid=$2 end=$((SECONDS + $3)) log=$4
+  while [ $SECONDS -lt $end ]; do
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$url" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || { echo "exited before $url answered; tail of $log:"; tail -40 "$log"; return 1; }
+    sleep 1
+  done
+  echo "$url not ready after $3 s; tail of $log:"; tail -40 "$log"; return 1
+}
+
+t0=$SECONDS
+# shellcheck disable=SC2086  # EXTRA_VLLM_ARGS is word-split on purpose
+CUDA_VISIBLE_DEVICES=0 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLREDUCE_USE_SYMM_MEM=0 $SETSID \
+  ${PIN_VLLM:+taskset -c "$PIN_VLLM"} python3 -m vllm.entrypoints.openai.api_server --model "$TINY" --served-model-name tiny-llama \
+  --host 127.0.0.1 --port "$VLLM_PORT" --max-model-len 4096 ${EAGER---enforce-eager} --gpu-memory-utilization 0.9 \
+  ${EXTRA_VLLM_ARGS:-} > "$OUT/vllm_compare.log" 2>&1 &
+VL=$!
+wait_http "http://127.0.0.1:$VLLM_PORT/health" "$VL" 300 "$OUT/vllm_compare.log" || exit 5
+echo "vLLM healthy after $((SECONDS - t0)) s"
+$SETSID ${PIN_GATEWAY:+taskset -c "$PIN_GATEWAY"} python3 -m app.cli serve --host 127.0.0.1 --port "$GW_PORT" --upstream "http://127.0.0.1:$VLLM_PORT" \
+  > "$OUT/gateway_compare.log" 2>&1 &
+GW=$!
+wait_http "http://127.0.0.1:$GW_PORT/readyz" "$GW" 60 "$OUT/gateway_compare.log" || exit 6
+echo "gateway ready; label $LABEL"
+${PIN_CLIENT:+taskset -c "$PIN_CLIENT"} python3 scripts/gpu_compare.py --direct "http://127.0.0.1:$VLLM_PORT" --gateway "http://127.0.0.1:$GW_PORT" \
+  --model tiny-llama --label "$LABEL" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_compare_$LABEL.log"
+RC=${PIPESTATUS[0]}
+cleanup
+grep -v "Warning\|warn(" "$OUT/gateway_compare.log" | grep -i "error\|traceback" | tail -5
+echo "gpu_compare rc=$RC, total $((SECONDS - t0)) s"
+exit "$RC"
