@@ -30,7 +30,7 @@ from .workers.supervisor import WorkerSpec
 log = logging.getLogger("tokengate")
 
 # flag dest → Settings field (all of them also read TOKENGATE_<FIELD> from the environment)
-_SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "max_tokens_cap", "default_max_tokens",
+_SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "tokenizers", "max_tokens_cap", "default_max_tokens",
                    "context_cap", "cap_policy", "model", "served_model_name", "worker_max_model_len", "region",
                    "region_fallbacks", "preset", "presets", "gpus", "replicas", "worker_env", "worker_extra_args",
                    "state_dir",
@@ -52,6 +52,11 @@ def _serve_parser(sub: Any) -> None:
                    help="running vLLM OpenAI server(s) to proxy to, as URL or REGION[/PRESET]=URL "
                         "[TOKENGATE_UPSTREAM, comma separated]")
     p.add_argument("--upstream-api-key", help="API key the external workers expect [TOKENGATE_UPSTREAM_API_KEY]")
+    p.add_argument("--tokenizer", action="append", dest="tokenizers", metavar="MODEL=PATH",
+                   help="the served model MODEL's tokenizer files on this machine (a directory with tokenizer.json, "
+                        "tokenizer_config.json, the chat template: the same files the workers load), for workers on "
+                        "other machines: prompts are counted here instead of by a /tokenize call to a worker per "
+                        "request (repeatable) [TOKENGATE_TOKENIZERS, comma separated]")
     p.add_argument("--max-tokens-cap", type=int, metavar="N",
                    help="largest max_tokens a request may ask for (default: the preset's, else 4096) "
                         "[TOKENGATE_MAX_TOKENS_CAP]")

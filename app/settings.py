@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         default_factory=list, description="external workers: [region[/preset]=]URL"
     )
     upstream_api_key: str | None = Field(None, description="key the external workers expect (vllm --api-key)")
+    tokenizers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="MODEL=PATH: the model's tokenizer files on this machine, for workers on other machines "
+                    "(prompts are then counted here, not by a /tokenize call per request)",
+    )
     region: str | None = Field(None, min_length=1, max_length=64,
                                description="default region of requests (and of managed workers)")
     region_fallbacks: Annotated[list[str], NoDecode] = Field(
@@ -130,7 +135,7 @@ class Settings(BaseSettings):
     access_log: bool = False
 
     _split = field_validator("upstream", "worker_extra_args", "worker_env", "region_fallbacks", "presets",
-                             "forwarded_allow_ips",
+                             "forwarded_allow_ips", "tokenizers",
                              "allow_fields", mode="before")(_split_list)
 
     @field_validator("gpus", mode="before")
@@ -153,6 +158,17 @@ class Settings(BaseSettings):
         for item in items:
             if "=" not in item or not item.partition("=")[0]:
                 raise ValueError(f"worker env {item!r} is not KEY=VALUE")
+        return items
+
+    @field_validator("tokenizers")
+    @classmethod
+    def _tokenizer_paths(cls, items: list[str]) -> list[str]:
+        for item in items:
+            model, sep, path = item.partition("=")
+            if not sep or not model or not path:
+                raise ValueError(f"tokenizer {item!r} is not MODEL=PATH")
+            if not Path(path, "tokenizer.json").is_file():
+                raise ValueError(f"tokenizer {item!r}: no tokenizer.json in {path}")
         return items
 
     @model_validator(mode="after")
@@ -178,6 +194,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"region fallback {item!r} is not FROM=TO[:TO2...]")
             out.setdefault(src, []).extend(targets)
         return out
+
+    def tokenizer_paths(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.tokenizers)
 
     def worker_environment(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.worker_env)

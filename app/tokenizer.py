@@ -176,11 +176,13 @@ TokenizerLoader = Callable[[str], LocalTokenizer]
 
 
 class TokenizerStore:
-    """Model id → its local tokenizer, loaded once (in a thread) when a worker reports a local model path."""
+    """Model id → its local tokenizer, loaded once (in a thread) when a worker reports a local model path, or
+    from the path configured for the model (``--tokenizer MODEL=PATH``: workers on other machines)."""
 
-    def __init__(self) -> None:
+    def __init__(self, paths: dict[str, str] | None = None) -> None:
         self._by_model: dict[str, LocalTokenizer | None] = {}
         self._roots: dict[str, str | None] = {}
+        self._paths = dict(paths or {})
 
     def get(self, model: str) -> LocalTokenizer | None:
         return self._by_model.get(model)
@@ -191,6 +193,7 @@ class TokenizerStore:
     async def ensure(self, model: str, root: str | None) -> None:
         import asyncio
 
+        root = self._paths.get(model, root)
         if model in self._roots and self._roots[model] == root:
             return
         self._roots[model] = root

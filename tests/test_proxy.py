@@ -412,6 +412,36 @@ def test_caps_hold_exactly_under_concurrent_load(tmp_path_factory: pytest.TempPa
     assert set(sent) == {200, 256 - n_near}  # nothing over the window ever reached the worker
 
 
+def test_a_configured_tokenizer_counts_prompts_of_a_worker_on_another_machine(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # a worker whose model path is not on this machine (no root): --tokenizer MODEL=PATH counts here, exactly,
+    # and the worker sees no /tokenize call
+    from app.tinymodel import build_tiny_model
+    from app.tokenizer import LocalTokenizer
+
+    root = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    tok = LocalTokenizer(root)
+    messages = [{"role": "user", "content": "word " * 30}]
+    n = tok.count(tok.render_chat(messages), add_special_tokens=False)
+    with ThreadedFakeWorker(max_model_len=n + 10, record=True) as w, \
+            gateway(w, tokenizers=[f"tiny={root}"]) as gw:
+        r = httpx.post(gw.base + "/chat/completions", timeout=10,
+                       json={"model": "tiny", "messages": messages, "max_tokens": 50, "stream": False})
+        assert r.status_code == 200 and r.headers["x-tokengate-max-tokens-clamped"] == "50"
+        assert r.json()["usage"]["completion_tokens"] == 10  # exactly what the window leaves
+        too_long = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 40}]}
+        r = httpx.post(gw.base + "/chat/completions", json=too_long, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert not [req for req in w.received if req.path == "/tokenize"]
+
+
+def test_a_tokenizer_path_without_a_tokenizer_is_refused_at_start(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        Settings(upstream=["http://127.0.0.1:1"], tokenizers=[f"tiny={tmp_path}"])
+    with pytest.raises(ValueError, match="MODEL=PATH"):
+        Settings(upstream=["http://127.0.0.1:1"], tokenizers=["tiny"])
+
+
 class _Responses:
     """httptools callbacks: the responses on one connection, parsed in order (chunked or Content-Length)."""
 
