@@ -8,6 +8,7 @@ Pinning: the gateway on CPU 0; the load client (this process) and the fake worke
 per 1000 requests come from /proc/PID/stat (utime + stime of the gateway and its children) around each round.
 
     python -m bench.overhead                                  # the real gateway (`tokengate serve`)
+    python -m bench.overhead --count local                    # ... with the model's tokenizer on the gateway
     python -m bench.overhead --gateway naive                  # calibration: bench/naive_relay.py
     python -m bench.overhead --gateway-cmd 'mygw --port {port} --upstream {upstream}' --rounds 5 --round-seconds 4
 
@@ -164,8 +165,9 @@ async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: st
     wport, gport = free_port(), free_port()
     pin = not a.no_pin
     wlog, glog = logdir / f"worker-{reg.name}-{stamp}.log", logdir / f"gateway-{reg.name}-{stamp}.log"
+    root = ["--root", a.worker_root] if a.worker_root else []
     worker = spawn([sys.executable, "-m", "bench.fakeworker", "--port", str(wport), "--ttft", str(reg.ttft),
-                    "--token-delay", str(reg.token_delay)], a.client_cpu if pin else None, wlog)
+                    "--token-delay", str(reg.token_delay), *root], a.client_cpu if pin else None, wlog)
     gateway: subprocess.Popen[bytes] | None = None
     try:
         wait_http(wport, "/health", worker, wlog, 10)
@@ -270,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--api-key", default=os.environ.get("TOKENGATE_BENCH_API_KEY"), help="sent to the gateway only")
     p.add_argument("--model", default="tiny")
+    p.add_argument("--count", choices=("remote", "local"), default="remote",
+                   help="remote: the worker reports no model path, so the gateway counts each prompt with a "
+                        "/tokenize call to it (a worker on another machine); local: the worker reports the path of a "
+                        "generated tiny model, whose tokenizer the gateway loads and counts with")
     p.add_argument("--regimes", default="paced,saturation")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--round-seconds", type=float, default=4.0)
@@ -291,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logdir = a.out / "raw"
     logdir.mkdir(parents=True, exist_ok=True)
+    a.worker_root = None
+    if a.count == "local":
+        from app.tinymodel import build_tiny_model
+
+        a.worker_root = str(build_tiny_model(logdir / "tiny-model"))
     regimes = [REGIMES[n.strip()] for n in a.regimes.split(",") if n.strip()]
 
     def say(msg: str) -> None:
@@ -306,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     results = uvloop.run(go())
-    meta = {"timestamp": stamp, "gateway_cmd": a.gateway_cmd, "rounds": a.rounds, "round_seconds": a.round_seconds,
+    meta = {"timestamp": stamp, "gateway_cmd": a.gateway_cmd, "prompt_count": a.count, "rounds": a.rounds,
+            "round_seconds": a.round_seconds,
             "warmup_seconds": a.warmup_seconds, "concurrency": a.concurrency, "pinned": not a.no_pin,
             "gateway_cpu": a.gateway_cpu, "client_cpu": a.client_cpu, "cpus": os.cpu_count(),
             "cpu_model": cpu_model(), "python": platform.python_version(),

@@ -9,6 +9,7 @@
 # gpus_compare.txt, vllm_compare.log, gateway_compare.log. LABEL defaults to the card (h100, h200, ...).
 # Test overrides: SITE, TGSITE, TINY, VLLM_PORT, GW_PORT, EXTRA_VLLM_ARGS (word-split), LABEL.
 # CPU pinning (taskset lists; default none): PIN_VLLM, PIN_GATEWAY, PIN_CLIENT. EAGER= (empty): CUDA graphs on.
+# GW_ARGS: more `tokengate serve` flags, e.g. GW_ARGS="--workers 4".
 # SHAPE=8b: the tiny model's tokenizer with a Llama-3-8B-shaped config and random weights (vLLM --load-format dummy):
 # decode steps as long as a real 8B model's, so the engine, not its Python front end, sets the pace.
 set -u
@@ -84,7 +85,8 @@ CUDA_VISIBLE_DEVICES=0 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLREDUCE_USE_SYMM_MEM
 VL=$!
 wait_http "http://127.0.0.1:$VLLM_PORT/health" "$VL" 300 "$OUT/vllm_compare.log" || exit 5
 echo "vLLM healthy after $((SECONDS - t0)) s"
-$SETSID ${PIN_GATEWAY:+taskset -c "$PIN_GATEWAY"} python3 -m app.cli serve --host 127.0.0.1 --port "$GW_PORT" --upstream "http://127.0.0.1:$VLLM_PORT" \
+# shellcheck disable=SC2086  # GW_ARGS is word-split on purpose (e.g. GW_ARGS="--workers 4")
+$SETSID ${PIN_GATEWAY:+taskset -c "$PIN_GATEWAY"} python3 -m app.cli serve --host 127.0.0.1 --port "$GW_PORT" --upstream "http://127.0.0.1:$VLLM_PORT" ${GW_ARGS:-} \
   > "$OUT/gateway_compare.log" 2>&1 &
 GW=$!
 wait_http "http://127.0.0.1:$GW_PORT/readyz" "$GW" 60 "$OUT/gateway_compare.log" || exit 6
