@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from time import monotonic, perf_counter
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -23,7 +23,7 @@ from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
-from .streaming import ClientWriter, SSEParser, relay, splice
+from .streaming import ClientWriter, SSEParser, collect, relay, splice
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 
@@ -125,15 +125,8 @@ async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange
     agg = StreamAggregator(req.route)
     ex.parser = parser = SSEParser(include_usage=True, sink=agg.add)
     st = parser.state
-    chunk = first
     try:
-        while chunk is not None:
-            parser.feed(chunk, perf_counter())
-            if st.saw_done:
-                break
-            chunk = await resp.next_chunk(idle_timeout)
-        if not st.saw_done:
-            raise UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+        await collect(resp, first or b"", parser, idle_timeout=idle_timeout)
         data = orjson.dumps(agg.result())
     except GatewayError as exc:
         if not isinstance(exc, UpstreamStatus):

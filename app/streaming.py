@@ -209,27 +209,25 @@ class ClientWriter(Protocol):
         ...
 
 
-class _Splice:
-    """The relay as callbacks: the worker connection hands each read to ``on_data``, which parses it and writes it
-    to the client on the spot — no task wake-up, future or timer per chunk. The task that owns the exchange sleeps
-    until the stream ends, or until the client stops taking writes (then the worker is paused, not buffered)."""
+class _Reader:
+    """A worker stream read in callbacks: the connection hands each read to ``on_data`` from its own
+    ``data_received`` — no task wake-up, future or timer per chunk. The task that owns the exchange sleeps in
+    ``run`` until the stream has ended (``finished``, with ``error`` when it ended badly). One idle timer per
+    stream, re-armed lazily."""
 
-    __slots__ = ("parser", "client", "resp", "loop", "idle_timeout", "waiter", "last_read", "paused", "finished",
-                 "final", "error", "timer", "head")
+    __slots__ = ("parser", "resp", "loop", "idle_timeout", "waiter", "last_read", "paused", "finished", "error",
+                 "timer")
 
-    def __init__(self, parser: SSEParser, client: ClientWriter, resp: UpstreamResponse, idle_timeout: float,
-                 loop: asyncio.AbstractEventLoop, head: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, parser: SSEParser, resp: UpstreamResponse, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.parser = parser
-        self.client = client
         self.resp = resp
         self.loop = loop
         self.idle_timeout = idle_timeout
-        self.head: list[tuple[bytes, bytes]] | None = head  # the response headers, until they have gone out
         self.waiter: asyncio.Future[None] | None = None
         self.last_read = loop.time()
         self.paused = False
         self.finished = False
-        self.final = b""  # the body of the closing write
         self.error: GatewayError | None = None
         self.timer = loop.call_at(self.last_read + idle_timeout, self._check_idle)
 
@@ -238,30 +236,17 @@ class _Splice:
         if self.finished:
             return
         t0 = perf_counter()
-        st = self.parser.state
         try:
             out = self.parser.feed(data, t0)
         except GatewayError as exc:
             self._finish(exc, sse_event(exc))
             return
-        if st.saw_done:
-            st.chunks += 1
-            st.relay_seconds += perf_counter() - t0
+        if self.parser.state.saw_done:
             self._finish(None, out)
             return
         self.last_read = self.loop.time()
         if out:
-            if self.head is not None:
-                self.client.start(200, self.head, out, False)
-                self.head = None
-            else:
-                self.client.write(out)  # a client that has gone is noticed by its own watcher (it cancels us)
-            st.chunks += 1
-            st.relay_seconds += perf_counter() - t0
-            if self.client.write_paused and not self.paused:
-                self.paused = True
-                self.resp.pause_reading()
-                self._wake()
+            self._forward(out, t0)
 
     def on_end(self) -> None:
         if self.finished:
@@ -276,19 +261,19 @@ class _Splice:
         err = exc if isinstance(exc, GatewayError) else UpstreamError(f"worker connection failed: {exc}")
         self._finish(err, sse_event(err))
 
-    # internals
+    # what the two kinds do with events
+    def _forward(self, out: bytes, t0: float) -> None:
+        """Complete events to pass on (not the last)."""
+
     def _finish(self, error: GatewayError | None, final: bytes) -> None:
+        """The stream has ended: ``final`` is what is left to pass on (the last events, or an error event)."""
         self.finished = True
         self.error = error
         self.timer.cancel()
         self.resp.detach()
-        if self.head is not None:
-            self.client.start(200, self.head, final, True)  # the whole answer in one write
-            self.head = None
-        else:
-            self.client.end(final)
         self._wake()
 
+    # internals
     def _wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
@@ -306,23 +291,22 @@ class _Splice:
         # idle while the client was not reading is not the worker's fault
         self.timer = self.loop.call_at(now + self.idle_timeout if self.paused else due, self._check_idle)
 
-    async def run(self, first: bytes, on_stall: Callable[[float], None]) -> None:
+    def _begin(self) -> None:
+        """After the first chunk, before the rest is read."""
+
+    async def _unpause(self) -> None:
+        raise AssertionError("only a relay to a client pauses")
+
+    async def run(self, first: bytes) -> None:
         if first:
             self.on_data(first)
         if not self.finished:
-            if self.head is not None:  # nothing to show yet (a partial event): the head goes now, alone
-                self.client.start(200, self.head, b"", False)
-                self.head = None
+            self._begin()
             self.resp.attach(self)  # what arrived meanwhile is handed over at once, the rest as it comes
         try:
             while not self.finished:
                 if self.paused:
-                    on_stall(monotonic())  # the write watchdog times how long the client takes
-                    await self.client.drain()
-                    on_stall(0.0)
-                    self.paused = False
-                    self.last_read = self.loop.time()
-                    self.resp.resume_reading()
+                    await self._unpause()
                     continue
                 self.waiter = self.loop.create_future()
                 await self.waiter
@@ -336,11 +320,73 @@ class _Splice:
                 self.resp.resume_reading()  # the rest (the chunked terminator) is read to reuse the connection
 
 
+class _Splice(_Reader):
+    """The relay: each read's complete events are written to the client on the spot (the head with the first
+    ones). When the client stops taking writes, the worker connection is paused, not buffered, and the task
+    waits for the client (the write watchdog times how long)."""
+
+    __slots__ = ("client", "head", "on_stall")
+
+    def __init__(self, parser: SSEParser, client: ClientWriter, resp: UpstreamResponse, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop, head: list[tuple[bytes, bytes]],
+                 on_stall: Callable[[float], None]) -> None:
+        super().__init__(parser, resp, idle_timeout, loop)
+        self.client = client
+        self.head: list[tuple[bytes, bytes]] | None = head  # the response headers, until they have gone out
+        self.on_stall = on_stall
+
+    def _forward(self, out: bytes, t0: float) -> None:
+        st = self.parser.state
+        if self.head is not None:
+            self.client.start(200, self.head, out, False)
+            self.head = None
+        else:
+            self.client.write(out)  # a client that has gone is noticed by its own watcher (it cancels us)
+        st.chunks += 1
+        st.relay_seconds += perf_counter() - t0
+        if self.client.write_paused and not self.paused:
+            self.paused = True
+            self.resp.pause_reading()
+            self._wake()
+
+    def _finish(self, error: GatewayError | None, final: bytes) -> None:
+        if error is None:
+            self.parser.state.chunks += 1
+        super()._finish(error, final)
+        if self.head is not None:
+            self.client.start(200, self.head, final, True)  # the whole answer in one write
+            self.head = None
+        else:
+            self.client.end(final)
+
+    def _begin(self) -> None:
+        if self.head is not None:  # nothing to show yet (a partial event): the head goes now, alone
+            self.client.start(200, self.head, b"", False)
+            self.head = None
+
+    async def _unpause(self) -> None:
+        self.on_stall(monotonic())
+        await self.client.drain()
+        self.on_stall(0.0)
+        self.paused = False
+        self.last_read = self.loop.time()
+        self.resp.resume_reading()
+
+
 async def splice(resp: UpstreamResponse, first: bytes, parser: SSEParser, client: ClientWriter,
                  headers: list[tuple[bytes, bytes]], *, idle_timeout: float, on_stall: Callable[[float], None]
                  ) -> GatewayError | None:
     """``relay`` with its per-chunk path in callbacks (``_Splice``), writing straight to the client; it sends the
     response's head too (with the first chunk). Same contract as ``relay``."""
-    sp = _Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers)
-    await sp.run(first, on_stall)
+    sp = _Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
+    await sp.run(first)
     return sp.error
+
+
+async def collect(resp: UpstreamResponse, first: bytes, parser: SSEParser, *, idle_timeout: float) -> None:
+    """Read a whole worker stream into ``parser`` (whose sink builds the answer), in callbacks like ``splice``.
+    Raises the error that cut it short."""
+    reader = _Reader(parser, resp, idle_timeout, asyncio.get_running_loop())
+    await reader.run(first)
+    if reader.error is not None:
+        raise reader.error

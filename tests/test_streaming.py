@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from app.errors import GatewayError, UpstreamTimeout
-from app.streaming import MAX_EVENT_BYTES, SSEParser, relay, splice
+from app.streaming import MAX_EVENT_BYTES, SSEParser, collect, relay, splice
 from app.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 
 
@@ -372,3 +372,28 @@ async def test_splice_pauses_the_worker_while_the_client_is_not_reading() -> Non
     assert await task is None
     assert client.body == ROLE + b"".join(TOK) + DONE and client.ended
     assert resp.pause_calls == 1 and resp.resume_calls >= 1 and stalls[-1] == 0.0
+
+
+@in_loop
+async def test_collect_reads_a_whole_stream_split_across_reads_into_the_sink() -> None:
+    seen: list[dict[str, Any]] = []
+    parser = SSEParser(include_usage=True, sink=seen.append)
+    pieces = [STREAM[i:i + 11] for i in range(0, len(STREAM), 11)]
+    resp = FakeResponse(pieces[1:])
+    await collect(cast(UpstreamResponse, resp), pieces[0], parser, idle_timeout=5.0)
+    assert len(seen) == 5 and parser.state.saw_done and parser.state.content_events == 3
+    assert resp.sink is None  # let go of the connection once [DONE] was seen
+
+
+@pytest.mark.parametrize(("resp", "error", "code"), [
+    (FakeResponse([TOK[0]], then=UpstreamClosed("gone")), UpstreamClosed, "worker_disconnected"),
+    (FakeResponse([TOK[0]]), UpstreamProtocolError, "worker_stream_truncated"),
+    (FakeResponse([TOK[0]], stall=True), UpstreamTimeout, "worker_timeout"),
+    (FakeResponse([TOK[0], b"data: {not json\n\n"]), UpstreamProtocolError, "bad_worker_response"),
+])
+@in_loop
+async def test_collect_raises_what_cut_the_stream_short(resp: FakeResponse, error: type[Exception], code: str
+                                                         ) -> None:
+    with pytest.raises(error) as caught:
+        await collect(cast(UpstreamResponse, resp), ROLE, SSEParser(True, sink=lambda obj: None), idle_timeout=0.05)
+    assert isinstance(caught.value, GatewayError) and caught.value.error_code == code
