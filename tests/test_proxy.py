@@ -193,6 +193,23 @@ def test_client_disconnect_aborts_the_worker_request_within_a_second(worker: Thr
                                       phase=phase) == 1, 5, "the disconnect metric")
 
 
+def test_under_a_plain_asgi_server_the_relay_works_through_send(worker: ThreadedFakeWorker) -> None:
+    # uvicorn's stock protocol offers no direct writes (no ClientLink): streams, JSON answers and disconnects go
+    # through the ASGI send/receive path (what another ASGI server would get)
+    with run_gateway(Settings(upstream=[worker.url], discovery_interval=60.0), ready_timeout=20,
+                     http="httptools") as gw:
+        evs = events(httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).text)
+        assert evs[-1] == "[DONE]" and len(evs) == 1 + 8 + 1
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        assert r.headers["content-length"] == str(len(r.content))
+        worker.options.token_delay = 0.02
+        sock = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 500})
+        _wait_for_first_bytes(sock)
+        sock.close()
+        assert worker.wait_for(lambda s: s.aborted == 1, 1.0), "the worker request outlived the client by 1 s"
+
+
 def test_client_disconnect_before_the_first_token_aborts_too(worker: ThreadedFakeWorker) -> None:
     with gateway(worker) as gw:
         worker.options.ttft = 5.0  # a long prefill

@@ -45,15 +45,16 @@ class RunningGateway:
 
 @contextlib.contextmanager
 def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), wait_ready: bool = True,
-                ready_timeout: float = 240.0, before_start: Callable[[AppState], None] | None = None
-                ) -> Iterator[RunningGateway]:
+                ready_timeout: float = 240.0, before_start: Callable[[AppState], None] | None = None,
+                **server_overrides: Any) -> Iterator[RunningGateway]:
     """create_app(settings) served by uvicorn on 127.0.0.1:<free port> in a background thread. ``before_start``
-    may tune the app's state (e.g. the supervisor's backoff) before the lifespan starts anything."""
+    may tune the app's state (e.g. the supervisor's backoff) before the lifespan starts anything;
+    ``server_overrides`` go to uvicorn's Config (e.g. ``http="httptools"``: uvicorn's own protocol)."""
     app = create_app(settings.model_copy(update={"port": 0}), worker_specs=worker_specs)
     if before_start is not None:
         before_start(app.state.tokengate)
     config = server_config(app, settings.model_copy(update={"host": "127.0.0.1", "port": 0}),
-                           log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                           log_level="warning", access_log=False, timeout_graceful_shutdown=5, **server_overrides)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()
