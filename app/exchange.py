@@ -57,6 +57,21 @@ class Exchange:
     def stalled(self, since: float) -> None:
         self.sending_since = since
 
+    def client_lost(self) -> None:
+        """The client's connection is gone: stop the exchange wherever it waits (the proxy aborts the worker
+        request on the way out)."""
+        if not self.done and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
+
+    async def watch_receive(self, receive: Any) -> None:
+        """Without a ClientWriter to tell us: wait for the ASGI disconnect message."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.client_lost()
+                return
+
 
 def error_kind(exc: GatewayError) -> str:
     if isinstance(exc, UpstreamStatus):

@@ -124,8 +124,8 @@ class Proxy:
                 self._client_gone(route, ctx, rec)
                 return
             if ctx.client is None:
-                watcher = asyncio.get_running_loop().create_task(self._watch(receive, ctx))
-            elif not ctx.client.watch(lambda: self._lost(ctx)):
+                watcher = asyncio.get_running_loop().create_task(ctx.watch_receive(receive))
+            elif not ctx.client.watch(ctx.client_lost):
                 ctx.client_gone = True
                 self._client_gone(route, ctx, rec)
                 return
@@ -189,19 +189,6 @@ class Proxy:
         if rec.status >= 400 and rec.status != 499 and not rec.completion_tokens:
             used = 0  # refused or failed before any work: charge nothing
         await self.limiter.settle(ctx.ticket, used)
-
-    async def _watch(self, receive: Any, ctx: Exchange) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._lost(ctx)
-                return
-
-    @staticmethod
-    def _lost(ctx: Exchange) -> None:
-        if not ctx.done and ctx.task is not None:
-            ctx.client_gone = True
-            ctx.task.cancel()
 
     def _client_gone(self, route: Route, ctx: Exchange, rec: RequestRecord) -> None:
         rec.status = 499

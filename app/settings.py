@@ -163,11 +163,13 @@ class Settings(BaseSettings):
     @field_validator("tokenizers")
     @classmethod
     def _tokenizer_paths(cls, items: list[str]) -> list[str]:
+        from .tokenizer import has_local_tokenizer  # here: settings load before the tokenizer machinery is needed
+
         for item in items:
             model, sep, path = item.partition("=")
             if not sep or not model or not path:
                 raise ValueError(f"tokenizer {item!r} is not MODEL=PATH")
-            if not Path(path, "tokenizer.json").is_file():
+            if not has_local_tokenizer(path):
                 raise ValueError(f"tokenizer {item!r}: no tokenizer.json in {path}")
         return items
 

@@ -135,6 +135,10 @@ class SSEParser:
         return self.state._pending
 
 
+def _truncated() -> UpstreamProtocolError:
+    return UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+
+
 async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: Send, *, idle_timeout: float
                 ) -> GatewayError | None:
     """Relay the rest of a stream whose response has started. Returns the error that ended it early, if any
@@ -162,7 +166,7 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
         except GatewayError as exc:
             await send({"type": "http.response.body", "body": sse_event(exc), "more_body": False})
             return exc
-    truncated = UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+    truncated = _truncated()
     # an error event the worker sent itself has already gone out in-band: just end the stream
     body = b"" if st.saw_error else sse_event(truncated)
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -251,7 +255,7 @@ class _Reader:
     def on_end(self) -> None:
         if self.finished:
             return
-        truncated = UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+        truncated = _truncated()
         # an error event the worker sent itself has already gone out in-band: just end the stream
         self._finish(truncated, b"" if self.parser.state.saw_error else sse_event(truncated))
 
