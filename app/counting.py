@@ -22,8 +22,16 @@ _REMOTE_CHAT_FIELDS = ("tools", "add_generation_prompt", "continue_final_message
                        "documents", "chat_template")
 
 
-def _text_messages(messages: list[dict[str, Any]]) -> bool:
-    return all(m.get("content") is None or isinstance(m.get("content"), str) for m in messages)
+def _text_size(messages: list[dict[str, Any]]) -> int | None:
+    """The characters of all message contents, or None when one is not plain text (content parts)."""
+    size = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            size += len(content)
+        elif content is not None:
+            return None
+    return size
 
 
 def _template_error(exc: TemplateError) -> InvalidRequest:
@@ -39,18 +47,18 @@ class PromptCounter:
         body = req.body
         if req.route == "chat":
             messages: list[dict[str, Any]] = body["messages"]
-            if tokenizer is None or body.get("tools") or body.get("chat_template_kwargs") or \
-                    not _text_messages(messages):
+            chars = _text_size(messages)
+            if tokenizer is None or chars is None or body.get("tools") or body.get("chat_template_kwargs"):
                 payload = {"model": req.model, "messages": messages}
                 for key in _REMOTE_CHAT_FIELDS:
                     if key in body:
                         payload[key] = body[key]
                 return PromptSize(None, lambda: remote(payload))
-            return self._chat_local(tokenizer, messages, body)
+            return self._chat_local(tokenizer, messages, body, chars)
         return self._completion(tokenizer, req, remote)
 
-    def _chat_local(self, tok: LocalTokenizer, messages: list[dict[str, Any]], body: dict[str, Any]
-                    ) -> PromptSize:
+    def _chat_local(self, tok: LocalTokenizer, messages: list[dict[str, Any]], body: dict[str, Any],
+                    chars: int) -> PromptSize:
         add_gen = body.get("add_generation_prompt", True) is not False
         cont = body.get("continue_final_message") is True
 
@@ -61,8 +69,7 @@ class PromptCounter:
             except TemplateError as exc:
                 raise _template_error(exc) from None
 
-        approx = sum(len(m.get("content") or "") for m in messages)
-        if approx > self._offloop:
+        if chars > self._offloop:
             def count_all() -> int:
                 return tok.count(render(), add_special_tokens=False)
             return PromptSize(None, lambda: self._offload(count_all))

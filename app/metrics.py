@@ -138,11 +138,26 @@ class GatewayMetrics:
         self.info.info({"version": version})
         self._route_children: dict[tuple[str, ...], tuple[Histogram, Histogram, Histogram, Histogram]] = {}
         self._worker_children: dict[tuple[str, ...], tuple[Counter, Counter]] = {}
+        # labels() validates and joins its values on every call: the per-request children are looked up here
+        self._request_children: dict[tuple[str, ...], Counter] = {}
+        self._in_flight_children: dict[tuple[str, ...], Gauge] = {}
+        self._queue_children: dict[tuple[str, str], Histogram] = {}
         self._relay = self.overhead.labels("relay")
         self._dispatch = self.overhead.labels("dispatch")
 
     def worker_in_flight(self, model: str, region: str, preset: str, worker: str) -> Gauge:
-        return self.in_flight.labels(model, region, preset, worker)
+        key = (model, region, preset, worker)
+        child = self._in_flight_children.get(key)
+        if child is None:
+            child = self._in_flight_children[key] = self.in_flight.labels(*key)
+        return child
+
+    def queue_timer(self, model: str, region: str) -> Histogram:
+        key = (model, region)
+        child = self._queue_children.get(key)
+        if child is None:
+            child = self._queue_children[key] = self.queue_time.labels(*key)
+        return child
 
     def observe_request(self, rec: RequestRecord) -> None:
         key = (rec.route, rec.model, rec.region, rec.preset, rec.worker)
@@ -151,7 +166,11 @@ class GatewayMetrics:
             children = (self.ttft.labels(*key), self.tps.labels(*key), self.itl.labels(*key), self.e2e.labels(*key))
             self._route_children[key] = children
         ttft, tps, itl, e2e = children
-        self.requests.labels(*key, str(rec.status)).inc()
+        rkey = (*key, str(rec.status))
+        counter = self._request_children.get(rkey)
+        if counter is None:
+            counter = self._request_children[rkey] = self.requests.labels(*rkey)
+        counter.inc()
         e2e.observe(rec.end - rec.arrival)
         if rec.dispatched is not None:
             self._dispatch.observe(rec.dispatched - rec.arrival)

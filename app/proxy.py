@@ -79,6 +79,7 @@ class Proxy:
         self._turn = 0
         self.calls = WorkerCalls(pool, timeout=settings.read_timeout)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
+        self._pool_presets: dict[int, tuple[tuple[Worker, ...], tuple[str, ...]]] = {}
         self.draining = False
         self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
 
@@ -86,8 +87,19 @@ class Proxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self.handle(ROUTES[scope["path"]], scope, receive, send)
 
-    def caps_for(self, model: str, info: ModelInfo, pool: tuple[Worker, ...] = ()) -> Caps:
+    def _presets(self, pool: tuple[Worker, ...]) -> tuple[str, ...]:
+        """The region/preset names of a pool, by the pool's identity (routing memoizes pools per snapshot)."""
+        hit = self._pool_presets.get(id(pool))
+        if hit is not None and hit[0] is pool:  # the entry holds the pool, so its id can't be reused meanwhile
+            return hit[1]
+        if len(self._pool_presets) > 256:  # pools of older snapshots
+            self._pool_presets.clear()
         presets = tuple(sorted({f"{w.region}/{w.preset}" for w in pool}))
+        self._pool_presets[id(pool)] = (pool, presets)
+        return presets
+
+    def caps_for(self, model: str, info: ModelInfo, pool: tuple[Worker, ...] = ()) -> Caps:
+        presets = self._presets(pool)
         key = (model, info.max_model_len, presets)
         caps = self._caps.get(key)
         if caps is None:
@@ -261,7 +273,7 @@ class Proxy:
         ctx.ticket = await self.limiter.admit(ctx.principal, prompt_estimate + decision.max_tokens * req.n)
         ctx.headers.extend(ctx.ticket.headers())
         gate = self._gate(req.model, regions[0], pool)
-        queue_time = self.metrics.queue_time.labels(req.model, regions[0])
+        queue_time = self.metrics.queue_timer(req.model, regions[0])
         try:
             ctx.slot = await gate.acquire(ctx.principal.priority)
         except GatewayError as exc:

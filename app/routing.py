@@ -23,8 +23,11 @@ def candidates(snapshot: Snapshot, model: str, regions: Sequence[str] | None) ->
     pool = snapshot.by_model.get(model, ())
     if regions is None:
         return pool
+    memo = snapshot.by_region
     for region in regions:  # the request's region first, then allowed fallbacks in order
-        local = tuple(w for w in pool if w.region == region)
+        local = memo.get((model, region))
+        if local is None:
+            local = memo[(model, region)] = tuple(w for w in pool if w.region == region)
         if local:
             return local
     return ()

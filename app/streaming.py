@@ -233,7 +233,7 @@ class _Reader:
         self.paused = False
         self.finished = False
         self.error: GatewayError | None = None
-        self.timer = loop.call_at(self.last_read + idle_timeout, self._check_idle)
+        self.timer: asyncio.TimerHandle | None = None  # armed once the first read did not end the stream
 
     # Sink
     def on_data(self, data: bytes) -> None:
@@ -273,7 +273,8 @@ class _Reader:
         """The stream has ended: ``final`` is what is left to pass on (the last events, or an error event)."""
         self.finished = True
         self.error = error
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         self.resp.detach()
         self._wake()
 
@@ -306,6 +307,7 @@ class _Reader:
             self.on_data(first)
         if not self.finished:
             self._begin()
+            self.timer = self.loop.call_at(self.last_read + self.idle_timeout, self._check_idle)
             self.resp.attach(self)  # what arrived meanwhile is handed over at once, the rest as it comes
         try:
             while not self.finished:
@@ -318,7 +320,8 @@ class _Reader:
         finally:
             if not self.finished:  # cancelled (the client went away): the caller aborts the worker request
                 self.finished = True
-                self.timer.cancel()
+                if self.timer is not None:
+                    self.timer.cancel()
                 self.resp.detach()
             elif self.paused:
                 self.resp.resume_reading()  # the rest (the chunked terminator) is read to reuse the connection

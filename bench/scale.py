@@ -46,9 +46,12 @@ def cpu_list(spec: str) -> list[int]:
 
 
 def counted(port: int) -> dict[str, float]:
-    """The gateway's own count of answered chat requests (status 200) and of completion tokens."""
+    """The gateway's own count of answered requests (status 200) and of completion tokens."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
+        return parse_counts(r.read().decode())
+
+
+def parse_counts(text: str) -> dict[str, float]:
     out = {"requests": 0.0, "completion_tokens": 0.0}
     for line in text.splitlines():
         m = _SAMPLE.match(line)

@@ -52,6 +52,8 @@ class Snapshot:
     workers: tuple[Worker, ...]
     by_model: dict[str, tuple[Worker, ...]]  # ready workers serving each model
     models: dict[str, ModelInfo]  # every model a ready worker serves (smallest max_model_len wins)
+    # (model, region) -> its workers, filled on first use by routing.candidates (the snapshot never changes)
+    by_region: dict[tuple[str, str], tuple[Worker, ...]] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Registry:
