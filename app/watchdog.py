@@ -37,11 +37,14 @@ class WriteWatchdog:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.limit / 4))
-            now = monotonic()
-            for ex in list(self._live):
-                since = ex.sending_since
-                if since and now - since > self.limit and not ex.done and ex.task is not None:
-                    self._live.discard(ex)  # dropped once
-                    ex.client_gone = True
-                    self.stalls.inc()
-                    ex.task.cancel()
+            self._scan(monotonic())
+
+    def _scan(self, now: float) -> None:
+        # a method of its own: the loop variable must not keep the last exchange alive while _run sleeps
+        for ex in list(self._live):
+            since = ex.sending_since
+            if since and now - since > self.limit and not ex.done and ex.task is not None:
+                self._live.discard(ex)  # dropped once
+                ex.client_gone = True
+                self.stalls.inc()
+                ex.task.cancel()
