@@ -210,11 +210,13 @@ class LoadResult:
 
 async def run_closed(target: Target, *, concurrency: int, duration: float | None = None,
                      requests: int | None = None, timeout: float = 60.0,
-                     pool: list[Connection] | None = None) -> LoadResult:
+                     pool: list[Connection] | None = None, think: float = 0.0) -> LoadResult:
     """C closed-loop streams until ``duration`` seconds have passed or ``requests`` have been started.
 
     With ``pool``, connections are taken from it and given back at the end (keep-alive across runs);
-    ``close_pool(pool)`` when done.
+    ``close_pool(pool)`` when done. ``think`` > 0: each stream waits a random 0..think seconds before each
+    request (seeded per stream, so every run draws the same waits), which keeps streams of equal length from
+    arriving in lock-step waves.
     """
     if duration is None and requests is None:
         raise ValueError("give duration or requests")
@@ -223,10 +225,13 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     deadline = t0 + duration if duration is not None else float("inf")
     left = [requests if requests is not None else -1]
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         conn: Connection | None = pool.pop() if pool else None
+        rng = random.Random(index)
         while time.perf_counter() < deadline and left[0] != 0:
             left[0] -= 1
+            if think > 0:
+                await asyncio.sleep(rng.uniform(0.0, think))
             if conn is None or not conn.reusable:
                 try:
                     conn = await _connect(target)
@@ -241,7 +246,7 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
             elif conn.transport is not None:
                 conn.transport.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return LoadResult(records, time.perf_counter() - t0)
 
 

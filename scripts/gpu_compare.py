@@ -95,17 +95,18 @@ def raw_records(records: list[RequestRecord]) -> list[list[Any]]:
 
 
 class ArmState:
-    def __init__(self, name: str, url: str, body: dict[str, Any]) -> None:
+    def __init__(self, name: str, url: str, body: dict[str, Any], think: float = 0.0) -> None:
         self.name = name
         self.target = Target.build(url, body)
         self.pool: list[Connection] = []
         self.last_used = 0.0
+        self.think = think
 
     async def run(self, concurrency: int, requests: int, timeout: float) -> tuple[list[RequestRecord], float]:
         if self.pool and time.monotonic() - self.last_used > POOL_IDLE_S:
             close_pool(self.pool)  # the server may be closing them right now: start clean instead of racing it
         res = await run_closed(self.target, concurrency=concurrency, requests=requests, timeout=timeout,
-                               pool=self.pool)
+                               pool=self.pool, think=self.think)
         self.last_used = time.monotonic()
         return res.records, res.elapsed
 
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests-per-round", type=int, default=0, help="per arm per round (default max(32, 4*c))")
     p.add_argument("--warmup-requests", type=int, default=0, help="per arm per concurrency (default max(16, 2*c))")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--think-ms", type=float, default=0.0,
+                   help="each stream waits a random 0..T ms before each request (same draws for both arms): streams "
+                        "of equal length otherwise restart in lock-step waves, whose TTFT swings with the engine's "
+                        "scheduling from round to round")
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     p.add_argument("--out", default="/tmp/out")
     p.add_argument("--label", default=socket.gethostname(), help="e.g. the card: h100, h200")
@@ -247,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     say(f"gpu_compare {label}: direct {a.direct}, gateway {a.gateway}, model {a.model}, c={concs}, "
-        f"{a.rounds} rounds, max_tokens {a.max_tokens}")
+        f"{a.rounds} rounds, max_tokens {a.max_tokens}, think 0..{a.think_ms:g} ms")
     checked = sanity(a, urls)
     say(f"sanity ok: {a.max_tokens} completion tokens on both arms")
     body = body_for(a)
-    arms = {name: ArmState(name, url, body) for name, url in urls.items()}
+    arms = {name: ArmState(name, url, body, a.think_ms / 1000) for name, url in urls.items()}
 
     async def go() -> list[dict[str, Any]]:
         cells = []
