@@ -1,0 +1,35 @@
+"""bench/loadclient.py's closed loop against the fake worker on a real socket: counts, and the think time."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from bench.fakeworker import ThreadedFakeWorker
+from bench.loadclient import Target, chat_body, run_closed
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[ThreadedFakeWorker]:
+    with ThreadedFakeWorker() as w:
+        yield w
+
+
+def test_closed_loop_runs_the_requests_it_was_given(worker: ThreadedFakeWorker) -> None:
+    target = Target.build(worker.url, chat_body(max_tokens=4, stream=True))
+    res = asyncio.run(run_closed(target, concurrency=3, requests=9, timeout=10))
+    assert len(res.records) == 9
+    assert all(r.ok and r.done for r in res.records)
+
+
+def test_think_time_waits_the_seeded_draws_before_each_request(worker: ThreadedFakeWorker) -> None:
+    target = Target.build(worker.url, chat_body(max_tokens=2, stream=True))
+    rng = random.Random(0)  # stream 0's draws: the loop seeds each stream with its index
+    waits = sum(rng.uniform(0.0, 0.1) for _ in range(5))
+    res = asyncio.run(run_closed(target, concurrency=1, requests=5, timeout=10, think=0.1))
+    assert len(res.records) == 5 and all(r.ok for r in res.records)
+    assert waits > 0.1  # the draws are not all near zero: the bound below means something
+    assert res.elapsed >= waits
