@@ -297,6 +297,10 @@ def render(res: dict[str, Any], info: dict[str, Any]) -> str:
            f"* Versions: tokengate {v['tokengate']}, vllm-router {v['vllm-router']}, LiteLLM {v['litellm']} "
            f"(`litellm[proxy]`, 1 uvicorn worker), uvloop {v['uvloop']}, httptools {v['httptools']}.",
            f"* Pinning: {info['pinning']}. Every arm is up during every round.",
+           "* Prompt counting: " + ("tokengate counts with the model's tokenizer (`--tokenizer`)."
+                                    if a.get("tokengate_count") == "local" else
+                                    "the fake worker reports no model path, so tokengate counts every prompt with a "
+                                    "`/tokenize` call to it; the peers count nothing."),
            f"* Closed loop: rounds of {a['round_seconds']} s (paced; c=1: ≥ {a['min_round_requests']:g} request "
            f"durations) / {a['sat_seconds']} s (saturation) per arm after a {a['warmup_seconds']} s warm-up, "
            f"keep-alive connections; {a['rounds']} rounds, arm order rotated each round (A B C D, B C D A, …). "

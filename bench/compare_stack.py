@@ -114,7 +114,7 @@ def launch(reg: Regime, arms: list[str], a: argparse.Namespace, logdir: Path) ->
             port, extra = ports.pop(), ports.pop()
             try:
                 if arm == "tokengate":
-                    launches[arm] = port, peers.tokengate(port, upstream, src=a.tokengate_src)
+                    launches[arm] = port, peers.tokengate(port, upstream, a.tokengate_extra, src=a.tokengate_src)
                 elif arm == "vllm-router":
                     launches[arm] = port, peers.vllm_router(port, upstream, extra)
                 elif arm == "litellm":
