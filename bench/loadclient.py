@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import random
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -258,9 +259,14 @@ def close_pool(pool: list[Connection]) -> None:
 
 
 async def run_open(target: Target, *, rate: float, duration: float, timeout: float = 60.0,
-                   seed: int = 0, pool: list[Connection] | None = None) -> LoadResult:
+                   seed: int = 0, pool: list[Connection] | None = None, max_in_flight: int | None = None
+                   ) -> LoadResult:
     """Poisson arrivals at ``rate`` req/s for ``duration`` seconds; latency is from the actual send (``lag``: how
-    late that was, connecting included).  With ``pool``, idle connections come from it and are left in it."""
+    late that was, connecting included).  With ``pool``, idle connections come from it and are left in it.
+    Arrivals while ``max_in_flight`` requests are open (default: half the open-file limit) fail at once: a target
+    that can't keep up must not exhaust this process's file descriptors."""
+    if max_in_flight is None:
+        max_in_flight = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
     rng = random.Random(seed)
     idle: list[Connection] = pool if pool is not None else []
     records: list[RequestRecord] = []
@@ -292,6 +298,10 @@ async def run_open(target: Target, *, rate: float, duration: float, timeout: flo
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if len(tasks) >= max_in_flight:
+            records.append(RequestRecord(time.perf_counter(), None, 0.0, 0, 0, False,
+                                         f"client: {max_in_flight} requests already open"))
+            continue
         task = asyncio.create_task(one(at))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

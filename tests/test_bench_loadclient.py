@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench.fakeworker import ThreadedFakeWorker
-from bench.loadclient import Target, chat_body, run_closed
+from bench.loadclient import Target, chat_body, run_closed, run_open
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +33,15 @@ def test_think_time_waits_the_seeded_draws_before_each_request(worker: ThreadedF
     assert len(res.records) == 5 and all(r.ok for r in res.records)
     assert waits > 0.1  # the draws are not all near zero: the bound below means something
     assert res.elapsed >= waits
+
+
+def test_open_loop_refuses_arrivals_past_its_in_flight_cap() -> None:
+    """A target that can't keep up must not exhaust the client's file descriptors: past ``max_in_flight`` open
+    requests, arrivals fail at once (and are counted) instead of opening another connection."""
+    with ThreadedFakeWorker(ttft=0.3) as slow:
+        target = Target.build(slow.url, chat_body(max_tokens=2, stream=True))
+        res = asyncio.run(run_open(target, rate=200, duration=0.5, timeout=10, max_in_flight=4))
+    refused = [r for r in res.records if r.error and "already open" in r.error]
+    served = [r for r in res.records if r.ok]
+    assert refused and len(served) <= 4 * 2  # at most 4 open at a time, each lasting ~0.3 s of the 0.5 s
+    assert len(refused) + len(served) == len(res.records)
