@@ -8,8 +8,11 @@ Each request is observed once, when it ends — never once per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 # LLM latencies: from ~5 ms (a cached short prefill) to minutes (long generations under load).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
@@ -138,26 +141,23 @@ class GatewayMetrics:
         self.info.info({"version": version})
         self._route_children: dict[tuple[str, ...], tuple[Histogram, Histogram, Histogram, Histogram]] = {}
         self._worker_children: dict[tuple[str, ...], tuple[Counter, Counter]] = {}
-        # labels() validates and joins its values on every call: the per-request children are looked up here
-        self._request_children: dict[tuple[str, ...], Counter] = {}
-        self._in_flight_children: dict[tuple[str, ...], Gauge] = {}
-        self._queue_children: dict[tuple[str, str], Histogram] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         self._relay = self.overhead.labels("relay")
         self._dispatch = self.overhead.labels("dispatch")
 
-    def worker_in_flight(self, model: str, region: str, preset: str, worker: str) -> Gauge:
-        key = (model, region, preset, worker)
-        child = self._in_flight_children.get(key)
+    def _child(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, looked up once: labels() validates and joins its values on every call."""
+        key = (metric, *values)
+        child = self._children.get(key)
         if child is None:
-            child = self._in_flight_children[key] = self.in_flight.labels(*key)
-        return child
+            child = self._children[key] = metric.labels(*values)
+        return cast(_M, child)
+
+    def worker_in_flight(self, model: str, region: str, preset: str, worker: str) -> Gauge:
+        return self._child(self.in_flight, model, region, preset, worker)
 
     def queue_timer(self, model: str, region: str) -> Histogram:
-        key = (model, region)
-        child = self._queue_children.get(key)
-        if child is None:
-            child = self._queue_children[key] = self.queue_time.labels(*key)
-        return child
+        return self._child(self.queue_time, model, region)
 
     def observe_request(self, rec: RequestRecord) -> None:
         key = (rec.route, rec.model, rec.region, rec.preset, rec.worker)
@@ -166,11 +166,7 @@ class GatewayMetrics:
             children = (self.ttft.labels(*key), self.tps.labels(*key), self.itl.labels(*key), self.e2e.labels(*key))
             self._route_children[key] = children
         ttft, tps, itl, e2e = children
-        rkey = (*key, str(rec.status))
-        counter = self._request_children.get(rkey)
-        if counter is None:
-            counter = self._request_children[rkey] = self.requests.labels(*rkey)
-        counter.inc()
+        self._child(self.requests, *key, str(rec.status)).inc()
         e2e.observe(rec.end - rec.arrival)
         if rec.dispatched is not None:
             self._dispatch.observe(rec.dispatched - rec.arrival)

@@ -40,7 +40,7 @@ from .policy import RequestPolicy, check_min_tokens
 from .policy import check as check_policy
 from .protocol import ROUTES, ParsedRequest, Route, parse_request, set_max_tokens, upstream_body
 from .requestio import ClientGone, read_body, read_headers
-from .routing import affinity_for, candidates, pick
+from .routing import affinity_for, candidates, pick, placements
 from .settings import Settings
 from .streaming import CLIENT_WRITER
 from .tokenizer import TokenizerStore
@@ -79,7 +79,6 @@ class Proxy:
         self._turn = 0
         self.calls = WorkerCalls(pool, timeout=settings.read_timeout)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
-        self._pool_presets: dict[int, tuple[tuple[Worker, ...], tuple[str, ...]]] = {}
         self.draining = False
         self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
 
@@ -87,19 +86,8 @@ class Proxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self.handle(ROUTES[scope["path"]], scope, receive, send)
 
-    def _presets(self, pool: tuple[Worker, ...]) -> tuple[str, ...]:
-        """The region/preset names of a pool, by the pool's identity (routing memoizes pools per snapshot)."""
-        hit = self._pool_presets.get(id(pool))
-        if hit is not None and hit[0] is pool:  # the entry holds the pool, so its id can't be reused meanwhile
-            return hit[1]
-        if len(self._pool_presets) > 256:  # pools of older snapshots
-            self._pool_presets.clear()
-        presets = tuple(sorted({f"{w.region}/{w.preset}" for w in pool}))
-        self._pool_presets[id(pool)] = (pool, presets)
-        return presets
-
-    def caps_for(self, model: str, info: ModelInfo, pool: tuple[Worker, ...] = ()) -> Caps:
-        presets = self._presets(pool)
+    def caps_for(self, model: str, info: ModelInfo, presets: tuple[str, ...] = ()) -> Caps:
+        """The caps of ``model`` on workers of these ``region/preset`` placements (``routing.placements``)."""
         key = (model, info.max_model_len, presets)
         caps = self._caps.get(key)
         if caps is None:
@@ -253,7 +241,7 @@ class Proxy:
                 f"no ready worker serves '{req.model}' in region '{regions[0]}'", retry_after=5,
                 code="no_worker_in_region",
             )
-        caps = ctx.principal.caps.apply(self.caps_for(req.model, info, pool))
+        caps = ctx.principal.caps.apply(self.caps_for(req.model, info, placements(snapshot, pool)))
         size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self._remote_count(pool, p))
         try:
             ctx.decision = decision = await decide(

@@ -33,6 +33,16 @@ def candidates(snapshot: Snapshot, model: str, regions: Sequence[str] | None) ->
     return ()
 
 
+def placements(snapshot: Snapshot, pool: tuple[Worker, ...]) -> tuple[str, ...]:
+    """The sorted ``region/preset`` names of a pool (what its caps depend on), once per pool and snapshot."""
+    hit = snapshot.placements.get(id(pool))
+    if hit is not None and hit[0] is pool:
+        return hit[1]
+    names = tuple(sorted({f"{w.region}/{w.preset}" for w in pool}))
+    snapshot.placements[id(pool)] = (pool, names)
+    return names
+
+
 def affinity_key(prefix: bytes) -> int:
     return zlib.crc32(prefix)
 

@@ -13,13 +13,8 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-KIT=.gpu-vllm/kit
-SITE=${SITE:-/tmp/site}; TGSITE=${TGSITE:-/tmp/tgsite}
-if [ ! -f "$SITE/.vllm_ok" ]; then bash $KIT/setup.sh > "$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 3; }; fi
-if [ ! -f "$TGSITE/.ok" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$TGSITE" .gpu-vllm/tgwheels/*.whl \
-    && touch "$TGSITE/.ok" || exit 3
-fi
+# shellcheck source=scripts/device_site.sh
+. scripts/device_site.sh
 export PYTHONPATH=$TGSITE:$SITE:$PWD PYTHONUNBUFFERED=1
 what=${1:-all}
 { nproc; grep -m1 "model name" /proc/cpuinfo; python3 --version; ulimit -Hn; cat /proc/sys/fs/nr_open; } \

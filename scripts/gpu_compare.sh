@@ -15,14 +15,10 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-KIT=.gpu-vllm/kit
-SITE=${SITE:-/tmp/site}; TGSITE=${TGSITE:-/tmp/tgsite}; TINY=${TINY:-/tmp/tiny}
+TINY=${TINY:-/tmp/tiny}
 VLLM_PORT=${VLLM_PORT:-8001}; GW_PORT=${GW_PORT:-8080}
-if [ ! -f "$SITE/.vllm_ok" ]; then bash $KIT/setup.sh > "$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 3; }; fi
-if [ ! -f "$TGSITE/.ok" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$TGSITE" .gpu-vllm/tgwheels/*.whl \
-    && touch "$TGSITE/.ok" || exit 3
-fi
+# shellcheck source=scripts/device_site.sh
+. scripts/device_site.sh
 if [ ! -f "$TINY/config.json" ]; then
   PYTHONPATH=$SITE python3 $KIT/mktiny.py "$TINY" > "$OUT/mktiny.log" 2>&1 || { tail -30 "$OUT/mktiny.log"; exit 4; }
 fi

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 
-from app.routing import candidates, pick
+from app.routing import candidates, pick, placements
 from app.workers.registry import ModelInfo, Registry, Worker
 
 
@@ -75,3 +75,18 @@ def test_snapshot_lists_only_ready_models_with_smallest_window() -> None:
     reg.update(w2, ready=False)
     assert reg.snapshot.models["m"].max_model_len == 4096
     assert reg.snapshot.by_model["m"] == (w1,)
+
+
+def test_pools_and_placements_follow_the_snapshot() -> None:
+    reg, (fr, uae) = registry_with(("fr0", "fr", 0), ("uae0", "uae", 0))
+    snap = reg.snapshot
+    pool = candidates(snap, "m", ["fr"])
+    assert candidates(snap, "m", ["fr"]) is pool  # memoized: the same tuple for the same snapshot
+    assert placements(snap, pool) == ("fr/external",) == placements(snap, pool)
+    assert placements(snap, candidates(snap, "m", None)) == ("fr/external", "uae/external")
+    fr2 = Worker(name="fr1", url="http://127.0.0.1:9100", region="fr", preset="1xH100")
+    reg.add(fr2)
+    reg.update(fr2, ready=True, models={"m": ModelInfo("m", 2048)})
+    assert reg.snapshot is not snap  # a new snapshot: pools and placements are worked out again
+    assert placements(reg.snapshot, candidates(reg.snapshot, "m", ["fr"])) == ("fr/1xH100", "fr/external")
+    assert placements(snap, pool) == ("fr/external",)  # the old snapshot's answer is unchanged

@@ -52,8 +52,11 @@ class Snapshot:
     workers: tuple[Worker, ...]
     by_model: dict[str, tuple[Worker, ...]]  # ready workers serving each model
     models: dict[str, ModelInfo]  # every model a ready worker serves (smallest max_model_len wins)
-    # (model, region) -> its workers, filled on first use by routing.candidates (the snapshot never changes)
+    # memos filled on first use by routing (the snapshot never changes): (model, region) -> its workers, and
+    # id(pool) -> (pool, its sorted region/preset names); holding the pool keeps its id from being reused
     by_region: dict[tuple[str, str], tuple[Worker, ...]] = field(default_factory=dict, compare=False, repr=False)
+    placements: dict[int, tuple[tuple[Worker, ...], tuple[str, ...]]] = field(default_factory=dict, compare=False,
+                                                                              repr=False)
 
 
 class Registry:
