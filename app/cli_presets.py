@@ -24,16 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from .picker import (
-    RESERVE_FORMULA,
-    Candidate,
-    GiB,
-    ModelConfigError,
-    ModelShape,
-    PickResult,
-    load_model_shape,
-    pick,
-)
+from .modelshape import ModelConfigError, ModelShape, load_model_shape
+from .picker import RESERVE_FORMULA, Candidate, GiB, PickResult, pick
 from .presets import Catalog, Dtype, Preset, PresetError, Quantization, UnknownPreset, builtin_presets_dir, load_catalog
 
 EXIT_NOTHING_FITS = 1

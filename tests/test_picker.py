@@ -1,126 +1,16 @@
-"""The memory-math picker, checked against published parameter counts and figures worked out by hand."""
+"""The memory-math picker, checked against figures worked out by hand."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from app.picker import (
-    GiB,
-    ModelConfigError,
-    check_model_fits_parallelism,
-    evaluate,
-    load_model_shape,
-    model_shape_from_config,
-    pick,
-)
+from app.modelshape import model_shape_from_config
+from app.picker import GiB, check_model_fits_parallelism, evaluate, pick
 from app.presets import Catalog, PresetError, builtin_presets_dir, load_catalog
 
-# config.json of the real checkpoints (the fields that matter, as published on the Hugging Face Hub)
-LLAMA_31_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "attention_bias": False,
-    "bos_token_id": 128000,
-    "eos_token_id": [128001, 128008, 128009],
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 131072,
-    "mlp_bias": False,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 128256,
-}
-LLAMA_31_70B: dict[str, Any] = {
-    **LLAMA_31_8B,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_attention_heads": 64,
-    "num_hidden_layers": 80,
-}
-MIXTRAL_8X7B: dict[str, Any] = {
-    "architectures": ["MixtralForCausalLM"],
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 32768,
-    "model_type": "mixtral",
-    "num_attention_heads": 32,
-    "num_experts_per_tok": 2,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 1000000.0,
-    "router_aux_loss_coef": 0.02,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 32000,
-}
-QWEN25_72B: dict[str, Any] = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "hidden_act": "silu",
-    "hidden_size": 8192,
-    "intermediate_size": 29568,
-    "max_position_embeddings": 32768,
-    "max_window_layers": 70,
-    "model_type": "qwen2",
-    "num_attention_heads": 64,
-    "num_hidden_layers": 80,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_sliding_window": False,
-    "vocab_size": 152064,
-}
-QWEN25_7B: dict[str, Any] = {
-    **QWEN25_72B,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "max_position_embeddings": 131072,
-    "num_attention_heads": 28,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 4,
-}
-QWEN15_MOE_A27B: dict[str, Any] = {
-    "architectures": ["Qwen2MoeForCausalLM"],
-    "decoder_sparse_step": 1,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "max_position_embeddings": 8192,
-    "model_type": "qwen2_moe",
-    "moe_intermediate_size": 1408,
-    "num_attention_heads": 16,
-    "num_experts": 60,
-    "num_experts_per_tok": 4,
-    "num_hidden_layers": 24,
-    "num_key_value_heads": 16,
-    "shared_expert_intermediate_size": 5632,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 151936,
-}
+from .model_configs import LLAMA_31_8B, LLAMA_31_70B, QWEN25_7B
 
 H100 = 85_017_493_504
 H200 = 150_109_880_320
@@ -131,85 +21,6 @@ H100_RESERVE = 2 * GiB + H100_BUDGET // 20
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     return load_catalog([builtin_presets_dir()])
-
-
-@pytest.mark.parametrize(
-    ("config", "published", "exact"),
-    [
-        (LLAMA_31_8B, 8.03e9, 8_030_261_248),
-        (LLAMA_31_70B, 70.6e9, 70_553_706_496),
-        (MIXTRAL_8X7B, 46.7e9, 46_702_792_704),
-        (QWEN25_72B, 72.7e9, 72_706_203_648),
-        (QWEN25_7B, 7.61e9, 7_615_616_512),
-        (QWEN15_MOE_A27B, 14.3e9, 14_315_784_192),
-    ],
-    ids=["llama-3.1-8b", "llama-3.1-70b", "mixtral-8x7b", "qwen2.5-72b", "qwen2.5-7b", "qwen1.5-moe-a2.7b"],
-)
-def test_parameter_count_matches_published(config: dict[str, Any], published: float, exact: int) -> None:
-    params = model_shape_from_config(config).params
-    assert abs(params - published) / published < 0.01
-    assert params == exact  # the checkpoints' own safetensors totals
-
-
-@pytest.mark.parametrize(
-    ("config", "kv_bytes"),
-    [
-        (LLAMA_31_8B, 2 * 32 * 8 * 128 * 2),  # 131,072
-        (LLAMA_31_70B, 2 * 80 * 8 * 128 * 2),  # 327,680
-        (MIXTRAL_8X7B, 2 * 32 * 8 * 128 * 2),
-        (QWEN25_72B, 2 * 80 * 8 * 128 * 2),
-    ],
-)
-def test_kv_cache_bytes_per_token(config: dict[str, Any], kv_bytes: int) -> None:
-    assert model_shape_from_config(config).kv_cache_bytes_per_token() == kv_bytes
-
-
-def test_llama_8b_kv_per_token_is_128_kib() -> None:
-    assert model_shape_from_config(LLAMA_31_8B).kv_cache_bytes_per_token() == 131_072
-
-
-def test_shape_reads_moe_and_bias_fields() -> None:
-    mixtral = model_shape_from_config(MIXTRAL_8X7B)
-    assert (mixtral.num_experts, mixtral.moe_layers, mixtral.moe_intermediate_size) == (8, 32, 14336)
-    qwen = model_shape_from_config(QWEN25_72B)
-    assert qwen.attention_bias and not qwen.tie_word_embeddings and qwen.num_experts == 0
-
-
-def test_max_model_len_follows_rope_scaling() -> None:
-    assert model_shape_from_config(LLAMA_31_8B).max_model_len == 131072  # llama3 rope: already in max_position
-    yarn = {**QWEN25_72B, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
-    assert model_shape_from_config(yarn).max_model_len == 131072
-
-
-def test_text_config_of_a_multimodal_wrapper() -> None:
-    text = {k: v for k, v in LLAMA_31_8B.items() if k != "torch_dtype"}
-    wrapper = {
-        "model_type": "llava",
-        "text_config": text,
-        "vision_config": {"hidden_size": 1024},
-        "torch_dtype": "float16",
-    }
-    shape = model_shape_from_config(wrapper)
-    assert shape.params == 8_030_261_248
-    assert shape.dtype == "float16"
-
-
-def test_load_model_shape_from_dir_or_file(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
-    assert load_model_shape(tmp_path) == load_model_shape(tmp_path / "config.json")
-    assert load_model_shape(tmp_path).num_kv_heads == 8
-
-
-def test_bad_model_config_names_file_and_key(tmp_path: Path) -> None:
-    bad = {k: v for k, v in LLAMA_31_8B.items() if k != "vocab_size"}
-    (tmp_path / "config.json").write_text(json.dumps(bad))
-    with pytest.raises(ModelConfigError, match="vocab_size") as err:
-        load_model_shape(tmp_path)
-    assert str(tmp_path / "config.json") in str(err.value)
-    with pytest.raises(ModelConfigError, match="cannot read"):
-        load_model_shape(tmp_path / "missing")
-    with pytest.raises(ModelConfigError, match="MLA"):
-        model_shape_from_config({**LLAMA_31_8B, "kv_lora_rank": 512})
 
 
 def test_checkpoint_quantization_is_read(catalog: Catalog) -> None:
