@@ -23,10 +23,11 @@ from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
-from .streaming import ClientWriter, SSEParser, collect, relay, splice
+from .streaming import ClientWriter, Splice, SSEParser, collect, open_splice, relay, splice
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 
+WORKER_HEADER = b"x-tokengate-worker"
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -53,6 +54,7 @@ class Exchange:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     sending_since: float = 0.0  # monotonic time a write to the client began and has not finished; 0: none
     client: ClientWriter | None = None  # direct writes to the client's connection, where the server offers them
+    relay: Splice | None = None  # a stream's relay, when taken on before the worker's first byte (open_relay)
 
     def stalled(self, since: float) -> None:
         self.sending_since = since
@@ -89,18 +91,47 @@ def _count_error(metrics: GatewayMetrics, ex: Exchange, exc: GatewayError) -> No
     metrics.upstream_errors.labels(ex.worker.name if ex.worker else "", error_kind(exc)).inc()
 
 
+def can_open_relay(req: ParsedRequest, ex: Exchange) -> bool:
+    """A streaming client on a connection the gateway writes to directly: its relay can start before the
+    worker's first byte (``open_relay``)."""
+    return req.stream and ex.client is not None and ex.client.can_start()
+
+
+async def open_relay(req: ParsedRequest, ex: Exchange, worker: Worker, *, first_timeout: float,
+                     idle_timeout: float) -> None:
+    """Relay a stream from before the worker's first byte (see ``streaming.open_splice``): the first token
+    reaches the client from the worker connection's own callback. Raises what failed before that byte, with
+    nothing sent (the caller may try another worker); ``answer_stream`` relays the rest."""
+    assert ex.resp is not None and ex.client is not None
+    ex.parser = parser = SSEParser(req.include_usage)
+    head = SSE_HEADERS + ex.headers + [(WORKER_HEADER, worker.name.encode())]
+    try:
+        ex.relay = await open_splice(ex.resp, parser, ex.client, head, first_timeout=first_timeout,
+                                     idle_timeout=idle_timeout, on_stall=ex.stalled)
+    except GatewayError:
+        ex.parser = None
+        raise
+    ex.started = True
+
+
 async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, rec: RequestRecord, send: Any, *,
                         metrics: GatewayMetrics, idle_timeout: float) -> GatewayError | None:
     """Relay a stream. Returns the error that cut it short (already sent in-band), if any."""
     resp = ex.resp
     assert resp is not None
-    ex.parser = parser = SSEParser(req.include_usage)
-    ex.started = True
     client = ex.client
-    if client is not None and client.can_start():
+    ex.started = True
+    if ex.relay is not None:
+        sp, ex.relay = ex.relay, None  # (the relay refers back to the exchange: no cycle left behind)
+        parser = sp.parser
+        await sp.rest()
+        err = sp.error
+    elif client is not None and client.can_start():
+        ex.parser = parser = SSEParser(req.include_usage)
         err = await splice(resp, first or b"", parser, client, SSE_HEADERS + ex.headers, idle_timeout=idle_timeout,
                            on_stall=ex.stalled)
     else:
+        ex.parser = parser = SSEParser(req.include_usage)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + ex.headers})
 
         async def tracked(message: dict[str, Any]) -> None:

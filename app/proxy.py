@@ -33,7 +33,16 @@ from .errors import (
     sse_event,
     status_of,
 )
-from .exchange import Exchange, answer_collected, answer_stream, answer_unary, error_kind
+from .exchange import (
+    WORKER_HEADER,
+    Exchange,
+    answer_collected,
+    answer_stream,
+    answer_unary,
+    can_open_relay,
+    error_kind,
+    open_relay,
+)
 from .limits import Limiter, MemoryLimiter
 from .metrics import UNKNOWN, GatewayMetrics, RequestRecord
 from .policy import RequestPolicy, check_min_tokens
@@ -164,6 +173,7 @@ class Proxy:
                         await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             ctx.done = True
+            ctx.relay = None
             self.watchdog.untrack(ctx)
             if watcher is not None:
                 watcher.cancel()
@@ -278,7 +288,7 @@ class Proxy:
         first = await self._dispatch(pool, req, body, request_id, ctx, rec)
         worker = ctx.worker
         assert worker is not None and ctx.resp is not None
-        ctx.headers.append((b"x-tokengate-worker", worker.name.encode()))
+        ctx.headers.append((WORKER_HEADER, worker.name.encode()))
         s = self.settings
         if req.stream:
             err = await answer_stream(req, first, ctx, rec, send, metrics=self.metrics,
@@ -327,8 +337,10 @@ class Proxy:
     async def _dispatch(self, pool: tuple[Worker, ...], req: ParsedRequest, body: bytes, request_id: str,
                         ctx: Exchange, rec: RequestRecord) -> bytes | None:
         """Send to the least-loaded worker; before the first byte, a refused or dead worker is retried on another
-        of the same pool. Returns the first body chunk (streams), with ctx.resp set."""
+        of the same pool. Returns the first body chunk (streams; None when the relay took the stream on before
+        it: ctx.relay), with ctx.resp set."""
         s = self.settings
+        early = can_open_relay(req, ctx)
         tried: list[Worker] = []
         last: GatewayError | None = None
         path = _PATHS[req.route]
@@ -353,7 +365,12 @@ class Proxy:
                     resp.release()
                     ctx.resp = None
                     raise UpstreamStatus(resp.status, data)
-                first = await resp.next_chunk(s.read_timeout) if req.upstream_stream else None
+                first = None
+                if early:
+                    await open_relay(req, ctx, worker, first_timeout=s.read_timeout,
+                                     idle_timeout=s.stream_idle_timeout)
+                elif req.upstream_stream:
+                    first = await resp.next_chunk(s.read_timeout)
                 self.registry.record_success(worker)
                 return first
             except (UpstreamStatus, UpstreamError) as exc:

@@ -220,7 +220,7 @@ class _Reader:
     stream, re-armed lazily."""
 
     __slots__ = ("parser", "resp", "loop", "idle_timeout", "waiter", "last_read", "paused", "finished", "error",
-                 "timer")
+                 "timer", "early", "unsent")
 
     def __init__(self, parser: SSEParser, resp: UpstreamResponse, idle_timeout: float,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -234,6 +234,8 @@ class _Reader:
         self.finished = False
         self.error: GatewayError | None = None
         self.timer: asyncio.TimerHandle | None = None  # armed once the first read did not end the stream
+        self.early = False  # attached before the first body byte (``open``), and none has come yet
+        self.unsent: GatewayError | None = None  # the connection failed before its first byte: nothing passed on
 
     # Sink
     def on_data(self, data: bytes) -> None:
@@ -251,6 +253,13 @@ class _Reader:
         self.last_read = self.loop.time()
         if out:
             self._forward(out, t0)
+        if self.early:  # the first bytes: from now on the stream's idle timeout applies
+            self.early = False
+            self._begin()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(self.last_read + self.idle_timeout, self._check_idle)
+            self._wake()
 
     def on_end(self) -> None:
         if self.finished:
@@ -263,6 +272,9 @@ class _Reader:
         if self.finished:
             return
         err = exc if isinstance(exc, GatewayError) else UpstreamError(f"worker connection failed: {exc}")
+        if self.early:
+            self._fail_unsent(err)
+            return
         self._finish(err, sse_event(err))
 
     # what the two kinds do with events
@@ -284,6 +296,20 @@ class _Reader:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _fail_unsent(self, err: GatewayError) -> None:
+        """Before the first body byte: nothing has gone to the client, so the caller may still try another
+        worker (or answer with an error status)."""
+        self.finished = True
+        self.unsent = err
+        if self.timer is not None:
+            self.timer.cancel()
+        self.resp.detach()
+        self._wake()
+
+    def _check_first(self, timeout: float) -> None:
+        if self.early and not self.finished:
+            self._fail_unsent(UpstreamTimeout(f"worker sent no more of the response within {timeout:g} s"))
+
     def _check_idle(self) -> None:
         if self.finished:
             return
@@ -303,12 +329,46 @@ class _Reader:
         raise AssertionError("only a relay to a client pauses")
 
     async def run(self, first: bytes) -> None:
+        """Take the stream from its first body bytes (read by the caller) to its end."""
         if first:
             self.on_data(first)
         if not self.finished:
             self._begin()
             self.timer = self.loop.call_at(self.last_read + self.idle_timeout, self._check_idle)
             self.resp.attach(self)  # what arrived meanwhile is handed over at once, the rest as it comes
+        await self.rest()
+
+    async def open(self, timeout: float) -> None:
+        """Take the stream before its first body byte: attached at once, the first read is handled in the
+        connection's own callback (a relay writes it to the client there: no task wake-up between the worker's
+        first token and the client). Returns once the first bytes were handled (``rest()`` takes it on from
+        there), or the stream is over; raises ``unsent`` — the connection failed, or sent nothing within
+        ``timeout`` — with nothing passed on, so the caller may still try another worker."""
+        self.early = True
+        self.last_read = self.loop.time()
+        self.timer = self.loop.call_at(self.last_read + timeout, self._check_first, timeout)
+        self.resp.attach(self)
+        try:
+            while self.early and not self.finished:
+                self.waiter = self.loop.create_future()
+                await self.waiter
+                self.waiter = None
+        except BaseException:  # cancelled (the client went away)
+            self.early = False
+            self._stop()
+            raise
+        if self.unsent is not None:
+            raise self.unsent
+
+    def _stop(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.timer is not None:
+                self.timer.cancel()
+            self.resp.detach()
+
+    async def rest(self) -> None:
+        """Sleep until the stream has ended (``finished``, with ``error`` when it ended badly)."""
         try:
             while not self.finished:
                 if self.paused:
@@ -319,15 +379,12 @@ class _Reader:
                 self.waiter = None
         finally:
             if not self.finished:  # cancelled (the client went away): the caller aborts the worker request
-                self.finished = True
-                if self.timer is not None:
-                    self.timer.cancel()
-                self.resp.detach()
+                self._stop()
             elif self.paused:
                 self.resp.resume_reading()  # the rest (the chunked terminator) is read to reuse the connection
 
 
-class _Splice(_Reader):
+class Splice(_Reader):
     """The relay: each read's complete events are written to the client on the spot (the head with the first
     ones). When the client stops taking writes, the worker connection is paused, not buffered, and the task
     waits for the client (the write watchdog times how long)."""
@@ -383,11 +440,22 @@ class _Splice(_Reader):
 async def splice(resp: UpstreamResponse, first: bytes, parser: SSEParser, client: ClientWriter,
                  headers: list[tuple[bytes, bytes]], *, idle_timeout: float, on_stall: Callable[[float], None]
                  ) -> GatewayError | None:
-    """``relay`` with its per-chunk path in callbacks (``_Splice``), writing straight to the client; it sends the
+    """``relay`` with its per-chunk path in callbacks (``Splice``), writing straight to the client; it sends the
     response's head too (with the first chunk). Same contract as ``relay``."""
-    sp = _Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
+    sp = Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
     await sp.run(first)
     return sp.error
+
+
+async def open_splice(resp: UpstreamResponse, parser: SSEParser, client: ClientWriter,
+                      headers: list[tuple[bytes, bytes]], *, first_timeout: float, idle_timeout: float,
+                      on_stall: Callable[[float], None]) -> Splice:
+    """A relay taken on before the worker's first body byte (``_Reader.open``): the first token goes from the
+    worker's socket to the client's in one callback. Raises what failed before that byte (nothing sent: the
+    caller may try another worker); ``await sp.rest()`` then relays the rest, ``sp.error`` says how it ended."""
+    sp = Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
+    await sp.open(first_timeout)
+    return sp
 
 
 async def collect(resp: UpstreamResponse, first: bytes, parser: SSEParser, *, idle_timeout: float) -> None:

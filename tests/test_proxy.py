@@ -102,6 +102,17 @@ def test_worker_that_never_answers_is_504(worker: ThreadedFakeWorker) -> None:
         assert r.status_code == 504 and r.json()["error"]["code"] == "worker_timeout"
 
 
+def test_a_stream_whose_worker_sends_no_first_byte_is_a_504_not_an_empty_stream(worker: ThreadedFakeWorker) -> None:
+    """The relay is taken on before the worker's first byte; until that byte nothing has gone to the client, so a
+    timeout there is still an error status, with no SSE head sent."""
+    with gateway(worker, read_timeout=0.5) as gw:
+        worker.options.stall_after_chunks = 0
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 504 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "worker_timeout"
+        assert worker.wait_for(lambda s: s.aborted == 1, 2)
+
+
 def test_malformed_sse_is_an_error_event_and_the_gateway_keeps_serving(worker: ThreadedFakeWorker) -> None:
     with gateway(worker) as gw:
         worker.options.malformed = True

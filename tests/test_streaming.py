@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from app.errors import GatewayError, UpstreamTimeout
-from app.streaming import MAX_EVENT_BYTES, SSEParser, collect, relay, splice
+from app.streaming import MAX_EVENT_BYTES, SSEParser, collect, open_splice, relay, splice
 from app.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 
 
@@ -291,13 +291,21 @@ async def run_relay(style: str, resp: FakeResponse, *, include_usage: bool = Fal
         body = b"".join(m["body"] for m in messages)
         return body, not messages[-1]["more_body"], err, parser
     client = client or FakeClient()
-    err = await splice(cast(UpstreamResponse, resp), first, parser, client, [(b"x-test", b"1")], idle_timeout=idle,
-                       on_stall=lambda since: None)
+    if style == "open":  # taken on before the first byte: everything arrives through the callbacks
+        if first:
+            resp.pieces.insert(0, first)
+        sp = await open_splice(cast(UpstreamResponse, resp), parser, client, [(b"x-test", b"1")], first_timeout=idle,
+                               idle_timeout=idle, on_stall=lambda since: None)
+        await sp.rest()
+        err = sp.error
+    else:
+        err = await splice(cast(UpstreamResponse, resp), first, parser, client, [(b"x-test", b"1")],
+                           idle_timeout=idle, on_stall=lambda since: None)
     assert client.head == [(b"x-test", b"1")]
     return client.body, client.ended, err, parser
 
 
-STYLES = ["relay", "splice"]
+STYLES = ["relay", "splice", "open"]
 
 
 def in_loop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -356,6 +364,69 @@ async def test_a_worker_that_goes_silent_is_timed_out_in_band(style: str) -> Non
     body, ended, err, _ = await run_relay(style, FakeResponse([ROLE, TOK[0]], stall=True), idle=0.05)
     assert isinstance(err, UpstreamTimeout) and ended
     assert body.startswith(ROLE + TOK[0]) and b"\"code\":\"worker_timeout\"" in body and DONE not in body
+
+
+@in_loop
+async def test_an_opened_relay_writes_the_first_token_from_the_worker_callback() -> None:
+    """No task wake-up between the worker's first bytes and the client: they are written inside ``on_data``."""
+    client = FakeClient()
+    resp = FakeResponse([], stall=True)
+    parser = SSEParser(False)
+    task = asyncio.get_running_loop().create_task(open_splice(
+        cast(UpstreamResponse, resp), parser, client, [(b"x-test", b"1")], first_timeout=5, idle_timeout=5,
+        on_stall=lambda since: None))
+    await asyncio.sleep(0)
+    sink: Any = resp.sink
+    assert sink is not None and client.head is None
+    sink.on_data(ROLE + TOK[0])
+    assert client.head == [(b"x-test", b"1")] and client.body == ROLE + TOK[0]  # before the task ran again
+    assert parser.state.first_token is not None
+    sp = await asyncio.wait_for(task, 2)
+    sink.on_data(TOK[1] + TOK[2] + DONE)
+    await sp.rest()
+    assert sp.error is None and client.ended and client.body == ROLE + b"".join(TOK) + DONE
+
+
+@in_loop
+async def test_a_connection_failing_before_the_first_byte_is_raised_with_nothing_sent() -> None:
+    client = FakeClient()
+    resp = FakeResponse([], then=UpstreamClosed("worker closed the connection"))
+    with pytest.raises(UpstreamClosed):
+        await open_splice(cast(UpstreamResponse, resp), SSEParser(False), client, [], first_timeout=5,
+                          idle_timeout=5, on_stall=lambda since: None)
+    assert client.head is None and client.writes == 0 and resp.sink is None  # the caller may try another worker
+
+
+@in_loop
+async def test_a_worker_silent_before_its_first_byte_times_out_with_nothing_sent() -> None:
+    client = FakeClient()
+    resp = FakeResponse([], stall=True)
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout):
+        await open_splice(cast(UpstreamResponse, resp), SSEParser(False), client, [], first_timeout=0.05,
+                          idle_timeout=5, on_stall=lambda since: None)
+    assert asyncio.get_running_loop().time() - t0 < 1  # the time to first byte, not the idle timeout
+    assert client.head is None and resp.sink is None
+
+
+@in_loop
+async def test_an_opened_relay_switches_to_the_idle_timeout_after_the_first_bytes() -> None:
+    client = FakeClient()
+    resp = FakeResponse([ROLE], stall=True)
+    sp = await open_splice(cast(UpstreamResponse, resp), SSEParser(False), client, [], first_timeout=60,
+                           idle_timeout=0.05, on_stall=lambda since: None)
+    await asyncio.wait_for(sp.rest(), 2)
+    assert isinstance(sp.error, UpstreamTimeout) and client.ended and client.body.startswith(ROLE)
+
+
+@in_loop
+async def test_an_empty_answer_with_status_200_is_a_truncated_stream_in_band() -> None:
+    client = FakeClient()
+    sp = await open_splice(cast(UpstreamResponse, FakeResponse([])), SSEParser(False), client, [], first_timeout=5,
+                           idle_timeout=5, on_stall=lambda since: None)
+    await sp.rest()
+    assert isinstance(sp.error, UpstreamProtocolError) and sp.error.error_code == "worker_stream_truncated"
+    assert client.ended and b"worker_stream_truncated" in client.body
 
 
 @in_loop
