@@ -37,7 +37,7 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "tokenizers",
                    "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
                    "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
-                   "header_timeout", "body_timeout", "write_timeout", "workers")
+                   "header_timeout", "body_timeout", "write_timeout", "workers", "non_stream_upstream")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -66,6 +66,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--context-cap", type=int, metavar="N",
                    help="prompt + completion tokens; default and ceiling: the worker's max_model_len "
                         "[TOKENGATE_CONTEXT_CAP]")
+    p.add_argument("--non-stream-upstream", choices=["stream", "unary"],
+                   help="how a \"stream\": false request is asked of the worker: stream (default: the answer is "
+                        "gathered from the worker's stream, with decode-speed metrics, the idle timeout and an abort "
+                        "the worker can't miss) or unary (its JSON answer passed through: several times less gateway "
+                        "CPU per request) [TOKENGATE_NON_STREAM_UPSTREAM]")
     p.add_argument("--cap-policy", choices=["clamp", "reject"],
                    help="max_tokens above the cap: lower it or refuse with 400 (default clamp) "
                         "[TOKENGATE_CAP_POLICY]")

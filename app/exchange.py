@@ -2,7 +2,8 @@
 
 - ``answer_stream``: relay the worker's SSE to a streaming client;
 - ``answer_collected``: build one JSON object from the worker's stream for a non-streaming client;
-- ``answer_unary``: pass a non-streaming worker answer through (beam search only).
+- ``answer_unary``: pass a non-streaming worker answer through (beam search; all of them with
+  ``--non-stream-upstream unary``).
 Each fills in the request's metrics record and leaves the worker connection released or aborted.
 """
 

@@ -156,7 +156,8 @@ def parse_request(route: Route, raw: bytes) -> ParsedRequest:
         if mct is not None:  # as vLLM: max_completion_tokens wins over the deprecated max_tokens
             max_tokens, param = mct, "max_completion_tokens"
     n = _check_int(body, "n", minimum=1) or 1
-    # The worker always streams (see aggregate.py) except for beam search, which vLLM can't stream.
+    # The worker streams (see aggregate.py) except for beam search, which vLLM can't stream (and, by the
+    # gateway's choice, --non-stream-upstream unary: the proxy decides that)
     upstream_stream = stream or body.get("use_beam_search") is not True
     return ParsedRequest(route, body, model, stream, include_usage, max_tokens, param, n, upstream_stream)
 

@@ -230,6 +230,8 @@ class Proxy:
                      rec: RequestRecord, send: Any) -> None:
         req = parse_request(route, raw)
         ctx.stream = req.stream
+        if not req.stream and self.settings.non_stream_upstream == "unary":
+            req.upstream_stream = False  # the worker's own JSON answer, passed through (answer_unary)
         check_policy(req, self.policy)
         snapshot = self.registry.snapshot
         info = snapshot.models.get(req.model)

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(600.0, gt=0, description="time allowed for the worker's response headers")
     stream_idle_timeout: float = Field(120.0, gt=0, description="longest silence allowed mid-stream")
+    non_stream_upstream: Literal["stream", "unary"] = Field(
+        "stream", description="how a non-streaming request is asked of the worker: 'stream' (the answer is "
+        "gathered from the worker's stream: decode-speed metrics, the idle timeout, and an abort the worker can't "
+        "miss) or 'unary' (the worker's own JSON answer passed through: several times less gateway CPU per "
+        "request; read_timeout bounds the whole answer)")
     write_timeout: float = Field(30.0, gt=0, description="longest a client may leave a stream unread before "
                                                         "it is dropped and the worker request aborted")
     discovery_interval: float = Field(5.0, gt=0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -301,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="remote: the fake worker reports no model path, so tokengate counts each prompt with a "
                         "/tokenize call (a worker on another machine); local: tokengate gets a generated tiny model's "
                         "tokenizer with --tokenizer (managed workers, or --tokenizer for external ones)")
+    p.add_argument("--tokengate-args", default="", metavar="ARGS",
+                   help="more `tokengate serve` flags, one shell-quoted string, e.g. '--non-stream-upstream unary'")
     p.add_argument("--include-usage", action="store_true", help="ask for the usage chunk (stream_options)")
     p.add_argument("--timeout", type=float, default=60.0, help="per request, closed loop")
     p.add_argument("--ready-timeout", type=float, default=90.0)
@@ -343,11 +346,11 @@ def main(argv: list[str] | None = None) -> None:
     a.tokengate_src = None
     if a.tokengate_rev:
         a.tokengate_src = peers.export_tokengate(a.tokengate_rev, logdir / "tokengate-src")
-    a.tokengate_extra = []
+    a.tokengate_extra = shlex.split(a.tokengate_args)
     if a.tokengate_count == "local":
         from app.tinymodel import build_tiny_model
 
-        a.tokengate_extra = ["--tokenizer", f"tiny={build_tiny_model(logdir / 'tiny-model')}"]
+        a.tokengate_extra += ["--tokenizer", f"tiny={build_tiny_model(logdir / 'tiny-model')}"]
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

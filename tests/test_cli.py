@@ -37,6 +37,7 @@ def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch)
         "TOKENGATE_MAX_TOKENS_CAP": "111", "TOKENGATE_DEFAULT_MAX_TOKENS": "11", "TOKENGATE_CONTEXT_CAP": "222",
         "TOKENGATE_CAP_POLICY": "reject", "TOKENGATE_REGION": "fr", "TOKENGATE_GPUS": "0,1",
         "TOKENGATE_DRAIN_TIMEOUT": "7", "TOKENGATE_PREFIX_AFFINITY_BYTES": "256",
+        "TOKENGATE_NON_STREAM_UPSTREAM": "unary",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -44,6 +45,8 @@ def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch)
     assert (s.host, s.port, s.upstream) == ("0.0.0.0", 9001, ["http://a:1", "http://b:2"])
     assert (s.max_tokens_cap, s.default_max_tokens, s.context_cap, s.cap_policy) == (111, 11, 222, "reject")
     assert (s.region, s.gpus, s.drain_timeout, s.prefix_affinity_bytes) == ("fr", [0, 1], 7.0, 256)
+    assert s.non_stream_upstream == "unary"
+    assert settings(["--non-stream-upstream", "stream"]).non_stream_upstream == "stream"
     # flags win over the environment
     assert settings(["--port", "9002", "--cap-policy", "clamp"]).port == 9002
     assert settings(["--cap-policy", "clamp"]).cap_policy == "clamp"

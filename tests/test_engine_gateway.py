@@ -253,14 +253,15 @@ def _generated_after(gw: GatewayProcess, engine: Engine, before: float) -> float
     return _generated(engine) - before
 
 
-def _abort_scenario(engine: Engine, body: dict[str, Any], leave: Callable[[socket.socket], None]) -> list[float]:
+def _abort_scenario(engine: Engine, body: dict[str, Any], leave: Callable[[socket.socket], None],
+                    *gateway_args: str) -> list[float]:
     """Send ``body`` through a gateway process, let ``leave`` decide when the client goes, return what the engine
     generated. Up to three tries: on these 2 cores a generating CPU engine can starve every other process for
     seconds (measured: a socket's FIN left unread for >1 s), and an abort that lands after the last token proves
     nothing either way. The 1-second bound itself is asserted against the fake worker in tests/test_proxy.py."""
     results = []
     with gateway_process("--upstream", engine.url, "--upstream-api-key", engine.api_key,
-                         "--log-level", "warning") as gw:
+                         "--log-level", "warning", *gateway_args) as gw:
         for _ in range(3):
             wait_until(lambda: _running(engine) == 0, 30, "engine idle")
             before = _generated(engine)
@@ -290,14 +291,31 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(engine: Engine) 
     assert min(generated) < 2000, f"the engine generated {generated} tokens: never aborted"
 
 
-def test_client_disconnect_non_stream_aborts_the_engine_request(engine: Engine) -> None:
+@pytest.mark.parametrize("upstream", ["stream", "unary"])
+def test_client_disconnect_non_stream_aborts_the_engine_request(engine: Engine, upstream: str) -> None:
     def leave(sock: socket.socket) -> None:
         time.sleep(0.5)  # generating: the whole answer takes ~10 s
         sock.close()
 
     body = {"model": "tiny-llama", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True, "stream": False}
-    generated = _abort_scenario(engine, body, leave)
+    generated = _abort_scenario(engine, body, leave, "--non-stream-upstream", upstream)
     assert min(generated) < 2000, f"the engine generated {generated} tokens: never aborted"
+
+
+def test_non_stream_unary_is_the_workers_own_answer(engine: Engine) -> None:
+    """--non-stream-upstream unary: the worker answers "stream": false itself; the SDK gets it as it is, and the
+    gateway still counts its tokens."""
+    body = {"model": "tiny-llama", "max_tokens": 12, "seed": 1234, "messages": HELLO}
+    with run_gateway(gateway_settings(engine, non_stream_upstream="unary")) as gw:
+        ours = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO,  # type: ignore[arg-type]
+                                                  max_tokens=12, seed=1234, stream=False)
+        samples = scrape(gw.url + "/metrics")
+    theirs = httpx.post(engine.url + "/v1/chat/completions", json={**body, "stream": False}, headers=engine.headers,
+                        timeout=60).json()
+    assert ours.choices[0].message.content == theirs["choices"][0]["message"]["content"]
+    assert ours.usage is not None and ours.usage.completion_tokens == theirs["usage"]["completion_tokens"] == 12
+    assert metric_sum(samples, "tokengate_completion_tokens_total") == 12
+    assert metric_sum(samples, "tokengate_prompt_tokens_total") == theirs["usage"]["prompt_tokens"]
 
 
 def test_tokens_streamed_before_a_disconnect_are_counted(engine: Engine) -> None:

@@ -69,6 +69,33 @@ def test_non_stream_is_one_object_built_from_a_worker_stream(worker: ThreadedFak
         assert worker.received[-1].json()["stream"] is True  # type: ignore[index]
 
 
+def test_non_stream_unary_passes_the_workers_own_answer_through(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker, non_stream_upstream="unary") as gw:
+        r = httpx.post(gw.base + "/chat/completions",
+                       json={**CHAT, "stream": False, "stream_options": {"include_usage": True}}, timeout=10)
+        doc = r.json()
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        assert doc["object"] == "chat.completion" and doc["usage"]["completion_tokens"] == 8
+        sent = worker.received[-1].json()  # type: ignore[index]
+        assert sent["stream"] is False and "stream_options" not in sent  # vLLM refuses stream_options unstreamed
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_completion_tokens_total") == 8
+        assert metric_sum(samples, "tokengate_requests_total", status="200") == 1
+        # streaming requests are not affected
+        evs = events(httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).text)
+        assert evs[-1] == "[DONE]" and worker.received[-1].json()["stream"] is True  # type: ignore[index]
+
+
+def test_non_stream_unary_client_disconnect_aborts_the_worker_request(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker, non_stream_upstream="unary") as gw:
+        worker.options.token_delay = 0.02
+        sock = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 500, "stream": False})
+        assert worker.wait_for(lambda s: s.in_flight == 1, 5)
+        assert worker.received[-1].json()["stream"] is False  # type: ignore[index]
+        sock.close()
+        assert worker.wait_for(lambda s: s.aborted == 1, 1.0), "the worker request outlived the client by 1 s"
+
+
 def test_worker_dying_mid_stream_is_one_in_band_error_and_no_fake_finish(worker: ThreadedFakeWorker) -> None:
     with gateway(worker) as gw:
         worker.options.fail_after_chunks = 4
