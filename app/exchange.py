@@ -56,9 +56,15 @@ class Exchange:
     sending_since: float = 0.0  # monotonic time a write to the client began and has not finished; 0: none
     client: ClientWriter | None = None  # direct writes to the client's connection, where the server offers them
     relay: Splice | None = None  # a stream's relay, when taken on before the worker's first byte (open_relay)
+    awaiting_head: bool = False  # the request went to ``worker``, which has not answered its head yet
 
     def stalled(self, since: float) -> None:
         self.sending_since = since
+
+    def begun(self) -> bool:
+        """Something of the response has gone to the client (errors from here on go in-band): ``started``, or
+        the relay wrote the head from a worker callback before the task could say so."""
+        return self.started or (self.client is not None and not self.client.can_start())
 
     def client_lost(self) -> None:
         """The client's connection is gone: stop the exchange wherever it waits (the proxy aborts the worker
@@ -203,7 +209,9 @@ async def answer_unary(ex: Exchange, rec: RequestRecord, send: Any, *, metrics: 
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise UpstreamProtocolError("worker answered with invalid JSON") from None
+        err = UpstreamProtocolError("worker answered with invalid JSON")
+        _count_error(metrics, ex, err)
+        raise err from None
     usage = doc.get("usage") if isinstance(doc, dict) else None
     if isinstance(usage, dict):
         rec.prompt_tokens = usage.get("prompt_tokens")

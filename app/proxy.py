@@ -143,7 +143,7 @@ class Proxy:
             if not ctx.client_gone or ctx.task is None:
                 # the server is stopping (drain deadline passed): say so in-band rather than truncate
                 rec.status = 503
-                if ctx.started and not ctx.done:
+                if ctx.begun() and not ctx.done:
                     ctx.done = True
                     with contextlib.suppress(Exception):
                         await send({"type": "http.response.body", "more_body": False, "body": sse_event(
@@ -153,7 +153,7 @@ class Proxy:
             self._client_gone(route, ctx, rec)
         except GatewayError as exc:
             rec.status = status_of(exc)
-            if not ctx.started:
+            if not ctx.begun():
                 status, headers, body = render(exc)
                 ctx.done = True
                 await send({"type": "http.response.start", "status": status, "headers": headers + ctx.headers})
@@ -165,7 +165,7 @@ class Proxy:
             if not ctx.done:
                 ctx.done = True
                 with contextlib.suppress(Exception):
-                    if ctx.started:
+                    if ctx.begun():
                         await send({"type": "http.response.body", "body": sse_event(internal), "more_body": False})
                     else:
                         status, headers, body = render(internal)
@@ -179,8 +179,9 @@ class Proxy:
                 watcher.cancel()
             if ctx.resp is not None:
                 ctx.resp.abort()
-                if ctx.worker is not None:
-                    self.calls.abort(ctx.worker, route, ctx.request_id)
+            if ctx.worker is not None and (ctx.resp is not None or ctx.awaiting_head):
+                # unfinished on the worker: a non-streaming (unary) answer's head only comes with its end
+                self.calls.abort(ctx.worker, route, ctx.request_id)
             self._leave(ctx)
             if ctx.slot is not None:
                 ctx.slot.release()
@@ -359,8 +360,10 @@ class Proxy:
                 headers.append(("authorization", f"Bearer {worker.api_key}"))
             try:
                 rec.dispatched = perf_counter()
+                ctx.awaiting_head = True
                 resp = await self.pool.request(worker.origin, "POST", path, body, headers=headers,
                                                timeout=s.read_timeout)
+                ctx.awaiting_head = False
                 ctx.resp = resp
                 if resp.status != 200:
                     data = await resp.read(s.read_timeout, limit=1024 * 1024)
@@ -379,21 +382,27 @@ class Proxy:
                 if ctx.resp is not None:
                     ctx.resp.abort()
                     ctx.resp = None
-                self._worker_failed(worker, exc)
+                # still running there only when the wait for its answer timed out (abort it on the way out)
+                ctx.awaiting_head = isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
+                self._worker_failed(worker, exc, generating=not req.upstream_stream)
                 last = exc
         if last is not None:
             raise last
         raise NoWorkerAvailable(f"no ready worker for '{req.model}'", retry_after=2)
 
-    def _worker_failed(self, worker: Worker, exc: UpstreamStatus | UpstreamError) -> None:
+    def _worker_failed(self, worker: Worker, exc: UpstreamStatus | UpstreamError, *, generating: bool = False
+                       ) -> None:
         """A worker failed before the first byte: count it against the worker, and raise when no other worker may
         be tried — the worker's own refusal of this request, or a timeout after the request was sent (the worker
-        may still be working on it: never send the same request twice)."""
+        may still be working on it: never send the same request twice). With ``generating`` (an unstreamed
+        answer, whose head comes only at its end) a timeout is a long generation, not a failing worker."""
         self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
         if isinstance(exc, UpstreamStatus) and exc.passthrough_status not in _RETRIABLE_STATUS:
             raise exc
-        self.registry.record_failure(worker)
-        if isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout":
+        sent = isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
+        if not (sent and generating):
+            self.registry.record_failure(worker)
+        if sent:
             raise exc
 
     async def _remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:

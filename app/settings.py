@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         "stream", description="how a non-streaming request is asked of the worker: 'stream' (the answer is "
         "gathered from the worker's stream: decode-speed metrics, the idle timeout, and an abort the worker can't "
         "miss) or 'unary' (the worker's own JSON answer passed through: several times less gateway CPU per "
-        "request; read_timeout bounds the whole answer)")
+        "request; read_timeout bounds the whole answer; tokens generated for a client that left are not known)")
     write_timeout: float = Field(30.0, gt=0, description="longest a client may leave a stream unread before "
                                                         "it is dropped and the worker request aborted")
     discovery_interval: float = Field(5.0, gt=0)

@@ -241,6 +241,8 @@ class _Reader:
     def on_data(self, data: bytes) -> None:
         if self.finished:
             return
+        first = self.early
+        self.early = False  # the worker has answered: whatever fails from here on goes to the client in-band
         t0 = perf_counter()
         try:
             out = self.parser.feed(data, t0)
@@ -253,8 +255,7 @@ class _Reader:
         self.last_read = self.loop.time()
         if out:
             self._forward(out, t0)
-        if self.early:  # the first bytes: from now on the stream's idle timeout applies
-            self.early = False
+        if first and not self.finished:  # from now on the stream's idle timeout applies
             self._begin()
             if self.timer is not None:
                 self.timer.cancel()
@@ -401,9 +402,10 @@ class Splice(_Reader):
 
     def _forward(self, out: bytes, t0: float) -> None:
         st = self.parser.state
-        if self.head is not None:
-            self.client.start(200, self.head, out, False)
-            self.head = None
+        head = self.head
+        if head is not None:
+            self.head = None  # gone out, or going: never started twice
+            self.client.start(200, head, out, False)
         else:
             self.client.write(out)  # a client that has gone is noticed by its own watcher (it cancels us)
         st.chunks += 1
@@ -417,16 +419,18 @@ class Splice(_Reader):
         if error is None:
             self.parser.state.chunks += 1
         super()._finish(error, final)
-        if self.head is not None:
-            self.client.start(200, self.head, final, True)  # the whole answer in one write
+        head = self.head
+        if head is not None:
             self.head = None
+            self.client.start(200, head, final, True)  # the whole answer in one write
         else:
             self.client.end(final)
 
     def _begin(self) -> None:
-        if self.head is not None:  # nothing to show yet (a partial event): the head goes now, alone
-            self.client.start(200, self.head, b"", False)
+        head = self.head
+        if head is not None:  # nothing to show yet (a partial event): the head goes now, alone
             self.head = None
+            self.client.start(200, head, b"", False)
 
     async def _unpause(self) -> None:
         self.on_stall(monotonic())

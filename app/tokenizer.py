@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -135,18 +136,23 @@ def _cuttable(tok_json: dict[str, Any]) -> bool:
             and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False)
 
 
+_CUT_AT = re.compile(r"(?<=[^\W_]) (?=[^\W\d_])")  # a space after an alphanumeric, before a letter (or a numeral)
+
+
 def _cut(text: str, pieces: int) -> list[str]:
     """``text`` in up to ``pieces`` parts of about equal length, each after the first starting at a space that
-    follows a letter or digit and precedes a letter."""
+    follows a letter or digit and precedes a letter (the regex finds candidates in C: a prompt of spaces between
+    digits is not walked space by space in Python)."""
     n = len(text)
     parts: list[str] = []
     start = 0
     for k in range(1, pieces):
-        i = text.find(" ", max(k * n // pieces, start + 1))
-        while i != -1 and not (i + 1 < n and text[i - 1].isalnum() and text[i + 1].isalpha()):
-            i = text.find(" ", i + 1)
-        if i == -1:
+        m = _CUT_AT.search(text, max(k * n // pieces, start + 1))
+        while m is not None and not text[m.start() + 1].isalpha():  # [^\W\d_] also takes numerals like "²"
+            m = _CUT_AT.search(text, m.start() + 1)
+        if m is None:
             break
+        i = m.start()
         parts.append(text[start:i])
         start = i
     parts.append(text[start:])

@@ -91,9 +91,32 @@ def test_non_stream_unary_client_disconnect_aborts_the_worker_request(worker: Th
         worker.options.token_delay = 0.02
         sock = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 500, "stream": False})
         assert worker.wait_for(lambda s: s.in_flight == 1, 5)
-        assert worker.received[-1].json()["stream"] is False  # type: ignore[index]
+        sent = worker.received[-1]  # type: ignore[index]
+        assert sent.json()["stream"] is False
         sock.close()
         assert worker.wait_for(lambda s: s.aborted == 1, 1.0), "the worker request outlived the client by 1 s"
+        # and the worker is told outright, although no response head had come back (it comes with the answer)
+        rid = sent.headers["x-request-id"]
+        wait_until(lambda: any(r.path == "/inference/v1/abort_requests" and rid in r.body.decode()
+                               for r in list(worker.received or ())), 2, "the explicit abort")
+
+
+def test_non_stream_unary_timeout_is_504_and_does_not_take_the_worker_out(worker: ThreadedFakeWorker) -> None:
+    """Unstreamed, the read timeout bounds the whole generation: running into it is a long answer, not a failing
+    worker (three failures in a row would take it out of rotation)."""
+    with gateway(worker, non_stream_upstream="unary", read_timeout=0.3) as gw:
+        worker.options.token_delay = 0.05  # 8 tokens: ~0.4 s
+        for _ in range(4):
+            r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "worker_timeout"
+        # the worker may still be generating them: told to stop (the fake answers 404: asked once, then no more)
+        rids = {r.headers["x-request-id"] for r in list(worker.received or ()) if r.path == "/v1/chat/completions"}
+        wait_until(lambda: any(r.path == "/inference/v1/abort_requests" and
+                               set(orjson.loads(r.body)["request_ids"]) & rids for r in list(worker.received or ())),
+                   2, "the explicit abort")
+        worker.options.token_delay = 0.0
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
 
 
 def test_worker_dying_mid_stream_is_one_in_band_error_and_no_fake_finish(worker: ThreadedFakeWorker) -> None:

@@ -388,6 +388,29 @@ async def test_an_opened_relay_writes_the_first_token_from_the_worker_callback()
 
 
 @in_loop
+async def test_once_the_worker_has_sent_bytes_a_failure_is_never_unsent() -> None:
+    """Even when writing the first bytes to the client blew up half-way (the head may be out), what follows is no
+    longer 'nothing sent': it must not be retried on another worker."""
+
+    class Breaking(FakeClient):
+        def start(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, end: bool) -> None:
+            super().start(status, headers, body, end)
+            raise RuntimeError("the handler is closed")
+
+    resp = FakeResponse([], stall=True)
+    task = asyncio.get_running_loop().create_task(open_splice(
+        cast(UpstreamResponse, resp), SSEParser(False), Breaking(), [], first_timeout=5, idle_timeout=5,
+        on_stall=lambda since: None))
+    await asyncio.sleep(0)
+    sink: Any = resp.sink
+    with pytest.raises(RuntimeError):
+        sink.on_data(ROLE)
+    sink.on_error(UpstreamClosed("worker closed the connection"))  # the connection's own handling of that
+    sp = await asyncio.wait_for(task, 2)  # not raised as retryable
+    assert isinstance(sp.error, UpstreamClosed)
+
+
+@in_loop
 async def test_a_connection_failing_before_the_first_byte_is_raised_with_nothing_sent() -> None:
     client = FakeClient()
     resp = FakeResponse([], then=UpstreamClosed("worker closed the connection"))
