@@ -319,12 +319,15 @@ def test_non_stream_unary_is_the_workers_own_answer(engine: Engine) -> None:
 
 
 def test_tokens_streamed_before_a_disconnect_are_counted(engine: Engine) -> None:
-    """Up to three tries, as in _abort_scenario: a starved client may close only after the engine has finished."""
+    """Up to three tries, as in _abort_scenario. The client's small receive buffer keeps the gateway from writing
+    the whole answer into the kernel's buffers while a starved client has not read yet (then the request would be
+    complete, and a later close no disconnect: seen once in CI, all three tries)."""
     with run_gateway(gateway_settings(engine)) as gw:
         for _ in range(3):
             before = scrape(gw.url + "/metrics")
             sock = open_request(gw.url, "/v1/chat/completions",
-                                {"model": "tiny-llama", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True})
+                                {"model": "tiny-llama", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True},
+                                recv_buffer=4096)
             received = b""
             while received.count(b"data: {") < 30:
                 received += sock.recv(65536)

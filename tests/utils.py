@@ -118,17 +118,24 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, ready_timeout
         os.unlink(log.name)
 
 
-def open_request(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
-                 ) -> socket.socket:
+def open_request(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None, *,
+                 recv_buffer: int | None = None) -> socket.socket:
     """Send one POST over a raw socket and return the socket, unread: the caller decides exactly when the
-    client goes away (``close()``) — unlike HTTP clients, which may leave a timed-out socket to the GC."""
+    client goes away (``close()``) — unlike HTTP clients, which may leave a timed-out socket to the GC. A small
+    ``recv_buffer`` keeps the server from handing the whole answer to the kernel before the client reads it."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     data = orjson.dumps(body)
     head = [f"POST {path} HTTP/1.1", f"host: {parts.hostname}:{parts.port}", "content-type: application/json",
             f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    if recv_buffer is None:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)  # before connect: sets the window
+        sock.settimeout(10)
+        sock.connect((parts.hostname, parts.port))
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     return sock
 
