@@ -24,7 +24,8 @@ from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
-from .streaming import ClientWriter, Splice, SSEParser, collect, open_splice, relay, splice
+from .sse import SSEParser
+from .streaming import ClientWriter, Splice, collect, open_splice, relay, splice
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 

@@ -23,13 +23,13 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from app import streaming
+from app import sse
 from app.caps import Caps, Decision, PromptSize, decide
 from app.errors import InvalidRequest
 from app.policy import DANGEROUS_FIELDS, KNOWN_FIELDS, RequestPolicy, check, check_min_tokens
 from app.protocol import ParsedRequest, Route, parse_request, set_max_tokens, upstream_body
 from app.settings import Settings
-from app.streaming import SSEParser
+from app.sse import SSEParser
 from app.upstream import UpstreamProtocolError
 from bench.fakeworker import ThreadedFakeWorker
 
@@ -177,7 +177,7 @@ def test_sse_garbage_raises_only_protocol_errors_and_stays_bounded(
 ) -> None:
     raw = b"".join(line + sep for line, sep in lines)
     parser = SSEParser(include_usage, sink=lambda obj: None)
-    with mock.patch.object(streaming, "MAX_EVENT_BYTES", limit):
+    with mock.patch.object(sse, "MAX_EVENT_BYTES", limit):
         for i, piece in enumerate(_cut(raw, cuts)):
             try:
                 out = parser.feed(piece, float(i))

@@ -1,0 +1,129 @@
+"""SSE parsing for the relay: cut a worker's byte stream at event boundaries and learn what the metrics need.
+
+Events are parsed only to find the first content token, the usage event, ``[DONE]``, error events and malformed
+input; the complete events are returned as the bytes they came as (the usage event the gateway asked for on the
+client's behalf removed again when the client did not ask for it). Pure: no I/O (fuzzed in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .upstream import UpstreamProtocolError
+
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+def _has_content(obj: dict[str, Any]) -> bool:
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+            or delta.get("tool_calls")
+        ):
+            return True
+    return False
+
+
+@dataclass(slots=True)
+class SSEState:
+    """What the relay learnt from one stream."""
+
+    first_token: float | None = None
+    last_token: float | None = None
+    usage: dict[str, Any] | None = None
+    content_events: int = 0
+    saw_done: bool = False
+    saw_error: bool = False
+    chunks: int = 0
+    relay_seconds: float = 0.0
+    _pending: bytes = field(default=b"", repr=False)
+
+
+class SSEParser:
+    """Feeds raw body bytes, returns the complete events to forward. Pure: no I/O (fuzzed in the tests)."""
+
+    __slots__ = ("include_usage", "state", "sink")
+
+    def __init__(self, include_usage: bool, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.include_usage = include_usage
+        self.state = SSEState()
+        self.sink = sink  # gets every parsed event object (the non-streaming aggregator)
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        st = self.state
+        data = st._pending + chunk if st._pending else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(b"\n\n")
+        # what stays pending is bounded, also when it follows complete events in the same chunk
+        if len(data) - (end + 2 if end >= 0 else 0) > MAX_EVENT_BYTES:
+            raise UpstreamProtocolError("worker sent an SSE event larger than the limit")
+        if end < 0:
+            st._pending = data
+            return b""
+        out = data[: end + 2]
+        st._pending = data[end + 2:]
+        kept: list[bytes] | None = None
+        events = out.split(b"\n\n")
+        events.pop()  # out ends with the separator
+        for i, event in enumerate(events):
+            if self._drop(event, now):
+                if kept is None:
+                    kept = events[:i]
+            elif kept is not None:
+                kept.append(event)
+        if kept is None:
+            return out
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def _drop(self, event: bytes, now: float) -> bool:
+        """Inspect one event; True when it must not reach the client (the usage event nobody asked for)."""
+        st = self.state
+        if event.startswith(b"\n"):  # empty lines before it (valid SSE): a run of 3+ line ends splits this way
+            event = event.lstrip(b"\n")
+        if not event.startswith(b"data:"):
+            if event.startswith((b":", b"event:", b"id:", b"retry:")) or not event.strip():
+                return False  # SSE comment / keep-alive / fields we pass along
+            raise UpstreamProtocolError("worker sent a malformed SSE line")
+        payload = event[5:].lstrip(b" ")
+        if payload.startswith(b"[DONE]"):
+            st.saw_done = True
+            return False
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("worker sent an SSE event that is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamProtocolError("worker sent an SSE event that is not a JSON object")
+        if self.sink is not None:
+            self.sink(obj)
+        if "error" in obj:
+            st.saw_error = True
+            return False
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            st.usage = usage
+            if not obj.get("choices"):
+                return not self.include_usage
+        if _has_content(obj):
+            st.content_events += 1
+            if st.first_token is None:
+                st.first_token = now
+            st.last_token = now
+        return False
+
+    @property
+    def pending(self) -> bytes:
+        return self.state._pending
