@@ -203,3 +203,40 @@ class AdmissionController:
         hold = 1.0 if self._hold is None else self._hold
         ahead = self._queued + 1
         return float(min(_MAX_RETRY_AFTER, max(1, math.ceil(hold * ahead / self.max_in_flight))))
+
+
+class PoolGates:
+    """The admission controller of each worker pool (a model in a region), sized to the workers the pool has
+    now: ``per_worker`` requests in flight each, the queue ``queue_size`` — both split over ``processes`` gateway
+    processes (``--workers N``: each takes its share)."""
+
+    def __init__(self, *, per_worker: int, queue_size: int, queue_timeout: float, processes: int = 1,
+                 depth: Callable[[str, str], Callable[[int], None]] | None = None) -> None:
+        self.per_worker = per_worker
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.processes = processes
+        self._depth = depth  # (model, region) -> what is told the queue length (a metric's set)
+        self._gates: dict[tuple[str, str], AdmissionController] = {}
+
+    def get(self, model: str, region: str, workers: int) -> AdmissionController:
+        capacity = max(1, -(-workers * self.per_worker // self.processes))
+        gate = self._gates.get((model, region))
+        if gate is None:
+            gate = AdmissionController(capacity, -(-self.queue_size // self.processes), self.queue_timeout,
+                                       name=f"{model}@{region}")
+            if self._depth is not None:
+                gate.on_queue = self._depth(model, region)
+            self._gates[(model, region)] = gate
+        elif gate.max_in_flight != capacity:
+            gate.max_in_flight = capacity
+        return gate
+
+    def queued(self, model: str, region: str) -> int:
+        """Requests waiting for the pool now (0 for a pool that has had none)."""
+        gate = self._gates.get((model, region))
+        return gate.queued if gate is not None else 0
+
+    def close(self) -> None:
+        for gate in self._gates.values():
+            gate.close()

@@ -15,7 +15,7 @@ import os
 from time import monotonic, perf_counter
 from typing import Any
 
-from .admission import AdmissionController
+from .admission import PoolGates
 from .auth import KeyStore, check_access
 from .caps import CapConfig, Caps, decide
 from .counting import PromptCounter
@@ -84,7 +84,9 @@ class Proxy:
         self.keys = keys or KeyStore.open()
         self.limiter: Limiter = limiter or MemoryLimiter()
         self.policy = policy or RequestPolicy()
-        self._admission: dict[tuple[str, str], AdmissionController] = {}
+        self.gates = PoolGates(per_worker=settings.worker_concurrency, queue_size=settings.queue_size,
+                               queue_timeout=settings.queue_timeout, processes=settings.workers,
+                               depth=lambda model, region: metrics.queue_depth.labels(model, region).set)
         self._turn = 0
         self.calls = WorkerCalls(pool, timeout=settings.read_timeout)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
@@ -273,7 +275,7 @@ class Proxy:
         prompt_estimate = decision.prompt_tokens if decision.prompt_tokens is not None else (size.bound or 0)
         ctx.ticket = await self.limiter.admit(ctx.principal, prompt_estimate + decision.max_tokens * req.n)
         ctx.headers.extend(ctx.ticket.headers())
-        gate = self._gate(req.model, regions[0], pool)
+        gate = self.gates.get(req.model, regions[0], len(pool))
         queue_time = self.metrics.queue_timer(req.model, regions[0])
         try:
             ctx.slot = await gate.acquire(ctx.principal.priority)
@@ -304,24 +306,8 @@ class Proxy:
         else:
             await answer_unary(ctx, rec, send, metrics=self.metrics, read_timeout=s.read_timeout)
 
-    def _gate(self, model: str, region: str, pool: tuple[Worker, ...]) -> AdmissionController:
-        """The admission controller of a worker pool, sized to the workers it has now (with --workers N, each
-        gateway process takes its share)."""
-        s = self.settings
-        capacity = max(1, -(-len(pool) * s.worker_concurrency // s.workers))
-        gate = self._admission.get((model, region))
-        if gate is None:
-            gate = AdmissionController(capacity, -(-s.queue_size // s.workers), s.queue_timeout,
-                                       name=f"{model}@{region}")
-            self._admission[(model, region)] = gate
-            gate.on_queue = self.metrics.queue_depth.labels(model, region).set  # a value: multiprocess-safe
-        elif gate.max_in_flight != capacity:
-            gate.max_in_flight = capacity
-        return gate
-
     def close_admission(self) -> None:
-        for gate in self._admission.values():
-            gate.close()
+        self.gates.close()
 
     def _regions(self, region: str | None, workers: tuple[Worker, ...]) -> list[str]:
         chosen = region or self.default_region

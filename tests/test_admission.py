@@ -6,7 +6,7 @@ import time
 import orjson
 import pytest
 
-from app.admission import AdmissionController, Slot
+from app.admission import AdmissionController, PoolGates, Slot
 from app.errors import NoWorkerAvailable, RateLimited, render
 
 
@@ -243,3 +243,30 @@ def test_invalid_bounds_are_refused() -> None:
         with pytest.raises(ValueError):
             AdmissionController(*args)
     Slot(0.0, 0).release()  # a slot no controller owns: nothing to release
+
+
+def test_pool_gates_size_each_pool_to_its_workers_and_split_over_processes() -> None:
+    depths: list[tuple[str, str, int]] = []
+    gates = PoolGates(per_worker=256, queue_size=1000, queue_timeout=5.0, processes=3,
+                      depth=lambda model, region: lambda n: depths.append((model, region, n)))
+    fr = gates.get("m", "fr", 2)
+    assert (fr.max_in_flight, fr.max_queue) == (-(-512 // 3), -(-1000 // 3))  # this process's share, rounded up
+    assert gates.get("m", "fr", 4) is fr and fr.max_in_flight == -(-1024 // 3)  # the pool grew: same gate, resized
+    assert gates.get("m", "uae", 1) is not fr and gates.get("m", "uae", 1).max_in_flight == 86
+    assert gates.get("m", "fr", 0).max_in_flight == 1  # never below one
+    assert gates.queued("m", "fr") == 0 and gates.queued("other", "fr") == 0
+
+    async def scenario() -> None:
+        gate = gates.get("m", "fr", 0)  # one slot: the second request queues, and the depth is reported
+        async with gate.admit():
+            waiter = asyncio.get_running_loop().create_task(gate.acquire())
+            await _tick()
+            assert gates.queued("m", "fr") == 1 and depths[-1] == ("m", "fr", 1)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        gates.close()
+        with pytest.raises(NoWorkerAvailable):
+            await gate.acquire()
+
+    asyncio.run(scenario())

@@ -295,7 +295,7 @@ def test_admission_queue_full_is_429_at_once_and_a_long_wait_is_503(worker: Thre
         t = threading.Thread(target=queued)
         t.start()
         wait_until(lambda: "tokengate_queue" in httpx.get(gw.url + "/metrics").text
-                   and gw.state.proxy._admission[("tiny", gw.state.proxy.default_region)].queued == 1,
+                   and gw.state.proxy.gates.queued("tiny", gw.state.proxy.default_region) == 1,
                    5, "one request queued")
         t0 = time.monotonic()
         full = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
