@@ -25,7 +25,7 @@ from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
 from .sse import SSEParser
-from .streaming import ClientWriter, Splice, collect, open_splice, relay, splice
+from .streaming import ClientWriter, Splice, collect, open_splice, relay
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 
@@ -127,17 +127,12 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
     """Relay a stream. Returns the error that cut it short (already sent in-band), if any."""
     resp = ex.resp
     assert resp is not None
-    client = ex.client
     ex.started = True
-    if ex.relay is not None:
+    if ex.relay is not None:  # open_relay took it on before the first byte (a client it can write to directly)
         sp, ex.relay = ex.relay, None  # (the relay refers back to the exchange: no cycle left behind)
         parser = sp.parser
         await sp.rest()
         err = sp.error
-    elif client is not None and client.can_start():
-        ex.parser = parser = SSEParser(req.include_usage)
-        err = await splice(resp, first or b"", parser, client, SSE_HEADERS + ex.headers, idle_timeout=idle_timeout,
-                           on_stall=ex.stalled)
     else:
         ex.parser = parser = SSEParser(req.include_usage)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + ex.headers})

@@ -61,6 +61,11 @@ from .workers.registry import ModelInfo, Registry, Worker
 log = logging.getLogger("tokengate.proxy")
 _PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _RETRIABLE_STATUS = (502, 503)
+
+
+def _after_send(exc: GatewayError) -> bool:
+    """A timeout after the request reached the worker (not while connecting): it may still be working on it."""
+    return isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
 CLAMP_HEADER = b"x-tokengate-max-tokens-clamped"
 
 
@@ -369,7 +374,7 @@ class Proxy:
                     ctx.resp.abort()
                     ctx.resp = None
                 # still running there only when the wait for its answer timed out (abort it on the way out)
-                ctx.awaiting_head = isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
+                ctx.awaiting_head = _after_send(exc)
                 self._worker_failed(worker, exc, generating=not req.upstream_stream)
                 last = exc
         if last is not None:
@@ -385,7 +390,7 @@ class Proxy:
         self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
         if isinstance(exc, UpstreamStatus) and exc.passthrough_status not in _RETRIABLE_STATUS:
             raise exc
-        sent = isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
+        sent = _after_send(exc)
         if not (sent and generating):
             self.registry.record_failure(worker)
         if sent:

@@ -1,8 +1,8 @@
 """SSE relay: forward worker bytes as they arrive, cut at event boundaries (``sse.SSEParser``), and end every
 stream either with the worker's ``[DONE]`` or with an in-band error event — never cut short silently.
 
-Two ways to relay: ``relay`` over the ASGI ``send``, and ``splice``/``open_splice`` in the worker connection's own
-callbacks, writing straight to the client's (``ClientWriter``); ``collect`` reads a whole stream for a
+Two ways to relay: ``relay`` over the ASGI ``send``, and ``open_splice`` in the worker connection's own callbacks,
+writing straight to the client's (``ClientWriter``); ``collect`` reads a whole stream for a
 non-streaming answer the same way. The relay never re-serialises a chunk.
 """
 
@@ -169,11 +169,8 @@ class _Reader:
 
     def _finish(self, error: GatewayError | None, final: bytes) -> None:
         """The stream has ended: ``final`` is what is left to pass on (the last events, or an error event)."""
-        self.finished = True
         self.error = error
-        if self.timer is not None:
-            self.timer.cancel()
-        self.resp.detach()
+        self._stop()
         self._wake()
 
     # internals
@@ -185,12 +182,16 @@ class _Reader:
     def _fail_unsent(self, err: GatewayError) -> None:
         """Before the first body byte: nothing has gone to the client, so the caller may still try another
         worker (or answer with an error status)."""
-        self.finished = True
         self.unsent = err
+        self._stop()
+        self._wake()
+
+    def _stop(self) -> None:
+        """No more reading: the timer off, the connection's callbacks no longer ours."""
+        self.finished = True
         if self.timer is not None:
             self.timer.cancel()
         self.resp.detach()
-        self._wake()
 
     def _check_first(self, timeout: float) -> None:
         if self.early and not self.finished:
@@ -245,13 +246,6 @@ class _Reader:
             raise
         if self.unsent is not None:
             raise self.unsent
-
-    def _stop(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.timer is not None:
-                self.timer.cancel()
-            self.resp.detach()
 
     async def rest(self) -> None:
         """Sleep until the stream has ended (``finished``, with ``error`` when it ended badly)."""
@@ -326,21 +320,12 @@ class Splice(_Reader):
         self.resp.resume_reading()
 
 
-async def splice(resp: UpstreamResponse, first: bytes, parser: SSEParser, client: ClientWriter,
-                 headers: list[tuple[bytes, bytes]], *, idle_timeout: float, on_stall: Callable[[float], None]
-                 ) -> GatewayError | None:
-    """``relay`` with its per-chunk path in callbacks (``Splice``), writing straight to the client; it sends the
-    response's head too (with the first chunk). Same contract as ``relay``."""
-    sp = Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
-    await sp.run(first)
-    return sp.error
-
-
 async def open_splice(resp: UpstreamResponse, parser: SSEParser, client: ClientWriter,
                       headers: list[tuple[bytes, bytes]], *, first_timeout: float, idle_timeout: float,
                       on_stall: Callable[[float], None]) -> Splice:
-    """A relay taken on before the worker's first body byte (``_Reader.open``): the first token goes from the
-    worker's socket to the client's in one callback. Raises what failed before that byte (nothing sent: the
+    """``relay`` with its per-chunk path in callbacks (``Splice``), writing straight to the client (the head with
+    the first events), taken on before the worker's first body byte (``_Reader.open``): the first token goes from
+    the worker's socket to the client's in one callback. Raises what failed before that byte (nothing sent: the
     caller may try another worker); ``await sp.rest()`` then relays the rest, ``sp.error`` says how it ended."""
     sp = Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
     await sp.open(first_timeout)
@@ -348,7 +333,7 @@ async def open_splice(resp: UpstreamResponse, parser: SSEParser, client: ClientW
 
 
 async def collect(resp: UpstreamResponse, first: bytes, parser: SSEParser, *, idle_timeout: float) -> None:
-    """Read a whole worker stream into ``parser`` (whose sink builds the answer), in callbacks like ``splice``.
+    """Read a whole worker stream into ``parser`` (whose sink builds the answer), in callbacks like a ``Splice``.
     Raises the error that cut it short."""
     reader = _Reader(parser, resp, idle_timeout, asyncio.get_running_loop())
     await reader.run(first)

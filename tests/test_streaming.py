@@ -13,17 +13,17 @@ import pytest
 
 from app.errors import GatewayError, UpstreamTimeout
 from app.sse import SSEParser
-from app.streaming import collect, open_splice, relay, splice
+from app.streaming import collect, open_splice, relay
 from app.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 
 from .sse_samples import DONE, ROLE, STREAM, TOK, USAGE
 
-# --- the relay itself: relay() (over ASGI send) and splice() (callbacks, straight to the client) --------------------
+# --- the relay itself: relay() (over ASGI send) and open_splice() (callbacks, straight to the client) ---------------
 
 
 class FakeResponse:
     """A worker response fed from a script: body pieces, then the end, an exception, or silence (``stall``).
-    Serves both reading styles: ``next_chunk`` (relay) and ``attach`` (splice, one piece per loop turn)."""
+    Serves both reading styles: ``next_chunk`` (relay) and ``attach`` (open_splice, one piece per loop turn)."""
 
     def __init__(self, pieces: list[bytes], *, then: BaseException | None = None, stall: bool = False) -> None:
         self.pieces = list(pieces)
@@ -142,21 +142,17 @@ async def run_relay(style: str, resp: FakeResponse, *, include_usage: bool = Fal
         body = b"".join(m["body"] for m in messages)
         return body, not messages[-1]["more_body"], err, parser
     client = client or FakeClient()
-    if style == "open":  # taken on before the first byte: everything arrives through the callbacks
-        if first:
-            resp.pieces.insert(0, first)
-        sp = await open_splice(cast(UpstreamResponse, resp), parser, client, [(b"x-test", b"1")], first_timeout=idle,
-                               idle_timeout=idle, on_stall=lambda since: None)
-        await sp.rest()
-        err = sp.error
-    else:
-        err = await splice(cast(UpstreamResponse, resp), first, parser, client, [(b"x-test", b"1")],
+    if first:  # taken on before the first byte ("open"): everything arrives through the callbacks
+        resp.pieces.insert(0, first)
+    sp = await open_splice(cast(UpstreamResponse, resp), parser, client, [(b"x-test", b"1")], first_timeout=idle,
                            idle_timeout=idle, on_stall=lambda since: None)
+    await sp.rest()
+    err = sp.error
     assert client.head == [(b"x-test", b"1")]
     return client.body, client.ended, err, parser
 
 
-STYLES = ["relay", "splice", "open"]
+STYLES = ["relay", "open"]
 
 
 def in_loop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -177,7 +173,7 @@ async def test_a_whole_stream_is_relayed_with_the_unasked_usage_removed(style: s
 @in_loop
 async def test_splice_writes_a_complete_short_answer_in_one_write() -> None:
     client = FakeClient()
-    await run_relay("splice", FakeResponse([STREAM]), include_usage=True, client=client)
+    await run_relay("open", FakeResponse([STREAM]), include_usage=True, client=client)
     assert client.writes == 1 and client.body == STREAM and client.ended
 
 
@@ -308,13 +304,14 @@ async def test_splice_pauses_the_worker_while_the_client_is_not_reading() -> Non
     client = FakeClient(block_after=2)
     resp = FakeResponse([ROLE, TOK[0], TOK[1], TOK[2], USAGE + DONE])
     stalls: list[float] = []
-    task = asyncio.get_running_loop().create_task(
-        splice(cast(UpstreamResponse, resp), resp.pieces.pop(0), SSEParser(False), client, [], idle_timeout=0.05,
-               on_stall=stalls.append))
+    sp = await open_splice(cast(UpstreamResponse, resp), SSEParser(False), client, [], first_timeout=5,
+                           idle_timeout=0.05, on_stall=stalls.append)
+    task = asyncio.get_running_loop().create_task(sp.rest())
     await asyncio.sleep(0.2)  # longer than the idle timeout: a paused worker is not a silent one
     assert not task.done() and resp.paused and client.writes == 2 and stalls[-1] > 0
     client.unblock()
-    assert await task is None
+    await task
+    assert sp.error is None
     assert client.body == ROLE + b"".join(TOK) + DONE and client.ended
     assert resp.pause_calls == 1 and resp.resume_calls >= 1 and stalls[-1] == 0.0
 
