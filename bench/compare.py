@@ -9,7 +9,11 @@ arm is up during every round, so idle arms share CPU 0 (their CPU is recorded as
 Regimes, each for ``stream: true`` and ``false``:
   (a) paced worker (20 ms to first token, 10 ms/token, 64 tokens), closed loop at each ``--concurrency``:
       warm-up, then ``--rounds`` rounds, arm order rotated per round (A B C D, B C D A, ...).  Added TTFT and e2e
-      (arm percentile - direct percentile, pooled over rounds), gateway CPU-seconds per 1000 requests.
+      (arm percentile - direct percentile, pooled over rounds), gateway CPU-seconds per 1000 requests.  At c > 1
+      each round runs ``--lead-in`` seconds before its measured window: every stream sends its first request in
+      the same instant, after the other arms' rounds (long enough for keep-alive timeouts to close connections),
+      and streams of equal length stay in lock-step for a few rounds of requests — a start-up transient of the
+      harness, not the steady state of C concurrent streams.
   (b) zero-delay worker, 16 tokens: closed loop at ``--sat-concurrency`` (req/s ratio to direct), then an
       open-loop Poisson sweep: rates ``--sweep-start`` x ``--sweep-factor``^k; at each rate direct runs first
       (the reference: it must hold too, and the client keep to its schedule: send lag p50 <= 2 ms), then each
@@ -41,11 +45,31 @@ from typing import Any
 
 from bench import peers
 from bench.compare_report import ArmRun, RawWriter, analyse_cell, judge, machine, open_summary, write_outputs
-from bench.compare_stack import REGIMES, Regime, Stack, client_cpu, cpu_snapshot, launch, sanity
-from bench.loadclient import Connection, LoadResult, Target, chat_body, close_pool, run_closed, run_open
+from bench.compare_stack import REGIMES, Regime, Stack, client_cpu, cpu_probe, launch, sanity
+from bench.loadclient import (
+    Connection,
+    LoadResult,
+    Target,
+    chat_body,
+    close_pool,
+    completed_between,
+    run_closed,
+    run_open,
+)
 from bench.overhead import raise_nofile
 
 RESULTS = Path(__file__).resolve().parent / "results"
+Hooks = tuple[Callable[[], None], Callable[[], None]]  # (window opens, window closes)
+
+
+async def _bracketed(hooks: Hooks | None, run: Awaitable[LoadResult]) -> LoadResult:
+    """A run without a measured window of its own (the open loop): the window is the whole run."""
+    if hooks:
+        hooks[0]()
+    res = await run
+    if hooks:
+        hooks[1]()
+    return res
 ARMS = ("direct", "tokengate", "vllm-router", "litellm")
 MODES = ("stream", "nonstream")
 
@@ -62,12 +86,30 @@ class Bench:
     def _cap(self, arm: str, conc: int) -> int | None:
         return max(conc, self.a.litellm_requests) if arm == "litellm" else None
 
-    async def _measured(self, stack: Stack, arm: str,
-                        run: Awaitable[LoadResult]) -> tuple[LoadResult, dict[str, float]]:
+    async def _measured(self, stack: Stack, arm: str, start: Callable[[Hooks | None], Awaitable[LoadResult]],
+                        windowed: bool = False) -> tuple[LoadResult, dict[str, float]]:
+        """Run ``start(hooks)``.  ``windowed`` (a closed loop with a lead-in): the CPU counters are read as its
+        measured window opens and closes, and scaled to the requests completed in between — CPU per request in
+        the steady state, not the lead-in's streams finishing inside the window; else around the whole run."""
         pids = stack.pids()
-        c0, t0 = client_cpu(), cpu_snapshot(pids)
-        res = await run
-        c1, t1 = client_cpu(), cpu_snapshot(pids)
+        read = cpu_probe(pids)
+        marks: list[tuple[float, float, dict[str, float]]] = []
+
+        def mark() -> None:
+            marks.append((time.perf_counter(), client_cpu(), read()))
+
+        if windowed:
+            res = await start((mark, mark))
+        else:
+            mark()
+            res = await start(None)
+            mark()
+        (ta, c0, t0), (tb, c1, t1) = marks[0], marks[-1]
+        if windowed:
+            done = completed_between(res, ta, tb)
+            scale = sum(1 for r in res.records if r.ok) / done if done else 0.0
+            c1 = c0 + (c1 - c0) * scale
+            t1 = {k: t0[k] + (v - t0[k]) * scale for k, v in t1.items() if k in t0}
         d = {k: t1[k] - t0[k] for k in t0 if k in t1}
         gws = [k for k in pids if k != "worker"]
         g, w = f"cpu{self.a.gateway_cpu}", f"cpu{self.a.client_cpu}"
@@ -87,6 +129,7 @@ class Bench:
         a = self.a
         arms = [x for x in stack.arms if not (x == "litellm" and conc > a.litellm_max_concurrency)]
         seconds = self._round_seconds(stack.regime, conc, seconds)
+        lead_in = a.lead_in if conc > 1 else 0.0  # one stream has no synchronised start to leave out
         targets = {arm: Target.build(stack.urls[arm], self._body(stack.regime, mode)) for arm in arms}
         pools: dict[str, list[Connection]] = {arm: [] for arm in arms}  # keep-alive across rounds
         for arm in arms:  # LiteLLM: one request per connection is warm-up enough
@@ -97,9 +140,10 @@ class Bench:
         for i in range(a.rounds):
             order = arms[i % len(arms):] + arms[: i % len(arms)]
             for arm in order:
-                res, cpu = await self._measured(stack, arm, run_closed(
+                res, cpu = await self._measured(stack, arm, lambda hooks, arm=arm: run_closed(
                     targets[arm], concurrency=conc, duration=seconds, requests=self._cap(arm, conc), pool=pools[arm],
-                    timeout=a.timeout))
+                    timeout=a.timeout, lead_in=lead_in, on_window=hooks[0] if hooks else None,
+                    on_close=hooks[1] if hooks else None), windowed=lead_in > 0)
                 runs[arm].add(res, cpu)
                 self.raw.write(*label, arm, i, res.records)
             self.say(f"    round {i + 1}/{a.rounds}: " + "  ".join(
@@ -120,8 +164,8 @@ class Bench:
         pool: list[Connection] = []
         await run_open(target, rate=rate, duration=a.sweep_warmup, timeout=a.sweep_timeout, seed=1, pool=pool)
         dur = max(a.sweep_seconds, a.sweep_min_requests / rate)
-        res, cpu = await self._measured(stack, arm, run_open(target, rate=rate, duration=dur, timeout=a.sweep_timeout,
-                                                             seed=int(rate), pool=pool))
+        res, cpu = await self._measured(stack, arm, lambda hooks: _bracketed(hooks, run_open(
+            target, rate=rate, duration=dur, timeout=a.sweep_timeout, seed=int(rate), pool=pool)))
         close_pool(pool)
         self.raw.write(*label, f"rate={rate:g}", arm, 0, res.records)
         return open_summary(res, cpu, arm)
@@ -272,6 +316,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--round-seconds", type=float, default=1.5, help="paced regime, per arm per round")
     p.add_argument("--warmup-seconds", type=float, default=1.0)
+    p.add_argument("--lead-in", type=float, default=2.0,
+                   help="closed loop at c > 1: seconds each round runs before its measured window, so that the "
+                        "synchronised start (all streams' first requests at once, after the other arms' rounds, on "
+                        "connections an idle timeout may have closed) is not mixed into the steady state")
     p.add_argument("--sat-concurrency", type=int, default=64)
     p.add_argument("--sat-seconds", type=float, default=1.5)
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
@@ -314,8 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plots", dest="plots", action="store_false")
     quick = p.parse_known_args(argv)[0].quick
     if quick:
-        p.set_defaults(concurrency="1,64", rounds=2, round_seconds=0.6, warmup_seconds=0.3, sat_seconds=0.6,
-                       sweep_seconds=0.6, sweep_min_requests=30, sweep_factor=4.0, sweep_warmup=0.1,
+        p.set_defaults(concurrency="1,64", rounds=2, round_seconds=0.6, warmup_seconds=0.3, lead_in=0.3,
+                       sat_seconds=0.6, sweep_seconds=0.6, sweep_min_requests=30, sweep_factor=4.0, sweep_warmup=0.1,
                        min_round_requests=1, sweep_refine=0, sweep_confirm=0,
                        litellm_requests=16, out=RESULTS / "raw" / "quick")
     a = p.parse_args(argv)

@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,40 +26,56 @@ def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds from one scan of /proc: per root pid and its live descendants, ``NAME`` (utime + stime from
     /proc/PID/stat, 10 ms ticks) and ``NAME:ns`` (sum of /proc/PID/task/*/schedstat run time: ns resolution, live
     threads only); ``cpuN``: busy time of CPU N from /proc/stat."""
+    return cpu_probe(roots)()
+
+
+def cpu_probe(roots: dict[str, int]) -> Callable[[], dict[str, float]]:
+    """``cpu_snapshot`` in two steps: the scan of /proc for each root's processes now, and a reader that reads only
+    their counters (a snapshot cheap enough to take in the middle of a measured run)."""
     parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 raw = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            f = raw[raw.rindex(")") + 2:].split()
-            parent[int(entry)] = int(f[1])
-            ticks[int(entry)] = int(f[11]) + int(f[12])
+            parent[int(entry)] = int(raw[raw.rindex(")") + 2:].split()[1])
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
-    hz = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
+    trees: dict[str, list[int]] = {}
     for name, root in roots.items():
-        total, ns, stack = 0, 0, [root]
+        tree, stack = [], [root]
         while stack:
             p = stack.pop()
-            total += ticks.get(p, 0)
+            tree.append(p)
             stack += children.get(p, [])
-            with contextlib.suppress(OSError):
-                for tid in os.listdir(f"/proc/{p}/task"):
-                    with contextlib.suppress(OSError, ValueError, IndexError):
-                        ns += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
-        out[name] = total / hz
-        out[f"{name}:ns"] = ns / 1e9
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("cpu") and line[3:4].isdigit():
-            name, *v = line.split()
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in v[:8])
-            out[name] = (user + nice + system + irq + softirq + steal) / hz
-    return out
+        trees[name] = tree
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def read() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, tree in trees.items():
+            total, ns = 0, 0
+            for p in tree:
+                with contextlib.suppress(OSError):
+                    raw = Path(f"/proc/{p}/stat").read_text()
+                    f = raw[raw.rindex(")") + 2:].split()
+                    total += int(f[11]) + int(f[12])
+                with contextlib.suppress(OSError):
+                    for tid in os.listdir(f"/proc/{p}/task"):
+                        with contextlib.suppress(OSError, ValueError, IndexError):
+                            ns += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
+            out[name] = total / hz
+            out[f"{name}:ns"] = ns / 1e9
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *v = line.split()
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in v[:8])
+                out[name] = (user + nice + system + irq + softirq + steal) / hz
+        return out
+
+    return read
 
 
 def client_cpu() -> float:

@@ -16,7 +16,8 @@ import json
 import random
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -204,6 +205,7 @@ async def _one(conn: Connection, timeout: float) -> RequestRecord:
 class LoadResult:
     records: list[RequestRecord]
     elapsed: float
+    lead: list[RequestRecord] = field(default_factory=list)  # run_closed: requests sent during the lead-in
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.elapsed)
@@ -211,20 +213,55 @@ class LoadResult:
 
 async def run_closed(target: Target, *, concurrency: int, duration: float | None = None,
                      requests: int | None = None, timeout: float = 60.0,
-                     pool: list[Connection] | None = None, think: float = 0.0) -> LoadResult:
+                     pool: list[Connection] | None = None, think: float = 0.0, lead_in: float = 0.0,
+                     on_window: Callable[[], None] | None = None,
+                     on_close: Callable[[], None] | None = None) -> LoadResult:
     """C closed-loop streams until ``duration`` seconds have passed or ``requests`` have been started.
 
     With ``pool``, connections are taken from it and given back at the end (keep-alive across runs);
     ``close_pool(pool)`` when done. ``think`` > 0: each stream waits a random 0..think seconds before each
     request (seeded per stream, so every run draws the same waits), which keeps streams of equal length from
     arriving in lock-step waves.
+
+    ``lead_in`` > 0: the streams run that long before the measured window of ``duration`` seconds opens; requests
+    sent before it go to ``LoadResult.lead``, not ``records``, and ``elapsed`` counts from the window.  That
+    leaves out the start-up transient of a closed loop: all C streams sending their first request in the same
+    instant (after idle, on connections the server may have closed).  ``on_window`` is called as the window
+    opens (at the start without a lead-in) and ``on_close`` as it closes (``duration`` later, or when the last
+    request is done; the streams then finish what they started): CPU counters read at both cover the requests
+    completed in between (``completed_between``), in the steady state.
     """
     if duration is None and requests is None:
         raise ValueError("give duration or requests")
     records: list[RequestRecord] = []
+    lead: list[RequestRecord] = []
     t0 = time.perf_counter()
-    deadline = t0 + duration if duration is not None else float("inf")
+    window = [t0 + lead_in if lead_in > 0 else t0]
+    deadline = window[0] + duration if duration is not None else float("inf")
     left = [requests if requests is not None else -1]
+
+    def open_window() -> None:
+        window[0] = time.perf_counter()
+        if on_window is not None:
+            on_window()
+
+    def keep(rec: RequestRecord) -> None:
+        (records if rec.start >= window[0] else lead).append(rec)
+
+    loop = asyncio.get_running_loop()
+    if lead_in > 0:
+        window[0] = float("inf")  # until the timer fires: every request before it is lead-in
+        loop.call_later(lead_in, open_window)
+    elif on_window is not None:
+        on_window()
+    closed = [False]
+
+    def close_window() -> None:
+        if on_close is not None and not closed[0]:
+            closed[0] = True
+            on_close()
+
+    closing = loop.call_later(lead_in + duration, close_window) if duration is not None else None
 
     async def worker(index: int) -> None:
         conn: Connection | None = pool.pop() if pool else None
@@ -237,10 +274,10 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
                 try:
                     conn = await _connect(target)
                 except OSError as exc:
-                    records.append(RequestRecord(time.perf_counter(), None, 0.0, 0, 0, False, f"connect: {exc}"))
+                    keep(RequestRecord(time.perf_counter(), None, 0.0, 0, 0, False, f"connect: {exc}"))
                     await asyncio.sleep(0.05)
                     continue
-            records.append(await _one(conn, timeout))
+            keep(await _one(conn, timeout))
         if conn is not None:
             if pool is not None and conn.reusable:
                 pool.append(conn)
@@ -248,7 +285,16 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
                 conn.transport.close()
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return LoadResult(records, time.perf_counter() - t0)
+    if closing is not None:
+        closing.cancel()
+    close_window()  # ended before the timer (``requests``), or no duration: the window closes now
+    end = time.perf_counter()
+    return LoadResult(records, end - min(window[0], end), lead)
+
+
+def completed_between(result: LoadResult, start: float, end: float) -> int:
+    """Requests (lead-in ones included) that completed between two ``time.perf_counter()`` readings."""
+    return sum(1 for r in (*result.lead, *result.records) if r.ok and start <= r.start + r.e2e < end)
 
 
 def close_pool(pool: list[Connection]) -> None:
@@ -364,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--lead-in", type=float, default=0.0,
+                   help="closed loop: run this long before measuring (leaves out the synchronised start)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     a = p.parse_args(argv)
     body = chat_body(max_tokens=a.max_tokens, stream=not a.no_stream, include_usage=a.include_usage, model=a.model)
@@ -376,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
             return await run_open(target, rate=a.rate, duration=a.duration, timeout=a.timeout)
         duration = None if a.requests is not None else a.duration
         return await run_closed(target, concurrency=a.concurrency, duration=duration, requests=a.requests,
-                                timeout=a.timeout)
+                                timeout=a.timeout, lead_in=a.lead_in)
 
     if a.loop == "uvloop":
         import uvloop

@@ -1,11 +1,15 @@
 """What the gateway adds: client -> worker directly vs client -> gateway -> worker, in interleaved rounds.
 
-Regimes (each with a warm-up, then ``--rounds`` rounds; the arm order alternates per round):
+Regimes (each with a warm-up, then ``--rounds`` rounds; the arm order alternates per round; each round runs
+``--lead-in`` seconds before its measured window, so that the closed loop's start — all streams' first requests in
+the same instant, after the other arm's round, on connections an idle timeout may have closed — is not mixed into
+the steady state; that start is reported apart as the "start burst"):
   paced       a worker paced like a real engine (20 ms to first token, 10 ms per token, 64 tokens), 64 streams:
               added TTFT p50/p99 and added e2e (gateway percentile minus direct percentile, pooled over rounds).
   saturation  a zero-delay worker, 16 tokens, 64 streams: gateway req/s as a ratio to direct.
 Pinning: the gateway on CPU 0; the load client (this process) and the fake worker on CPU 1.  Gateway CPU-seconds
-per 1000 requests come from /proc/PID/stat (utime + stime of the gateway and its children) around each round.
+per 1000 requests come from /proc/PID/stat (utime + stime of the gateway and its children) over each measured
+window.
 
     python -m bench.overhead                                  # the real gateway (`tokengate serve`)
     python -m bench.overhead --count local                    # ... with the model's tokenizer on the gateway
@@ -35,7 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadclient import Connection, LoadResult, RequestRecord, Target, chat_body, close_pool, run_closed, summarize
+from bench.loadclient import (
+    Connection,
+    LoadResult,
+    RequestRecord,
+    Target,
+    chat_body,
+    close_pool,
+    completed_between,
+    run_closed,
+    summarize,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _TOKENGATE = Path(sys.prefix) / "bin" / "tokengate"
@@ -120,20 +134,20 @@ def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path, ti
     raise SystemExit(f"GET {path} on port {port} not 200 within {timeout:g} s ({last}); see {log}")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live descendants."""
+def _stat_fields(pid: int | str) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def tree_pids(pid: int) -> set[int]:
+    """``pid`` and its live descendants."""
     parents: dict[int, int] = {}
-    times: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = int(fields[11]) + int(fields[12])
+        if entry.isdigit() and (fields := _stat_fields(entry)) is not None:
+            parents[int(entry)] = int(fields[1])
     tree, frontier = {pid}, [pid]
     while frontier:
         p = frontier.pop()
@@ -141,23 +155,50 @@ def tree_cpu_seconds(pid: int) -> float:
             if parent == p and child not in tree:
                 tree.add(child)
                 frontier.append(child)
-    return sum(times.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+    return tree
+
+
+def pids_cpu_seconds(pids: set[int]) -> float:
+    """utime + stime of these processes (cheap: no walk of /proc, for a snapshot taken mid-run)."""
+    ticks = 0
+    for pid in pids:
+        if (fields := _stat_fields(pid)) is not None:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants."""
+    return pids_cpu_seconds(tree_pids(pid))
 
 
 @dataclass
 class ArmData:
     records: list[RequestRecord] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    start: list[RequestRecord] = field(default_factory=list)  # each round's first request of every stream
     elapsed: float = 0.0
     gateway_cpu: float = 0.0
     worker_cpu: float = 0.0
 
 
-async def _round(target: Target, conc: int, seconds: float, pool: list[Connection], gw_pid: int,
+async def _round(target: Target, conc: int, seconds: float, lead_in: float, pool: list[Connection], gw_pid: int,
                  wk_pid: int) -> tuple[LoadResult, float, float]:
-    g0, w0 = tree_cpu_seconds(gw_pid), tree_cpu_seconds(wk_pid)
-    res = await run_closed(target, concurrency=conc, duration=seconds, pool=pool)
-    return res, tree_cpu_seconds(gw_pid) - g0, tree_cpu_seconds(wk_pid) - w0
+    """One round: ``lead_in`` seconds unmeasured, then ``seconds`` measured (records and CPU over the same window)."""
+    gw, wk = tree_pids(gw_pid), tree_pids(wk_pid)
+    at: list[tuple[float, float, float]] = []
+
+    def snapshot() -> None:
+        at.append((time.perf_counter(), pids_cpu_seconds(gw), pids_cpu_seconds(wk)))
+
+    res = await run_closed(target, concurrency=conc, duration=seconds, pool=pool, lead_in=lead_in,
+                           on_window=snapshot, on_close=snapshot)
+    (t0, g0, w0), (t1, g1, w1) = at
+    # CPU per request: over the window, per request completed in it (not the requests started in it: streams of
+    # the lead-in finish inside the window, the window's last ones after it)
+    done = completed_between(res, t0, t1)
+    scale = sum(1 for r in res.records if r.ok) / done if done else 0.0
+    return res, (g1 - g0) * scale, (w1 - w0) * scale
 
 
 async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: str,
@@ -189,10 +230,11 @@ async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: st
         data = {arm: ArmData() for arm in targets}
         for i in range(a.rounds):
             for arm in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
-                res, gcpu, wcpu = await _round(targets[arm], a.concurrency, a.round_seconds, pools[arm], gateway.pid,
-                                               worker.pid)
+                res, gcpu, wcpu = await _round(targets[arm], a.concurrency, a.round_seconds, a.lead_in, pools[arm],
+                                               gateway.pid, worker.pid)
                 d = data[arm]
                 d.records += res.records
+                d.start += sorted(res.lead, key=lambda r: r.start)[:a.concurrency]
                 d.elapsed += res.elapsed
                 d.gateway_cpu += gcpu
                 d.worker_cpu += wcpu
@@ -237,6 +279,11 @@ def _analyse(reg: Regime, data: dict[str, ArmData]) -> dict[str, Any]:
     out["rps_ratio"] = round(gw["rps"] / dr["rps"], 4) if dr["rps"] else None
     out["rps_ratio_per_round"] = [round(x, 4) for x in ratios]
     out["rps_ratio_median"] = round(statistics.median(ratios), 4) if ratios else None
+    if data["direct"].start and data["gateway"].start:  # the lead-in's synchronised start, reported apart
+        starts = {arm: summarize(d.start, 1.0)["ttft_ms"] for arm, d in data.items()}
+        out["start_burst_ttft_ms"] = starts
+        out["start_burst_added_ttft_ms"] = {q: round(starts["gateway"][q] - starts["direct"][q], 3)
+                                            for q in ("p50", "p99")}
     return out
 
 
@@ -259,6 +306,12 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                         f"(per-round median {r['rps_ratio_median']:.3f}x) |")
             d, g = dr["ttft_ms"]["p50"], gw["ttft_ms"]["p50"]
             rows.append(f"|  | TTFT p50 ms | {d:.2f} | {g:.2f} | {g - d:+.2f} ms |")
+        if name == "paced" and "start_burst_ttft_ms" in r:
+            d, g = r["start_burst_ttft_ms"]["direct"], r["start_burst_ttft_ms"]["gateway"]
+            added = r["start_burst_added_ttft_ms"]
+            rows.append(f"|  | start burst ({len(dr.get('rounds', []))} rounds x all streams at once, not in the "
+                        f"rows above): TTFT p50 / p99 ms | {d['p50']:.2f} / {d['p99']:.2f} | "
+                        f"{g['p50']:.2f} / {g['p99']:.2f} | {added['p50']:+.2f} / {added['p99']:+.2f} ms |")
         rows.append(f"|  | gateway CPU-s / 1000 req |  | {gw['gateway_cpu_s_per_1k']:.3f} |  |")
         errs = f"{dr['errors']} / {gw['errors']}"
         rows.append(f"|  | requests (errors) direct / gateway | {dr['requests']} | {gw['requests']} | {errs} |")
@@ -280,6 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--round-seconds", type=float, default=4.0)
     p.add_argument("--warmup-seconds", type=float, default=2.0)
+    p.add_argument("--lead-in", type=float, default=2.0,
+                   help="seconds each round runs before its measured window: the closed loop's synchronised start "
+                        "(every stream's first request in the same instant, after the other arm's round) settles; "
+                        "that start is reported apart as the 'start burst'")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--ready-timeout", type=float, default=60.0)
     p.add_argument("--gateway-cpu", type=int, default=0)
@@ -318,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = uvloop.run(go())
     meta = {"timestamp": stamp, "gateway_cmd": a.gateway_cmd, "prompt_count": a.count, "rounds": a.rounds,
-            "round_seconds": a.round_seconds,
+            "round_seconds": a.round_seconds, "lead_in_seconds": a.lead_in,
             "warmup_seconds": a.warmup_seconds, "concurrency": a.concurrency, "pinned": not a.no_pin,
             "gateway_cpu": a.gateway_cpu, "client_cpu": a.client_cpu, "cpus": os.cpu_count(),
             "cpu_model": cpu_model(), "python": platform.python_version(),

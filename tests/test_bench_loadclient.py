@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from bench.fakeworker import ThreadedFakeWorker
-from bench.loadclient import Target, chat_body, run_closed, run_open
+from bench.loadclient import LoadResult, Target, chat_body, completed_between, run_closed, run_open
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,31 @@ def test_open_loop_refuses_arrivals_past_its_in_flight_cap() -> None:
     served = [r for r in res.records if r.ok]
     assert refused and len(served) <= 4 * 2  # at most 4 open at a time, each lasting ~0.3 s of the 0.5 s
     assert len(refused) + len(served) == len(res.records)
+
+
+def test_lead_in_requests_are_kept_apart_from_the_measured_window() -> None:
+    """With a lead-in, what was sent before the window opens is in ``lead`` (the synchronised start of all
+    streams), the window's requests in ``records``, the CPU hooks fire once each as the window opens and closes,
+    and ``elapsed`` covers the window only."""
+    opened: list[float] = []
+    closed: list[float] = []
+    with ThreadedFakeWorker(ttft=0.05) as w:
+        target = Target.build(w.url, chat_body(max_tokens=2, stream=True))
+
+        async def go() -> tuple[float, float, LoadResult]:
+            t0 = time.perf_counter()
+            res = await run_closed(target, concurrency=2, duration=0.3, timeout=10, lead_in=0.3,
+                                   on_window=lambda: opened.append(time.perf_counter()),
+                                   on_close=lambda: closed.append(time.perf_counter()))
+            return t0, time.perf_counter(), res
+
+        t0, t1, res = asyncio.run(go())
+    assert len(opened) == 1 and opened[0] - t0 >= 0.29
+    assert len(closed) == 1 and closed[0] - opened[0] >= 0.29
+    assert res.lead and res.records
+    assert all(r.ok for r in res.lead + res.records)
+    assert max(r.start for r in res.lead) < opened[0] <= min(r.start for r in res.records)
+    assert len(res.lead) >= 2 * 4  # two streams, ~50 ms a request, 0.3 s before the window
+    assert res.elapsed < (t1 - t0) - 0.25  # the lead-in is not part of the measured time
+    inside = completed_between(res, opened[0], closed[0])
+    assert 2 * 4 <= inside <= len(res.records) + 2  # ~0.3 s of two streams; the lead-in's last two end inside
