@@ -52,7 +52,6 @@ from bench.loadclient import (
     Target,
     chat_body,
     close_pool,
-    completed_between,
     run_closed,
     run_open,
 )
@@ -62,13 +61,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 Hooks = tuple[Callable[[], None], Callable[[], None]]  # (window opens, window closes)
 
 
-async def _bracketed(hooks: Hooks | None, run: Awaitable[LoadResult]) -> LoadResult:
+async def _bracketed(hooks: Hooks, run: Awaitable[LoadResult]) -> LoadResult:
     """A run without a measured window of its own (the open loop): the window is the whole run."""
-    if hooks:
-        hooks[0]()
+    hooks[0]()
     res = await run
-    if hooks:
-        hooks[1]()
+    hooks[1]()
     return res
 ARMS = ("direct", "tokengate", "vllm-router", "litellm")
 MODES = ("stream", "nonstream")
@@ -86,30 +83,18 @@ class Bench:
     def _cap(self, arm: str, conc: int) -> int | None:
         return max(conc, self.a.litellm_requests) if arm == "litellm" else None
 
-    async def _measured(self, stack: Stack, arm: str, start: Callable[[Hooks | None], Awaitable[LoadResult]],
-                        windowed: bool = False) -> tuple[LoadResult, dict[str, float]]:
-        """Run ``start(hooks)``.  ``windowed`` (a closed loop with a lead-in): the CPU counters are read as its
-        measured window opens and closes, and scaled to the requests completed in between — CPU per request in
-        the steady state, not the lead-in's streams finishing inside the window; else around the whole run."""
+    async def _measured(self, stack: Stack, arm: str, start: Callable[[Hooks], Awaitable[LoadResult]]
+                        ) -> tuple[LoadResult, dict[str, float]]:
+        """Run ``start(hooks)``; the hooks read the CPU counters as the run's measured window opens and closes."""
         pids = stack.pids()
         read = cpu_probe(pids)
-        marks: list[tuple[float, float, dict[str, float]]] = []
+        marks: list[tuple[float, dict[str, float]]] = []
 
         def mark() -> None:
-            marks.append((time.perf_counter(), client_cpu(), read()))
+            marks.append((client_cpu(), read()))
 
-        if windowed:
-            res = await start((mark, mark))
-        else:
-            mark()
-            res = await start(None)
-            mark()
-        (ta, c0, t0), (tb, c1, t1) = marks[0], marks[-1]
-        if windowed:
-            done = completed_between(res, ta, tb)
-            scale = sum(1 for r in res.records if r.ok) / done if done else 0.0
-            c1 = c0 + (c1 - c0) * scale
-            t1 = {k: t0[k] + (v - t0[k]) * scale for k, v in t1.items() if k in t0}
+        res = await start((mark, mark))
+        (c0, t0), (c1, t1) = marks
         d = {k: t1[k] - t0[k] for k in t0 if k in t1}
         gws = [k for k in pids if k != "worker"]
         g, w = f"cpu{self.a.gateway_cpu}", f"cpu{self.a.client_cpu}"
@@ -129,7 +114,8 @@ class Bench:
         a = self.a
         arms = [x for x in stack.arms if not (x == "litellm" and conc > a.litellm_max_concurrency)]
         seconds = self._round_seconds(stack.regime, conc, seconds)
-        lead_in = a.lead_in if conc > 1 else 0.0  # one stream has no synchronised start to leave out
+        # one stream has no synchronised start to leave out; LiteLLM's capped rounds (too slow to matter) have none
+        lead_in = a.lead_in if conc > 1 else 0.0
         targets = {arm: Target.build(stack.urls[arm], self._body(stack.regime, mode)) for arm in arms}
         pools: dict[str, list[Connection]] = {arm: [] for arm in arms}  # keep-alive across rounds
         for arm in arms:  # LiteLLM: one request per connection is warm-up enough
@@ -142,8 +128,8 @@ class Bench:
             for arm in order:
                 res, cpu = await self._measured(stack, arm, lambda hooks, arm=arm: run_closed(
                     targets[arm], concurrency=conc, duration=seconds, requests=self._cap(arm, conc), pool=pools[arm],
-                    timeout=a.timeout, lead_in=lead_in, on_window=hooks[0] if hooks else None,
-                    on_close=hooks[1] if hooks else None), windowed=lead_in > 0)
+                    timeout=a.timeout, lead_in=0.0 if self._cap(arm, conc) else lead_in, on_window=hooks[0],
+                    on_close=hooks[1]))
                 runs[arm].add(res, cpu)
                 self.raw.write(*label, arm, i, res.records)
             self.say(f"    round {i + 1}/{a.rounds}: " + "  ".join(

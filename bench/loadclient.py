@@ -205,7 +205,7 @@ async def _one(conn: Connection, timeout: float) -> RequestRecord:
 class LoadResult:
     records: list[RequestRecord]
     elapsed: float
-    lead: list[RequestRecord] = field(default_factory=list)  # run_closed: requests sent during the lead-in
+    outside: list[RequestRecord] = field(default_factory=list)  # run_closed with a lead-in: outside its window
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.elapsed)
@@ -223,45 +223,50 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     request (seeded per stream, so every run draws the same waits), which keeps streams of equal length from
     arriving in lock-step waves.
 
-    ``lead_in`` > 0: the streams run that long before the measured window of ``duration`` seconds opens; requests
-    sent before it go to ``LoadResult.lead``, not ``records``, and ``elapsed`` counts from the window.  That
+    ``lead_in`` > 0: the streams run that long before a measured window of ``duration`` seconds opens.  That
     leaves out the start-up transient of a closed loop: all C streams sending their first request in the same
-    instant (after idle, on connections the server may have closed).  ``on_window`` is called as the window
-    opens (at the start without a lead-in) and ``on_close`` as it closes (``duration`` later, or when the last
-    request is done; the streams then finish what they started): CPU counters read at both cover the requests
-    completed in between (``completed_between``), in the steady state.
+    instant (after idle, on connections the server may have closed), in lock-step for a few rounds of requests.
+    ``records`` are then the requests that completed inside the window, ``elapsed`` is the window's length (so
+    records / elapsed is the steady-state rate), and the others — the lead-in's, and those still running when
+    the window closed, which the streams finish before returning — are in ``LoadResult.outside``.
+    ``on_window`` / ``on_close`` are called as the window opens and closes (at the start and the end without a
+    lead-in): CPU counters read there cover the same window as the records.
     """
     if duration is None and requests is None:
         raise ValueError("give duration or requests")
+    windowed = lead_in > 0
+    if windowed and (requests is not None or duration is None):
+        raise ValueError("a lead-in needs a duration and no request cap (the run could end before the window)")
     records: list[RequestRecord] = []
-    lead: list[RequestRecord] = []
+    outside: list[RequestRecord] = []
     t0 = time.perf_counter()
-    window = [t0 + lead_in if lead_in > 0 else t0]
-    deadline = window[0] + duration if duration is not None else float("inf")
+    deadline = t0 + lead_in + duration if duration is not None else float("inf")
     left = [requests if requests is not None else -1]
+    window = [t0, float("inf")]  # opened, closed (perf_counter)
+    inside = [not windowed]
 
     def open_window() -> None:
         window[0] = time.perf_counter()
+        inside[0] = True
         if on_window is not None:
             on_window()
 
+    def close_window() -> None:
+        if window[1] == float("inf"):
+            window[1] = time.perf_counter()
+            inside[0] = False
+            if on_close is not None:
+                on_close()
+
     def keep(rec: RequestRecord) -> None:
-        (records if rec.start >= window[0] else lead).append(rec)
+        (records if inside[0] else outside).append(rec)
 
     loop = asyncio.get_running_loop()
-    if lead_in > 0:
-        window[0] = float("inf")  # until the timer fires: every request before it is lead-in
+    if windowed:
         loop.call_later(lead_in, open_window)
     elif on_window is not None:
         on_window()
-    closed = [False]
-
-    def close_window() -> None:
-        if on_close is not None and not closed[0]:
-            closed[0] = True
-            on_close()
-
-    closing = loop.call_later(lead_in + duration, close_window) if duration is not None else None
+    closing = loop.call_later(lead_in + duration, close_window) if windowed and duration is not None else None
 
     async def worker(index: int) -> None:
         conn: Connection | None = pool.pop() if pool else None
@@ -287,14 +292,13 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     if closing is not None:
         closing.cancel()
-    close_window()  # ended before the timer (``requests``), or no duration: the window closes now
     end = time.perf_counter()
-    return LoadResult(records, end - min(window[0], end), lead)
-
-
-def completed_between(result: LoadResult, start: float, end: float) -> int:
-    """Requests (lead-in ones included) that completed between two ``time.perf_counter()`` readings."""
-    return sum(1 for r in (*result.lead, *result.records) if r.ok and start <= r.start + r.e2e < end)
+    if not windowed:
+        if on_close is not None:
+            on_close()
+        return LoadResult(records, end - t0, outside)
+    close_window()  # the timer fired late: the window closes now
+    return LoadResult(records, min(window[1], end) - window[0], outside)
 
 
 def close_pool(pool: list[Connection]) -> None:

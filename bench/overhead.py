@@ -46,7 +46,6 @@ from bench.loadclient import (
     Target,
     chat_body,
     close_pool,
-    completed_between,
     run_closed,
     summarize,
 )
@@ -184,21 +183,18 @@ class ArmData:
 
 async def _round(target: Target, conc: int, seconds: float, lead_in: float, pool: list[Connection], gw_pid: int,
                  wk_pid: int) -> tuple[LoadResult, float, float]:
-    """One round: ``lead_in`` seconds unmeasured, then ``seconds`` measured (records and CPU over the same window)."""
+    """One round: ``lead_in`` seconds unmeasured, then ``seconds`` measured: the requests completed in the window
+    and the CPU spent in it."""
     gw, wk = tree_pids(gw_pid), tree_pids(wk_pid)
-    at: list[tuple[float, float, float]] = []
+    at: list[tuple[float, float]] = []
 
     def snapshot() -> None:
-        at.append((time.perf_counter(), pids_cpu_seconds(gw), pids_cpu_seconds(wk)))
+        at.append((pids_cpu_seconds(gw), pids_cpu_seconds(wk)))
 
     res = await run_closed(target, concurrency=conc, duration=seconds, pool=pool, lead_in=lead_in,
                            on_window=snapshot, on_close=snapshot)
-    (t0, g0, w0), (t1, g1, w1) = at
-    # CPU per request: over the window, per request completed in it (not the requests started in it: streams of
-    # the lead-in finish inside the window, the window's last ones after it)
-    done = completed_between(res, t0, t1)
-    scale = sum(1 for r in res.records if r.ok) / done if done else 0.0
-    return res, (g1 - g0) * scale, (w1 - w0) * scale
+    (g0, w0), (g1, w1) = at
+    return res, g1 - g0, w1 - w0
 
 
 async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: str,
@@ -234,7 +230,7 @@ async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: st
                                                gateway.pid, worker.pid)
                 d = data[arm]
                 d.records += res.records
-                d.start += sorted(res.lead, key=lambda r: r.start)[:a.concurrency]
+                d.start += sorted(res.outside, key=lambda r: r.start)[:a.concurrency]
                 d.elapsed += res.elapsed
                 d.gateway_cpu += gcpu
                 d.worker_cpu += wcpu

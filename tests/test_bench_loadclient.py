@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench.fakeworker import ThreadedFakeWorker
-from bench.loadclient import LoadResult, Target, chat_body, completed_between, run_closed, run_open
+from bench.loadclient import LoadResult, Target, chat_body, run_closed, run_open
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +48,35 @@ def test_open_loop_refuses_arrivals_past_its_in_flight_cap() -> None:
     assert len(refused) + len(served) == len(res.records)
 
 
-def test_lead_in_requests_are_kept_apart_from_the_measured_window() -> None:
-    """With a lead-in, what was sent before the window opens is in ``lead`` (the synchronised start of all
-    streams), the window's requests in ``records``, the CPU hooks fire once each as the window opens and closes,
-    and ``elapsed`` covers the window only."""
+def test_lead_in_keeps_the_requests_completed_inside_the_measured_window() -> None:
+    """With a lead-in, ``records`` are the requests that completed while the window was open (the closed loop's
+    synchronised start and the streams' last requests are ``outside``), the CPU hooks fire once each as the window
+    opens and closes, and ``elapsed`` is the window's length."""
     opened: list[float] = []
     closed: list[float] = []
     with ThreadedFakeWorker(ttft=0.05) as w:
         target = Target.build(w.url, chat_body(max_tokens=2, stream=True))
 
-        async def go() -> tuple[float, float, LoadResult]:
+        async def go() -> tuple[float, LoadResult]:
             t0 = time.perf_counter()
             res = await run_closed(target, concurrency=2, duration=0.3, timeout=10, lead_in=0.3,
                                    on_window=lambda: opened.append(time.perf_counter()),
                                    on_close=lambda: closed.append(time.perf_counter()))
-            return t0, time.perf_counter(), res
+            return t0, res
 
-        t0, t1, res = asyncio.run(go())
+        t0, res = asyncio.run(go())
     assert len(opened) == 1 and opened[0] - t0 >= 0.29
     assert len(closed) == 1 and closed[0] - opened[0] >= 0.29
-    assert res.lead and res.records
-    assert all(r.ok for r in res.lead + res.records)
-    assert max(r.start for r in res.lead) < opened[0] <= min(r.start for r in res.records)
-    assert len(res.lead) >= 2 * 4  # two streams, ~50 ms a request, 0.3 s before the window
-    assert res.elapsed < (t1 - t0) - 0.25  # the lead-in is not part of the measured time
-    inside = completed_between(res, opened[0], closed[0])
-    assert 2 * 4 <= inside <= len(res.records) + 2  # ~0.3 s of two streams; the lead-in's last two end inside
+    assert all(r.ok for r in res.outside + res.records)
+    assert all(opened[0] <= r.start + r.e2e <= closed[0] + 0.005 for r in res.records)
+    assert 2 * 4 <= len(res.records) <= 2 * 7  # ~0.3 s of two streams at ~50 ms a request
+    first = sorted(res.outside, key=lambda r: r.start)[:2]
+    assert all(r.start - t0 < 0.01 for r in first)  # the synchronised start is outside
+    assert any(r.start + r.e2e > closed[0] for r in res.outside)  # so are the requests running at the close
+    assert abs(res.elapsed - (closed[0] - opened[0])) < 0.005
+
+
+def test_a_lead_in_needs_a_duration_without_a_request_cap(worker: ThreadedFakeWorker) -> None:
+    target = Target.build(worker.url, chat_body(max_tokens=2, stream=True))
+    with pytest.raises(ValueError, match="lead-in"):
+        asyncio.run(run_closed(target, concurrency=1, duration=1.0, requests=5, lead_in=0.5))
