@@ -95,6 +95,10 @@ class Bench:
 
         res = await start((mark, mark))
         (c0, t0), (c1, t1) = marks
+        if res.window:  # a closed loop's window: its CPU, per request at the loop's rate (run_closed)
+            scale = res.elapsed / res.window
+            c1 = c0 + (c1 - c0) * scale
+            t1 = {k: t0[k] + (v - t0[k]) * scale for k, v in t1.items() if k in t0}
         d = {k: t1[k] - t0[k] for k in t0 if k in t1}
         gws = [k for k in pids if k != "worker"]
         g, w = f"cpu{self.a.gateway_cpu}", f"cpu{self.a.client_cpu}"

@@ -15,6 +15,7 @@ import asyncio
 import json
 import random
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,6 +207,7 @@ class LoadResult:
     records: list[RequestRecord]
     elapsed: float
     outside: list[RequestRecord] = field(default_factory=list)  # run_closed with a lead-in: outside its window
+    window: float | None = None  # run_closed with a lead-in: the measured window's length (elapsed: see there)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.elapsed)
@@ -226,11 +228,16 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     ``lead_in`` > 0: the streams run that long before a measured window of ``duration`` seconds opens.  That
     leaves out the start-up transient of a closed loop: all C streams sending their first request in the same
     instant (after idle, on connections the server may have closed), in lock-step for a few rounds of requests.
-    ``records`` are then the requests that completed inside the window, ``elapsed`` is the window's length (so
-    records / elapsed is the steady-state rate), and the others — the lead-in's, and those still running when
-    the window closed, which the streams finish before returning — are in ``LoadResult.outside``.
-    ``on_window`` / ``on_close`` are called as the window opens and closes (at the start and the end without a
-    lead-in): CPU counters read there cover the same window as the records.
+    ``records`` are then the requests that completed inside the window, and the others — the lead-in's, and
+    those still running when the window closed, which the streams finish before returning — are in
+    ``LoadResult.outside``.  ``on_window`` / ``on_close`` are called as the window opens and closes (at the start
+    and the end without a lead-in), for CPU counters over the same window; ``LoadResult.window`` is its length.
+
+    The rate of a windowed run is the closed loop's steady rate by Little's law, C / mean time from one request's
+    send to the next one's on the same stream (measured inside the window), and ``elapsed`` is the time the
+    records take at that rate (records / elapsed = the rate).  Counting completions in a window of a few request
+    durations is off by a whole wave while streams move in lock-step (a paced c=256 round counted 1.45x direct).
+    CPU per request over the window: CPU x elapsed / window / records.
     """
     if duration is None and requests is None:
         raise ValueError("give duration or requests")
@@ -244,6 +251,7 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     left = [requests if requests is not None else -1]
     window = [t0, float("inf")]  # opened, closed (perf_counter)
     inside = [not windowed]
+    cycles: list[float] = []  # send -> next send on the same stream, both inside the window
 
     def open_window() -> None:
         window[0] = time.perf_counter()
@@ -271,7 +279,13 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     async def worker(index: int) -> None:
         conn: Connection | None = pool.pop() if pool else None
         rng = random.Random(index)
+        sent = 0.0
         while time.perf_counter() < deadline and left[0] != 0:
+            if windowed:
+                now = time.perf_counter()
+                if inside[0] and sent >= window[0]:
+                    cycles.append(now - sent)
+                sent = now
             left[0] -= 1
             if think > 0:
                 await asyncio.sleep(rng.uniform(0.0, think))
@@ -298,7 +312,9 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
             on_close()
         return LoadResult(records, end - t0, outside)
     close_window()  # the timer fired late: the window closes now
-    return LoadResult(records, min(window[1], end) - window[0], outside)
+    length = min(window[1], end) - window[0]
+    elapsed = len(records) * statistics.fmean(cycles) / concurrency if cycles else length
+    return LoadResult(records, elapsed, outside, window=length)
 
 
 def close_pool(pool: list[Connection]) -> None:

@@ -183,8 +183,8 @@ class ArmData:
 
 async def _round(target: Target, conc: int, seconds: float, lead_in: float, pool: list[Connection], gw_pid: int,
                  wk_pid: int) -> tuple[LoadResult, float, float]:
-    """One round: ``lead_in`` seconds unmeasured, then ``seconds`` measured: the requests completed in the window
-    and the CPU spent in it."""
+    """One round: ``lead_in`` seconds unmeasured, then ``seconds`` measured: the requests completed in the window,
+    and the CPU spent in it scaled to the records at the loop's rate (``run_closed``)."""
     gw, wk = tree_pids(gw_pid), tree_pids(wk_pid)
     at: list[tuple[float, float]] = []
 
@@ -194,7 +194,8 @@ async def _round(target: Target, conc: int, seconds: float, lead_in: float, pool
     res = await run_closed(target, concurrency=conc, duration=seconds, pool=pool, lead_in=lead_in,
                            on_window=snapshot, on_close=snapshot)
     (g0, w0), (g1, w1) = at
-    return res, g1 - g0, w1 - w0
+    scale = res.elapsed / res.window if res.window else 1.0  # the window's CPU, per request at the loop's rate
+    return res, (g1 - g0) * scale, (w1 - w0) * scale
 
 
 async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
 from collections.abc import Iterator
 
@@ -73,7 +74,24 @@ def test_lead_in_keeps_the_requests_completed_inside_the_measured_window() -> No
     first = sorted(res.outside, key=lambda r: r.start)[:2]
     assert all(r.start - t0 < 0.01 for r in first)  # the synchronised start is outside
     assert any(r.start + r.e2e > closed[0] for r in res.outside)  # so are the requests running at the close
-    assert abs(res.elapsed - (closed[0] - opened[0])) < 0.005
+    assert res.window is not None and abs(res.window - (closed[0] - opened[0])) < 0.005
+    # the rate is the closed loop's: two streams, each request ~50 ms send to send
+    per_request = statistics.fmean(r.e2e for r in res.records)
+    assert abs(len(res.records) / res.elapsed - 2 / per_request) < 0.25 * (2 / per_request)
+
+
+def test_a_windowed_rate_does_not_depend_on_where_lock_step_waves_fall() -> None:
+    """Streams in lock-step complete in waves; a window holds a whole number of them, so counting completions
+    would put the rate anywhere between those counts. The closed loop's rate (C / time between sends) doesn't
+    move with the phase."""
+    rates = []
+    with ThreadedFakeWorker(ttft=0.1) as w:
+        target = Target.build(w.url, chat_body(max_tokens=2, stream=True))
+        for window in (0.25, 0.3, 0.35):  # 2.5, 3 and 3.5 request durations: counting gives 2, 3 or 4 waves
+            res = asyncio.run(run_closed(target, concurrency=4, duration=window, timeout=10, lead_in=0.15))
+            rates.append(len(res.records) / res.elapsed)
+    assert max(rates) / min(rates) < 1.1
+    assert all(abs(r - 4 / 0.1) < 0.15 * 40 for r in rates)
 
 
 def test_a_lead_in_needs_a_duration_without_a_request_cap(worker: ThreadedFakeWorker) -> None:
