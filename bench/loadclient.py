@@ -208,6 +208,7 @@ class LoadResult:
     elapsed: float
     outside: list[RequestRecord] = field(default_factory=list)  # run_closed with a lead-in: outside its window
     window: float | None = None  # run_closed with a lead-in: the measured window's length (elapsed: see there)
+    firsts: list[RequestRecord] = field(default_factory=list)  # run_closed: each stream's first request
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.elapsed)
@@ -237,53 +238,60 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     send to the next one's on the same stream (measured inside the window), and ``elapsed`` is the time the
     records take at that rate (records / elapsed = the rate).  Counting completions in a window of a few request
     durations is off by a whole wave while streams move in lock-step (a paced c=256 round counted 1.45x direct).
-    CPU per request over the window: CPU x elapsed / window / records.
+    CPU per request over the window: CPU x elapsed / window / records.  A window shorter than one request has no
+    send-to-send time inside it: the rate is then the count over the window.  ``firsts`` holds each stream's first
+    request (the synchronised start), windowed or not.
     """
     if duration is None and requests is None:
         raise ValueError("give duration or requests")
     windowed = lead_in > 0
-    if windowed and (requests is not None or duration is None):
-        raise ValueError("a lead-in needs a duration and no request cap (the run could end before the window)")
+    if windowed and (requests is not None or duration is None or duration <= 0):
+        raise ValueError("a lead-in needs a duration > 0 and no request cap (the run could end before the window)")
     records: list[RequestRecord] = []
     outside: list[RequestRecord] = []
+    firsts: list[RequestRecord] = []
     t0 = time.perf_counter()
     deadline = t0 + lead_in + duration if duration is not None else float("inf")
     left = [requests if requests is not None else -1]
-    window = [t0, float("inf")]  # opened, closed (perf_counter)
-    inside = [not windowed]
+    inf = float("inf")
+    window = [inf, inf] if windowed else [t0, inf]  # opened, closed (perf_counter); inf: not yet
     cycles: list[float] = []  # send -> next send on the same stream, both inside the window
 
     def open_window() -> None:
-        window[0] = time.perf_counter()
-        inside[0] = True
-        if on_window is not None:
-            on_window()
+        if window[0] == inf:
+            window[0] = time.perf_counter()
+            if on_window is not None:
+                on_window()
 
     def close_window() -> None:
-        if window[1] == float("inf"):
+        if window[1] == inf:
             window[1] = time.perf_counter()
-            inside[0] = False
             if on_close is not None:
                 on_close()
 
-    def keep(rec: RequestRecord) -> None:
-        (records if inside[0] else outside).append(rec)
+    def keep(rec: RequestRecord, first: bool) -> None:
+        # by when it completed, not when its task resumed: a timer due in the same loop pass runs first
+        (records if window[0] <= rec.start + rec.e2e < window[1] else outside).append(rec)
+        if first:
+            firsts.append(rec)
 
     loop = asyncio.get_running_loop()
+    opening = closing = None
     if windowed:
-        loop.call_later(lead_in, open_window)
+        opening = loop.call_later(lead_in, open_window)
+        closing = loop.call_later(lead_in + duration, close_window)
     elif on_window is not None:
         on_window()
-    closing = loop.call_later(lead_in + duration, close_window) if windowed and duration is not None else None
 
     async def worker(index: int) -> None:
         conn: Connection | None = pool.pop() if pool else None
         rng = random.Random(index)
         sent = 0.0
+        first = True
         while time.perf_counter() < deadline and left[0] != 0:
             if windowed:
                 now = time.perf_counter()
-                if inside[0] and sent >= window[0]:
+                if window[0] <= sent and window[1] == inf:
                     cycles.append(now - sent)
                 sent = now
             left[0] -= 1
@@ -293,10 +301,12 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
                 try:
                     conn = await _connect(target)
                 except OSError as exc:
-                    keep(RequestRecord(time.perf_counter(), None, 0.0, 0, 0, False, f"connect: {exc}"))
+                    keep(RequestRecord(time.perf_counter(), None, 0.0, 0, 0, False, f"connect: {exc}"), first)
+                    first = False
                     await asyncio.sleep(0.05)
                     continue
-            keep(await _one(conn, timeout))
+            keep(await _one(conn, timeout), first)
+            first = False
         if conn is not None:
             if pool is not None and conn.reusable:
                 pool.append(conn)
@@ -304,17 +314,19 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
                 conn.transport.close()
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    if closing is not None:
-        closing.cancel()
     end = time.perf_counter()
     if not windowed:
         if on_close is not None:
             on_close()
-        return LoadResult(records, end - t0, outside)
-    close_window()  # the timer fired late: the window closes now
-    length = min(window[1], end) - window[0]
+        return LoadResult(records, end - t0, outside, firsts=firsts)
+    for handle in (opening, closing):
+        if handle is not None:
+            handle.cancel()
+    open_window()  # (the timers fired late, or the streams ended first: each hook still fires once, in order)
+    close_window()
+    length = window[1] - window[0]
     elapsed = len(records) * statistics.fmean(cycles) / concurrency if cycles else length
-    return LoadResult(records, elapsed, outside, window=length)
+    return LoadResult(records, elapsed, outside, window=length, firsts=firsts)
 
 
 def close_pool(pool: list[Connection]) -> None:

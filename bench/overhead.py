@@ -231,7 +231,7 @@ async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: st
                                                gateway.pid, worker.pid)
                 d = data[arm]
                 d.records += res.records
-                d.start += sorted(res.outside, key=lambda r: r.start)[:a.concurrency]
+                d.start += res.firsts
                 d.elapsed += res.elapsed
                 d.gateway_cpu += gcpu
                 d.worker_cpu += wcpu

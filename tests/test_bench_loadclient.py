@@ -69,15 +69,15 @@ def test_lead_in_keeps_the_requests_completed_inside_the_measured_window() -> No
     assert len(opened) == 1 and opened[0] - t0 >= 0.29
     assert len(closed) == 1 and closed[0] - opened[0] >= 0.29
     assert all(r.ok for r in res.outside + res.records)
-    assert all(opened[0] <= r.start + r.e2e <= closed[0] + 0.005 for r in res.records)
-    assert 2 * 4 <= len(res.records) <= 2 * 7  # ~0.3 s of two streams at ~50 ms a request
-    first = sorted(res.outside, key=lambda r: r.start)[:2]
-    assert all(r.start - t0 < 0.01 for r in first)  # the synchronised start is outside
-    assert any(r.start + r.e2e > closed[0] for r in res.outside)  # so are the requests running at the close
-    assert res.window is not None and abs(res.window - (closed[0] - opened[0])) < 0.005
+    assert all(opened[0] <= r.start + r.e2e < closed[0] for r in res.records)
+    assert all(not opened[0] <= r.start + r.e2e < closed[0] for r in res.outside)
+    assert 2 * 3 <= len(res.records) <= 2 * 7  # ~0.3 s of two streams at ~50 ms a request
+    assert len(res.firsts) == 2 and all(r in res.outside for r in res.firsts)  # the synchronised start is outside
+    assert any(r.start + r.e2e >= closed[0] for r in res.outside)  # so are the requests running at the close
+    assert res.window is not None and abs(res.window - (closed[0] - opened[0])) < 0.001
     # the rate is the closed loop's: two streams, each request ~50 ms send to send
     per_request = statistics.fmean(r.e2e for r in res.records)
-    assert abs(len(res.records) / res.elapsed - 2 / per_request) < 0.25 * (2 / per_request)
+    assert abs(len(res.records) / res.elapsed - 2 / per_request) < 0.3 * (2 / per_request)
 
 
 def test_a_windowed_rate_does_not_depend_on_where_lock_step_waves_fall() -> None:
@@ -90,11 +90,25 @@ def test_a_windowed_rate_does_not_depend_on_where_lock_step_waves_fall() -> None
         for window in (0.25, 0.3, 0.35):  # 2.5, 3 and 3.5 request durations: counting gives 2, 3 or 4 waves
             res = asyncio.run(run_closed(target, concurrency=4, duration=window, timeout=10, lead_in=0.15))
             rates.append(len(res.records) / res.elapsed)
-    assert max(rates) / min(rates) < 1.1
-    assert all(abs(r - 4 / 0.1) < 0.15 * 40 for r in rates)
+    assert max(rates) / min(rates) < 1.12  # counting completions: 32-40 req/s, 1.25 apart
+    assert all(abs(r - 4 / 0.1) < 0.25 * 40 for r in rates)
 
 
 def test_a_lead_in_needs_a_duration_without_a_request_cap(worker: ThreadedFakeWorker) -> None:
     target = Target.build(worker.url, chat_body(max_tokens=2, stream=True))
     with pytest.raises(ValueError, match="lead-in"):
         asyncio.run(run_closed(target, concurrency=1, duration=1.0, requests=5, lead_in=0.5))
+    with pytest.raises(ValueError, match="lead-in"):
+        asyncio.run(run_closed(target, concurrency=1, duration=0.0, lead_in=0.5))
+
+
+def test_streams_that_end_before_the_window_still_open_and_close_it_once(worker: ThreadedFakeWorker) -> None:
+    """A round whose streams all end before the lead-in is over (a request longer than the whole run): each hook
+    fires once, in order, and nothing is counted as measured."""
+    calls: list[str] = []
+    with ThreadedFakeWorker(ttft=0.3) as slow:
+        target = Target.build(slow.url, chat_body(max_tokens=2, stream=True))
+        res = asyncio.run(run_closed(target, concurrency=1, duration=0.01, timeout=10, lead_in=0.05,
+                                     on_window=lambda: calls.append("open"), on_close=lambda: calls.append("close")))
+    assert calls == ["open", "close"]
+    assert res.records == [] and len(res.outside) == 1 and res.firsts == res.outside
