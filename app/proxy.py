@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from time import monotonic, perf_counter
+from time import perf_counter
 from typing import Any
 
 from .admission import PoolGates
 from .auth import KeyStore, check_access
 from .caps import CapConfig, Caps, decide
 from .counting import PromptCounter
+from .dispatch import Dispatcher
 from .errors import (
     ContextLengthExceeded,
     GatewayError,
@@ -26,9 +27,6 @@ from .errors import (
     MaxTokensExceeded,
     ModelNotFound,
     NoWorkerAvailable,
-    UpstreamError,
-    UpstreamStatus,
-    UpstreamTimeout,
     render,
     sse_event,
     status_of,
@@ -39,17 +37,14 @@ from .exchange import (
     answer_collected,
     answer_stream,
     answer_unary,
-    can_open_relay,
-    error_kind,
-    open_relay,
 )
 from .limits import Limiter, MemoryLimiter
 from .metrics import UNKNOWN, GatewayMetrics, RequestRecord
 from .policy import RequestPolicy, check_min_tokens
 from .policy import check as check_policy
-from .protocol import ROUTES, ParsedRequest, Route, parse_request, set_max_tokens, upstream_body
+from .protocol import ROUTES, Route, parse_request, set_max_tokens, upstream_body
 from .requestio import ClientGone, read_body, read_headers
-from .routing import affinity_for, candidates, pick, placements
+from .routing import candidates, placements
 from .settings import Settings
 from .streaming import CLIENT_WRITER
 from .tokenizer import TokenizerStore
@@ -59,13 +54,6 @@ from .worker_calls import WorkerCalls
 from .workers.registry import ModelInfo, Registry, Worker
 
 log = logging.getLogger("tokengate.proxy")
-_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-_RETRIABLE_STATUS = (502, 503)
-
-
-def _after_send(exc: GatewayError) -> bool:
-    """A timeout after the request reached the worker (not while connecting): it may still be working on it."""
-    return isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
 CLAMP_HEADER = b"x-tokengate-max-tokens-clamped"
 
 
@@ -92,8 +80,9 @@ class Proxy:
         self.gates = PoolGates(per_worker=settings.worker_concurrency, queue_size=settings.queue_size,
                                queue_timeout=settings.queue_timeout, processes=settings.workers,
                                depth=lambda model, region: metrics.queue_depth.labels(model, region).set)
-        self._turn = 0
         self.calls = WorkerCalls(pool, timeout=settings.read_timeout)
+        self.dispatcher = Dispatcher(settings=settings, registry=registry, pool=pool, metrics=metrics,
+                                     calls=self.calls)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
         self.draining = False
         self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
@@ -189,7 +178,7 @@ class Proxy:
             if ctx.worker is not None and (ctx.resp is not None or ctx.awaiting_head):
                 # unfinished on the worker: a non-streaming (unary) answer's head only comes with its end
                 self.calls.abort(ctx.worker, route, ctx.request_id)
-            self._leave(ctx)
+            self.dispatcher.leave(ctx)
             if ctx.slot is not None:
                 ctx.slot.release()
             rec.end = perf_counter()
@@ -227,13 +216,6 @@ class Proxy:
             phase = "streaming" if rec.first_token is not None else "before_first_token"
         self.metrics.client_disconnects.labels(route, rec.model, phase).inc()
 
-    def _leave(self, ctx: Exchange) -> None:
-        worker = ctx.worker
-        if worker is not None:
-            worker.in_flight -= 1
-            ctx.gauge.dec()
-            ctx.worker = ctx.gauge = None
-
     async def _serve(self, route: Route, raw: bytes, region: str | None, request_id: str | None, ctx: Exchange,
                      rec: RequestRecord, send: Any) -> None:
         req = parse_request(route, raw)
@@ -262,7 +244,7 @@ class Proxy:
                 code="no_worker_in_region",
             )
         caps = ctx.principal.caps.apply(self.caps_for(req.model, info, placements(snapshot, pool)))
-        size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self._remote_count(pool, p))
+        size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self.dispatcher.remote_count(pool, p))
         try:
             ctx.decision = decision = await decide(
                 caps, req.max_tokens, req.max_tokens_param, size,
@@ -295,7 +277,7 @@ class Proxy:
             request_id = os.urandom(12).hex()
         ctx.headers.append((b"x-request-id", request_id.encode("latin-1")))
         ctx.request_id = request_id
-        first = await self._dispatch(pool, req, body, request_id, ctx, rec)
+        first = await self.dispatcher.send(pool, req, body, request_id, ctx, rec)
         worker = ctx.worker
         assert worker is not None and ctx.resp is not None
         ctx.headers.append((WORKER_HEADER, worker.name.encode()))
@@ -321,97 +303,9 @@ class Proxy:
         return [chosen, *self.fallback_regions.get(chosen, ())]
 
     def _enter(self, worker: Worker, ctx: Exchange, rec: RequestRecord) -> None:
-        self._leave(ctx)
+        self.dispatcher.leave(ctx)
         worker.in_flight += 1
         ctx.worker = worker
         rec.worker, rec.region, rec.preset = worker.name, worker.region, worker.preset
         ctx.gauge = self.metrics.worker_in_flight(rec.model, worker.region, worker.preset, worker.name)
         ctx.gauge.inc()
-
-    async def _dispatch(self, pool: tuple[Worker, ...], req: ParsedRequest, body: bytes, request_id: str,
-                        ctx: Exchange, rec: RequestRecord) -> bytes | None:
-        """Send to the least-loaded worker; before the first byte, a refused or dead worker is retried on another
-        of the same pool. Returns the first body chunk (streams; None when the relay took the stream on before
-        it: ctx.relay), with ctx.resp set."""
-        s = self.settings
-        early = can_open_relay(req, ctx)
-        tried: list[Worker] = []
-        last: GatewayError | None = None
-        path = _PATHS[req.route]
-        affinity = affinity_for(req, s.prefix_affinity_bytes) if s.prefix_affinity_bytes else None
-        for _ in range(s.retry_attempts):
-            self._turn += 1
-            worker = pick(pool, monotonic(), self._turn, tried, affinity)
-            if worker is None:
-                break
-            tried.append(worker)
-            self._enter(worker, ctx, rec)
-            headers = [("content-type", "application/json"), ("x-request-id", request_id)]
-            if worker.api_key:
-                headers.append(("authorization", f"Bearer {worker.api_key}"))
-            try:
-                rec.dispatched = perf_counter()
-                ctx.awaiting_head = True
-                resp = await self.pool.request(worker.origin, "POST", path, body, headers=headers,
-                                               timeout=s.read_timeout)
-                ctx.awaiting_head = False
-                ctx.resp = resp
-                if resp.status != 200:
-                    data = await resp.read(s.read_timeout, limit=1024 * 1024)
-                    resp.release()
-                    ctx.resp = None
-                    raise UpstreamStatus(resp.status, data)
-                first = None
-                if early:
-                    await open_relay(req, ctx, worker, first_timeout=s.read_timeout,
-                                     idle_timeout=s.stream_idle_timeout)
-                elif req.upstream_stream:
-                    first = await resp.next_chunk(s.read_timeout)
-                self.registry.record_success(worker)
-                return first
-            except (UpstreamStatus, UpstreamError) as exc:
-                if ctx.resp is not None:
-                    ctx.resp.abort()
-                    ctx.resp = None
-                # still running there only when the wait for its answer timed out (abort it on the way out)
-                ctx.awaiting_head = _after_send(exc)
-                self._worker_failed(worker, exc, generating=not req.upstream_stream)
-                last = exc
-        if last is not None:
-            raise last
-        raise NoWorkerAvailable(f"no ready worker for '{req.model}'", retry_after=2)
-
-    def _worker_failed(self, worker: Worker, exc: UpstreamStatus | UpstreamError, *, generating: bool = False
-                       ) -> None:
-        """A worker failed before the first byte: count it against the worker, and raise when no other worker may
-        be tried — the worker's own refusal of this request, or a timeout after the request was sent (the worker
-        may still be working on it: never send the same request twice). With ``generating`` (an unstreamed
-        answer, whose head comes only at its end) a timeout is a long generation, not a failing worker."""
-        self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
-        if isinstance(exc, UpstreamStatus) and exc.passthrough_status not in _RETRIABLE_STATUS:
-            raise exc
-        sent = _after_send(exc)
-        if not (sent and generating):
-            self.registry.record_failure(worker)
-        if sent:
-            raise exc
-
-    async def _remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:
-        """A worker's own prompt count; a worker that can't be reached is skipped (and counted against), like a
-        dispatch before its first byte."""
-        tried: list[Worker] = []
-        last: GatewayError | None = None
-        for _ in range(self.settings.retry_attempts):
-            self._turn += 1
-            worker = pick(pool, monotonic(), self._turn, tried)
-            if worker is None:
-                break
-            tried.append(worker)
-            try:
-                return await self.calls.count_tokens(worker, payload)
-            except (UpstreamStatus, UpstreamError) as exc:
-                self._worker_failed(worker, exc)
-                last = exc
-        if last is not None:
-            raise last
-        raise NoWorkerAvailable(f"no ready worker for '{payload.get('model')}'", retry_after=2)
