@@ -58,6 +58,8 @@ from bench.loadclient import (
 from bench.overhead import raise_nofile
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARMS = ("direct", "tokengate", "vllm-router", "litellm")
+MODES = ("stream", "nonstream")
 Hooks = tuple[Callable[[], None], Callable[[], None]]  # (window opens, window closes)
 
 
@@ -67,8 +69,6 @@ async def _bracketed(hooks: Hooks, run: Awaitable[LoadResult]) -> LoadResult:
     res = await run
     hooks[1]()
     return res
-ARMS = ("direct", "tokengate", "vllm-router", "litellm")
-MODES = ("stream", "nonstream")
 
 
 class Bench:
@@ -95,11 +95,9 @@ class Bench:
 
         res = await start((mark, mark))
         (c0, t0), (c1, t1) = marks
-        if res.window:  # a closed loop's window: its CPU, per request at the loop's rate (run_closed)
-            scale = res.elapsed / res.window
-            c1 = c0 + (c1 - c0) * scale
-            t1 = {k: t0[k] + (v - t0[k]) * scale for k, v in t1.items() if k in t0}
-        d = {k: t1[k] - t0[k] for k in t0 if k in t1}
+        scale = res.window_scale  # a closed loop's window: its CPU, per request at the loop's rate
+        d = {k: (t1[k] - t0[k]) * scale for k in t0 if k in t1}
+        c1 = c0 + (c1 - c0) * scale
         gws = [k for k in pids if k != "worker"]
         g, w = f"cpu{self.a.gateway_cpu}", f"cpu{self.a.client_cpu}"
         cpu = {"gateway": d.get(f"{arm}:ns", 0.0), "gateway_ticks": d.get(arm, 0.0), "worker": d["worker"],
@@ -130,10 +128,10 @@ class Bench:
         for i in range(a.rounds):
             order = arms[i % len(arms):] + arms[: i % len(arms)]
             for arm in order:
-                res, cpu = await self._measured(stack, arm, lambda hooks, arm=arm: run_closed(
-                    targets[arm], concurrency=conc, duration=seconds, requests=self._cap(arm, conc), pool=pools[arm],
-                    timeout=a.timeout, lead_in=0.0 if self._cap(arm, conc) else lead_in, on_window=hooks[0],
-                    on_close=hooks[1]))
+                cap = self._cap(arm, conc)
+                res, cpu = await self._measured(stack, arm, lambda hooks, arm=arm, cap=cap: run_closed(
+                    targets[arm], concurrency=conc, duration=seconds, requests=cap, pool=pools[arm],
+                    timeout=a.timeout, lead_in=0.0 if cap else lead_in, on_window=hooks[0], on_close=hooks[1]))
                 runs[arm].add(res, cpu)
                 self.raw.write(*label, arm, i, res.records)
             self.say(f"    round {i + 1}/{a.rounds}: " + "  ".join(

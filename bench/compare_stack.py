@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench import peers
 from bench.loadclient import Target, chat_body, run_closed
-from bench.overhead import Regime, free_port, spawn, stop, wait_http
+from bench.overhead import Regime, free_port, pids_cpu_seconds, spawn, stop, tree_pids, wait_http
 
 REGIMES = {
     "paced": Regime("paced", 0.020, 0.010, 64, "worker 20 ms to first token, 10 ms/token, 64 tokens"),
@@ -22,51 +22,24 @@ REGIMES = {
 }
 
 
-def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
-    """CPU seconds from one scan of /proc: per root pid and its live descendants, ``NAME`` (utime + stime from
+def cpu_probe(roots: dict[str, int]) -> Callable[[], dict[str, float]]:
+    """A reader of CPU seconds per root pid and its descendants (found now, by one walk of /proc per root; the
+    reader only reads their counters, cheap enough for the middle of a measured run): ``NAME`` (utime + stime from
     /proc/PID/stat, 10 ms ticks) and ``NAME:ns`` (sum of /proc/PID/task/*/schedstat run time: ns resolution, live
     threads only); ``cpuN``: busy time of CPU N from /proc/stat."""
-    return cpu_probe(roots)()
-
-
-def cpu_probe(roots: dict[str, int]) -> Callable[[], dict[str, float]]:
-    """``cpu_snapshot`` in two steps: the scan of /proc for each root's processes now, and a reader that reads only
-    their counters (a snapshot cheap enough to take in the middle of a measured run)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry)] = int(raw[raw.rindex(")") + 2:].split()[1])
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    trees: dict[str, list[int]] = {}
-    for name, root in roots.items():
-        tree, stack = [], [root]
-        while stack:
-            p = stack.pop()
-            tree.append(p)
-            stack += children.get(p, [])
-        trees[name] = tree
+    trees = {name: tree_pids(root) for name, root in roots.items()}
     hz = os.sysconf("SC_CLK_TCK")
 
     def read() -> dict[str, float]:
         out: dict[str, float] = {}
         for name, tree in trees.items():
-            total, ns = 0, 0
+            ns = 0
             for p in tree:
-                with contextlib.suppress(OSError):
-                    raw = Path(f"/proc/{p}/stat").read_text()
-                    f = raw[raw.rindex(")") + 2:].split()
-                    total += int(f[11]) + int(f[12])
                 with contextlib.suppress(OSError):
                     for tid in os.listdir(f"/proc/{p}/task"):
                         with contextlib.suppress(OSError, ValueError, IndexError):
                             ns += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
-            out[name] = total / hz
+            out[name] = pids_cpu_seconds(tree)
             out[f"{name}:ns"] = ns / 1e9
         for line in Path("/proc/stat").read_text().splitlines():
             if line.startswith("cpu") and line[3:4].isdigit():

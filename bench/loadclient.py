@@ -213,6 +213,12 @@ class LoadResult:
     def summary(self) -> dict[str, Any]:
         return summarize(self.records, self.elapsed)
 
+    @property
+    def window_scale(self) -> float:
+        """What turns CPU counted over the measured window into the CPU of ``records`` at the loop's rate
+        (``run_closed``): elapsed / window; 1 for a run that is its own window."""
+        return self.elapsed / self.window if self.window else 1.0
+
 
 async def run_closed(target: Target, *, concurrency: int, duration: float | None = None,
                      requests: int | None = None, timeout: float = 60.0,

@@ -194,8 +194,7 @@ async def _round(target: Target, conc: int, seconds: float, lead_in: float, pool
     res = await run_closed(target, concurrency=conc, duration=seconds, pool=pool, lead_in=lead_in,
                            on_window=snapshot, on_close=snapshot)
     (g0, w0), (g1, w1) = at
-    scale = res.elapsed / res.window if res.window else 1.0  # the window's CPU, per request at the loop's rate
-    return res, (g1 - g0) * scale, (w1 - w0) * scale
+    return res, (g1 - g0) * res.window_scale, (w1 - w0) * res.window_scale
 
 
 async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: str,

@@ -25,6 +25,7 @@ def test_closed_loop_runs_the_requests_it_was_given(worker: ThreadedFakeWorker) 
     res = asyncio.run(run_closed(target, concurrency=3, requests=9, timeout=10))
     assert len(res.records) == 9
     assert all(r.ok and r.done for r in res.records)
+    assert res.window is None and res.window_scale == 1.0  # its own window: CPU around it is the records' CPU
 
 
 def test_think_time_waits_the_seeded_draws_before_each_request(worker: ThreadedFakeWorker) -> None:
@@ -78,6 +79,7 @@ def test_lead_in_keeps_the_requests_completed_inside_the_measured_window() -> No
     # the rate is the closed loop's: two streams, each request ~50 ms send to send
     per_request = statistics.fmean(r.e2e for r in res.records)
     assert abs(len(res.records) / res.elapsed - 2 / per_request) < 0.3 * (2 / per_request)
+    assert res.window_scale == res.elapsed / res.window  # the window's CPU -> the records' CPU at that rate
 
 
 def test_a_windowed_rate_does_not_depend_on_where_lock_step_waves_fall() -> None:
