@@ -14,6 +14,7 @@ nobody (uvicorn would trust loopback peers).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,12 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from .eager import start_eager
 from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
 from .settings import Settings
 from .streaming import CLIENT_WRITER
 
+EAGER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # started eagerly (see _start_asgi_task)
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -158,6 +161,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
+    eager_paths: frozenset[str] = EAGER_PATHS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -168,6 +172,8 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_timer: asyncio.TimerHandle | None = None
         self._links: list[ClientLink] = []  # of this connection's requests whose responses are not complete
+        self._parsing = False  # inside data_received's parse
+        self._deferred: tuple[RequestResponseCycle, Any] | None = None  # a request to start when the read is parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -210,11 +216,35 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._in_head:
             self._head_bytes += len(data)
-        super().data_received(data)
+        self._parsing = True
+        try:
+            super().data_received(data)
+        finally:
+            self._parsing = False
         if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
             # all of it is still header bytes (a value not yet complete): refuse before buffering more
             self._head_too_large = True
             self._refuse(HeadersTooLarge(self._too_large_message()))
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            cycle, app = deferred
+            if cycle.more_body or self.transport.is_closing():
+                super()._start_asgi_task(cycle, app)  # the body's own deadline applies (requestio.read_body)
+            else:
+                context = contextvars.Context() if self.config.reset_contextvars else None
+                task = start_eager(self.loop, cycle.run_asgi(app), context)
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """A generation request whose head was parsed in this read starts once the read is parsed: eagerly (``eager``)
+        when its body came with it — up to the upstream write in this callback, ahead of the streams' relays that
+        are ready in the same loop pass."""
+        if self._parsing and cycle.scope["method"] == "POST" and cycle.scope["path"] in self.eager_paths:
+            self._deferred = (cycle, app)
+            return
+        super()._start_asgi_task(cycle, app)
 
     def _too_large_message(self) -> str:
         return (f"request headers are larger than {self.max_header_bytes} bytes or have more than "

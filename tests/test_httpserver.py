@@ -174,6 +174,27 @@ def test_keep_alive_requests_each_get_their_own_header_deadline(gw: Any) -> None
     assert response.startswith(b"HTTP/1.1 408") or response == b""
 
 
+def test_pipelined_generation_requests_are_answered_in_order(gw: Any) -> None:
+    """Three requests in one write: the first starts at once (eagerly, in the read that parsed it), the others wait
+    their turn behind it (uvicorn's pipeline), and all three come back complete, in order, on one connection."""
+    unary = orjson.dumps({**CHAT, "stream": False, "max_tokens": 2})
+    bad = b'{"model": "tiny", "messages": 5}'
+    sock = connect(gw)
+    sock.sendall(head() + BODY + head(length=len(unary)) + unary + head(length=len(bad)) + bad)
+    sock.settimeout(10)
+    data = b""
+    while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"}"):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    sock.close()
+    parts = data.split(b"HTTP/1.1 ")[1:]
+    assert parts[0].startswith(b"200") and b"data: [DONE]" in parts[0] and b"0\r\n\r\n" in parts[0]
+    assert parts[1].startswith(b"200") and orjson.loads(parts[1].split(b"\r\n\r\n", 1)[1])["object"] == \
+        "chat.completion"
+    assert parts[2].startswith(b"400") and b'"param":"messages"' in parts[2]
+
+
 def test_hop_by_hop_and_client_headers_are_not_forwarded(gw: Any, worker: ThreadedFakeWorker) -> None:
     sock = connect(gw)
     extra = ("connection: keep-alive, x-private\r\nkeep-alive: timeout=5\r\nte: trailers\r\nx-private: 1\r\n"
@@ -295,3 +316,103 @@ def test_finished_requests_leave_no_reference_cycles(gw: Any) -> None:
         finally:
             gc.enable()
     assert left == [], left
+
+
+class _Transport:
+    """What uvicorn's protocol needs of a transport, for feeding it by hand."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _fed_by_hand(reads: list[bytes]) -> tuple[list[list[str]], bytes]:
+    """Feed a gateway protocol these reads, each from a plain loop callback as the transport would; the app notes
+    how far it got. Returns what the app had noted when each data_received returned (and at the end), and what was
+    written."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from app.httpserver import HardenedHttpToolsProtocol
+
+    log: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        log.append("handler started")
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        log.append(f"body read ({len(body)} bytes)")
+        await asyncio.sleep(0.01)  # the upstream wait
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> tuple[list[list[str]], bytes]:
+        loop = asyncio.get_running_loop()
+        config = uvicorn.Config(app, lifespan="off", log_level="warning")
+        config.load()
+        proto = HardenedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        transport = _Transport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        seen: list[list[str]] = []
+        for data in reads:
+            done = loop.create_future()
+
+            def feed(data: bytes = data, done: asyncio.Future[None] = done) -> None:
+                proto.data_received(data)
+                seen.append(list(log))
+                done.set_result(None)
+
+            loop.call_soon(feed)
+            await done
+            await asyncio.sleep(0.001)
+        for _ in range(200):
+            if transport.written.endswith(b"ok"):
+                break
+            await asyncio.sleep(0.005)
+        proto.connection_lost(None)
+        seen.append(list(log))  # and at the end
+        return seen, transport.written
+
+    return asyncio.run(main())
+
+
+def test_a_generation_request_whose_body_came_with_it_starts_in_the_read_that_parsed_it() -> None:
+    seen, written = _fed_by_hand([head() + BODY])
+    assert seen[0] == ["handler started", f"body read ({len(BODY)} bytes)"]  # up to its first real wait, already
+    assert written.startswith(b"HTTP/1.1 200") and written.endswith(b"ok")
+
+
+def test_other_requests_and_a_body_still_to_come_start_as_a_task() -> None:
+    seen, written = _fed_by_hand([b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"])
+    assert seen == [[], ["handler started", "body read (0 bytes)"]]  # off the generation path: as uvicorn does
+    assert written.endswith(b"ok")
+    seen, written = _fed_by_hand([head(), BODY])
+    assert seen[0] == []  # the body has not come: a task, so that the body's deadline applies
+    assert seen[2] == ["handler started", f"body read ({len(BODY)} bytes)"]
+    assert written.endswith(b"ok")

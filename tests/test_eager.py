@@ -1,0 +1,166 @@
+"""app.eager: a task whose first step runs in the callback that starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from app.eager import start_eager
+
+
+def on_both_loops(test: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """Run the test on asyncio's loop and on uvloop (the gateway's): eager starts use asyncio's task registry."""
+    @functools.wraps(test)
+    def run() -> None:
+        for runner in (asyncio.run, uvloop.run):
+            LOG.clear()
+            runner(test())  # type: ignore[operator]
+    return run
+
+VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar("VAR", default=None)
+
+
+async def from_callback(make: Callable[[], Coroutine[Any, Any, Any]],
+                        context: contextvars.Context | None = None) -> tuple[asyncio.Task[Any], list[str]]:
+    """Start ``make()`` eagerly from a plain loop callback (as a protocol's data_received would); the log says
+    what had happened by the time start_eager returned."""
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[asyncio.Task[Any]] = loop.create_future()
+
+    def callback() -> None:
+        started.set_result(start_eager(loop, make(), context))
+
+    loop.call_soon(callback)
+    task = await started
+    return task, list(LOG)
+
+
+LOG: list[str] = []
+
+
+@on_both_loops
+async def test_first_step_runs_before_start_eager_returns_and_the_rest_in_the_task() -> None:
+    async def work() -> int:
+        LOG.append("first step")
+        await asyncio.sleep(0.01)
+        LOG.append("second step")
+        return 42
+
+    task, seen_at_return = await from_callback(work)
+    assert seen_at_return == ["first step"]
+    assert not task.done()
+    assert await task == 42
+    assert LOG == ["first step", "second step"]
+
+
+@on_both_loops
+async def test_current_task_is_the_task_during_the_first_step() -> None:
+    seen: list[asyncio.Task[Any] | None] = []
+
+    async def work() -> None:
+        seen.append(asyncio.current_task())
+        await asyncio.sleep(0)
+        seen.append(asyncio.current_task())
+
+    task, _ = await from_callback(work)
+    await task
+    assert seen == [task, task]
+
+
+@on_both_loops
+async def test_the_first_step_runs_in_the_tasks_context() -> None:
+    ctx = contextvars.copy_context()
+
+    async def work() -> str | None:
+        VAR.set("set in the first step")
+        await asyncio.sleep(0)
+        return VAR.get()
+
+    task, _ = await from_callback(work, ctx)
+    assert await task == "set in the first step"
+    assert ctx[VAR] == "set in the first step"
+    assert VAR.get() is None  # not leaked into the caller's context
+
+
+@on_both_loops
+async def test_a_coroutine_that_ends_in_its_first_step() -> None:
+    async def quick() -> str:
+        return "done"
+
+    task, _ = await from_callback(quick)
+    assert await task == "done"
+
+
+@on_both_loops
+async def test_an_exception_in_the_first_step_is_the_tasks() -> None:
+    async def broken() -> None:
+        raise ValueError("bad input")
+
+    task, _ = await from_callback(broken)
+    with pytest.raises(ValueError, match="bad input"):
+        await task
+
+
+@on_both_loops
+async def test_cancelled_before_its_own_first_step_the_coroutine_sees_the_cancellation() -> None:
+    loop = asyncio.get_running_loop()
+    waited_on: list[asyncio.Future[None]] = []
+
+    async def waits() -> None:
+        fut: asyncio.Future[None] = loop.create_future()
+        waited_on.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            LOG.append("cancelled where it waited")
+            raise
+        finally:
+            LOG.append("cleaned up")
+
+    started: asyncio.Future[asyncio.Task[None]] = loop.create_future()
+
+    def callback() -> None:
+        task = start_eager(loop, waits())
+        task.cancel()  # in the same callback: before the task's own first step
+        started.set_result(task)
+
+    loop.call_soon(callback)
+    task = await started
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert LOG == ["cancelled where it waited", "cleaned up"]
+    assert waited_on[0].cancelled()  # what it waited on is cancelled too, as Task.cancel() does
+
+
+@on_both_loops
+async def test_cancelled_later_like_any_task() -> None:
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            LOG.append("cleaned up")
+
+    task, _ = await from_callback(waits)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert LOG == ["cleaned up"]
+
+
+@on_both_loops
+async def test_from_inside_a_task_it_is_an_ordinary_task() -> None:
+    async def work() -> str:
+        LOG.append("ran")
+        return "ok"
+
+    task = start_eager(asyncio.get_running_loop(), work())
+    assert LOG == []  # not run here: this test is itself a task
+    assert await task == "ok"
