@@ -22,12 +22,13 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from .eager import start_eager
+from .eager import PassBudget, start_eager
 from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
 from .settings import Settings
 from .streaming import CLIENT_WRITER
 
 EAGER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # started eagerly (see _start_asgi_task)
+EAGER_PER_PASS = 4  # eager starts per loop pass (app.eager): a light or bursty load's requests, not saturation's
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -162,6 +163,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
     eager_paths: frozenset[str] = EAGER_PATHS
+    eager_budget: PassBudget = PassBudget(EAGER_PER_PASS)  # one per server: protocol_class / configure_protocol
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -229,8 +231,8 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         if deferred is not None:
             self._deferred = None
             cycle, app = deferred
-            if cycle.more_body or self.transport.is_closing():
-                super()._start_asgi_task(cycle, app)  # the body's own deadline applies (requestio.read_body)
+            if cycle.more_body or self.transport.is_closing() or not self.eager_budget.take(self.loop):
+                super()._start_asgi_task(cycle, app)  # (a body still to come: its own deadline applies there)
             else:
                 context = contextvars.Context() if self.config.reset_contextvars else None
                 task = start_eager(self.loop, cycle.run_asgi(app), context)
@@ -239,8 +241,8 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """A generation request whose head was parsed in this read starts once the read is parsed: eagerly (``eager``)
-        when its body came with it — up to the upstream write in this callback, ahead of the streams' relays that
-        are ready in the same loop pass."""
+        when its body came with it and this loop pass's budget allows — up to the upstream write in this callback,
+        ahead of the streams' relays that are ready in the same pass."""
         if self._parsing and cycle.scope["method"] == "POST" and cycle.scope["path"] in self.eager_paths:
             self._deferred = (cycle, app)
             return
@@ -306,6 +308,7 @@ def configure_protocol(settings: Settings) -> None:
     HardenedHttpToolsProtocol.header_timeout = settings.header_timeout
     HardenedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
     HardenedHttpToolsProtocol.max_headers = settings.max_headers
+    HardenedHttpToolsProtocol.eager_budget = PassBudget(EAGER_PER_PASS)
 
 
 PROTOCOL_PATH = "app.httpserver:HardenedHttpToolsProtocol"
@@ -316,6 +319,7 @@ def protocol_class(settings: Settings) -> type[HardenedHttpToolsProtocol]:
         "header_timeout": settings.header_timeout,
         "max_header_bytes": settings.max_header_bytes,
         "max_headers": settings.max_headers,
+        "eager_budget": PassBudget(EAGER_PER_PASS),
     })
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from app.eager import start_eager
+from app.eager import PassBudget, start_eager
 
 
 def on_both_loops(test: Callable[[], Awaitable[None]]) -> Callable[[], None]:
@@ -164,3 +164,37 @@ async def test_from_inside_a_task_it_is_an_ordinary_task() -> None:
     task = start_eager(asyncio.get_running_loop(), work())
     assert LOG == []  # not run here: this test is itself a task
     assert await task == "ok"
+
+
+@on_both_loops
+async def test_the_pass_budget_allows_so_many_eager_starts_per_loop_pass() -> None:
+    loop = asyncio.get_running_loop()
+    budget = PassBudget(2)
+    passes: list[list[bool]] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def one_pass(n: int, last: bool) -> None:
+        passes.append([budget.take(loop) for _ in range(n)])
+        if last:
+            loop.call_soon(done.set_result, None)
+
+    loop.call_soon(one_pass, 3, False)  # a pass with three requests: the third starts as a task
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    loop.call_soon(one_pass, 1, True)  # the next pass has its own budget
+    await done
+    assert passes == [[True, True, False], [True]]
+
+
+def test_the_pass_budget_starts_afresh_on_another_loop() -> None:
+    budget = PassBudget(1)
+    first = asyncio.new_event_loop()
+    try:
+        assert budget.take(first) and not budget.take(first)  # the loop is closed before its pass ends
+    finally:
+        first.close()
+    second = asyncio.new_event_loop()
+    try:
+        assert budget.take(second)
+    finally:
+        second.close()

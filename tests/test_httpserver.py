@@ -344,7 +344,7 @@ class _Transport:
         pass
 
 
-def _fed_by_hand(reads: list[bytes]) -> tuple[list[list[str]], bytes]:
+def _fed_by_hand(reads: list[bytes], eager_per_pass: int = 4) -> tuple[list[list[str]], bytes]:
     """Feed a gateway protocol these reads, each from a plain loop callback as the transport would; the app notes
     how far it got. Returns what the app had noted when each data_received returned (and at the end), and what was
     written."""
@@ -353,6 +353,7 @@ def _fed_by_hand(reads: list[bytes]) -> tuple[list[list[str]], bytes]:
     import uvicorn
     from uvicorn.server import ServerState
 
+    from app.eager import PassBudget
     from app.httpserver import HardenedHttpToolsProtocol
 
     log: list[str] = []
@@ -376,7 +377,8 @@ def _fed_by_hand(reads: list[bytes]) -> tuple[list[list[str]], bytes]:
         loop = asyncio.get_running_loop()
         config = uvicorn.Config(app, lifespan="off", log_level="warning")
         config.load()
-        proto = HardenedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        protocol = type("Protocol", (HardenedHttpToolsProtocol,), {"eager_budget": PassBudget(eager_per_pass)})
+        proto = protocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
         transport = _Transport()
         proto.connection_made(transport)  # type: ignore[arg-type]
         seen: list[list[str]] = []
@@ -415,4 +417,10 @@ def test_other_requests_and_a_body_still_to_come_start_as_a_task() -> None:
     seen, written = _fed_by_hand([head(), BODY])
     assert seen[0] == []  # the body has not come: a task, so that the body's deadline applies
     assert seen[2] == ["handler started", f"body read ({len(BODY)} bytes)"]
+
+
+def test_past_the_loop_pass_budget_a_generation_request_starts_as_a_task() -> None:
+    seen, written = _fed_by_hand([head() + BODY], eager_per_pass=0)
+    assert seen == [[], ["handler started", f"body read ({len(BODY)} bytes)"]]
+    assert written.endswith(b"ok")
     assert written.endswith(b"ok")
