@@ -70,8 +70,8 @@ class _Continuation(Coroutine[Any, Any, T]):
         yielded = self._yielded
         if yielded is not _NOTHING:  # cancelled before the task's first step: the coroutine waits on this
             self._yielded = _NOTHING
-            if isinstance(yielded, asyncio.Future):
-                yielded.cancel()  # as Task.cancel() does to what its coroutine waits on
+            if isinstance(yielded, asyncio.Future) and yielded.cancel():
+                return yielded  # as Task.cancel() does: what it waits on is cancelled, and the task waits for that
         if self._ended:  # (nothing left to throw into)
             self._ended = False
             raise typ if val is None else val
@@ -85,14 +85,31 @@ class _Continuation(Coroutine[Any, Any, T]):
     def __await__(self) -> Generator[Any, None, T]:
         raise TypeError("a _Continuation is driven by its task only")  # pragma: no cover
 
+    # what debuggers, Task.get_stack() and repr() read of a coroutine: the wrapped one's
+    @property
+    def cr_frame(self) -> Any:
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_code(self) -> Any:
+        return getattr(self._coro, "cr_code", None)
+
+    @property
+    def cr_await(self) -> Any:
+        return getattr(self._coro, "cr_await", None)
+
+    @property
+    def cr_running(self) -> bool:
+        return bool(getattr(self._coro, "cr_running", False))
 
 def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T],
                 context: contextvars.Context | None = None) -> asyncio.Task[T]:
     """A task for ``coro`` whose first step has already run (see the module's docstring), when called from a plain
     callback of the running ``loop`` (a protocol's ``data_received``); from inside a task (a test feeding a protocol
-    by hand), a task like any other."""
+    by hand), or with a task factory installed, a task like any other."""
     ctx = context if context is not None else contextvars.copy_context()
-    if asyncio.current_task(loop) is not None:
+    if asyncio.current_task(loop) is not None or loop.get_task_factory() is not None:
+        # (a task factory — tracing, monitoring — may wrap the coroutine in its own: give it the plain one)
         return loop.create_task(coro, context=ctx)
     cont: _Continuation[T] = _Continuation(coro)
     task = loop.create_task(cont, context=ctx)

@@ -223,21 +223,23 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             super().data_received(data)
         finally:
             self._parsing = False
+            deferred = self._deferred
+            if deferred is not None:  # started whatever happened in the parse: never left behind
+                self._deferred = None
+                self._start_deferred(*deferred)
         if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
             # all of it is still header bytes (a value not yet complete): refuse before buffering more
             self._head_too_large = True
             self._refuse(HeadersTooLarge(self._too_large_message()))
-        deferred = self._deferred
-        if deferred is not None:
-            self._deferred = None
-            cycle, app = deferred
-            if cycle.more_body or self.transport.is_closing() or not self.eager_budget.take(self.loop):
-                super()._start_asgi_task(cycle, app)  # (a body still to come: its own deadline applies there)
-            else:
-                context = contextvars.Context() if self.config.reset_contextvars else None
-                task = start_eager(self.loop, cycle.run_asgi(app), context)
-                task.add_done_callback(self.tasks.discard)
-                self.tasks.add(task)
+
+    def _start_deferred(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if cycle.more_body or self.transport.is_closing() or not self.eager_budget.take(self.loop):
+            super()._start_asgi_task(cycle, app)  # (a body still to come: its own deadline applies there)
+            return
+        context = contextvars.Context() if self.config.reset_contextvars else None
+        task = start_eager(self.loop, cycle.run_asgi(app), context)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """A generation request whose head was parsed in this read starts once the read is parsed: eagerly (``eager``)
@@ -297,8 +299,9 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
                 else:
                     open_links.append(link)
             self._links = open_links
+        pipelined = bool(self.pipeline)  # (uvicorn starts the next pipelined request here, taking it off the queue)
         super().on_response_complete()
-        if not self.transport.is_closing() and self.cycle is not None and not self.pipeline:
+        if not self.transport.is_closing() and self.cycle is not None and not pipelined:
             self._arm()  # the keep-alive idle timer runs too; the header deadline covers a slow next request
 
 

@@ -198,3 +198,65 @@ def test_the_pass_budget_starts_afresh_on_another_loop() -> None:
         assert budget.take(second)
     finally:
         second.close()
+
+
+@on_both_loops
+async def test_with_a_task_factory_installed_it_is_an_ordinary_task() -> None:
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        async def traced() -> Any:  # what tracing tools do: await the coroutine inside their own
+            LOG.append("traced")
+            return await coro
+        return asyncio.Task(traced(), loop=loop, **kwargs)
+
+    async def work() -> str:
+        return "ok"
+
+    loop.set_task_factory(factory)
+    try:
+        task, _ = await from_callback(work)
+        assert await task == "ok"
+        assert LOG == ["traced"]  # the factory got the plain coroutine, and awaited it
+    finally:
+        loop.set_task_factory(None)
+
+
+@on_both_loops
+async def test_an_eager_tasks_stack_shows_where_it_waits() -> None:
+    async def waits_here() -> None:
+        await asyncio.sleep(10)
+
+    task, _ = await from_callback(waits_here)
+    await asyncio.sleep(0.01)
+    assert any(frame.f_code.co_name == "waits_here" for frame in task.get_stack())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@on_both_loops
+async def test_cancelled_before_its_own_first_step_it_waits_for_an_awaited_task_to_end() -> None:
+    loop = asyncio.get_running_loop()
+    inner_tasks: list[asyncio.Task[None]] = []
+
+    async def outer() -> None:
+        inner_tasks.append(loop.create_task(asyncio.sleep(10)))
+        try:
+            await inner_tasks[0]
+        finally:
+            LOG.append(f"outer cleaned up, inner done: {inner_tasks[0].done()}")
+
+    started: asyncio.Future[asyncio.Task[None]] = loop.create_future()
+
+    def callback() -> None:
+        task = start_eager(loop, outer())
+        task.cancel()
+        started.set_result(task)
+
+    loop.call_soon(callback)
+    task = await started
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert LOG == ["outer cleaned up, inner done: True"]  # as Task.cancel(): the awaited task is cancelled first
+    assert inner_tasks[0].cancelled()

@@ -344,7 +344,8 @@ class _Transport:
         pass
 
 
-def _fed_by_hand(reads: list[bytes], eager_per_pass: int = 4) -> tuple[list[list[str]], bytes]:
+def _fed_by_hand(reads: list[bytes], eager_per_pass: int = 4, header_timeout: float = 10.0,
+                 responses: int = 1) -> tuple[list[list[str]], bytes]:
     """Feed a gateway protocol these reads, each from a plain loop callback as the transport would; the app notes
     how far it got. Returns what the app had noted when each data_received returned (and at the end), and what was
     written."""
@@ -377,7 +378,8 @@ def _fed_by_hand(reads: list[bytes], eager_per_pass: int = 4) -> tuple[list[list
         loop = asyncio.get_running_loop()
         config = uvicorn.Config(app, lifespan="off", log_level="warning")
         config.load()
-        protocol = type("Protocol", (HardenedHttpToolsProtocol,), {"eager_budget": PassBudget(eager_per_pass)})
+        protocol = type("Protocol", (HardenedHttpToolsProtocol,), {"eager_budget": PassBudget(eager_per_pass),
+                                                                   "header_timeout": header_timeout})
         proto = protocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
         transport = _Transport()
         proto.connection_made(transport)  # type: ignore[arg-type]
@@ -394,7 +396,7 @@ def _fed_by_hand(reads: list[bytes], eager_per_pass: int = 4) -> tuple[list[list
             await done
             await asyncio.sleep(0.001)
         for _ in range(200):
-            if transport.written.endswith(b"ok"):
+            if transport.written.count(b"ok") >= responses or transport.closing:
                 break
             await asyncio.sleep(0.005)
         proto.connection_lost(None)
@@ -417,6 +419,14 @@ def test_other_requests_and_a_body_still_to_come_start_as_a_task() -> None:
     seen, written = _fed_by_hand([head(), BODY])
     assert seen[0] == []  # the body has not come: a task, so that the body's deadline applies
     assert seen[2] == ["handler started", f"body read ({len(BODY)} bytes)"]
+
+
+def test_a_pipelined_request_is_not_cut_off_by_the_header_deadline_while_it_runs() -> None:
+    # the second request starts when the first is answered; its 10 ms of work outlast a 2 ms header deadline, which
+    # must not be armed while it runs (it was: the connection closed under it)
+    seen, written = _fed_by_hand([head() + BODY + head() + BODY], header_timeout=0.002, responses=2)
+    assert written.count(b"HTTP/1.1 200") == 2 and written.endswith(b"ok"), written
+    assert seen[-1].count("handler started") == 2
 
 
 def test_past_the_loop_pass_budget_a_generation_request_starts_as_a_task() -> None:
