@@ -15,8 +15,8 @@ start eagerly — all of them when traffic is light or merely bursty — and the
 How: the task is created around a ``_Continuation`` of the coroutine; the coroutine's first step runs at once, as
 that task (``current_task()`` is the task, in the task's context); the task's own first step then hands the task
 what the coroutine waits on (or its result), and passes every later step through.  A task cancelled before its own
-first step (the client left within the same loop pass) has the cancellation thrown into the coroutine where it
-waits, as a task's cancel would.
+first step (the client left within the same loop pass) cancels what the coroutine waits on and waits for it, as
+``Task.cancel()`` does.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class _Continuation(Coroutine[Any, Any, T]):
     @property
     def cr_running(self) -> bool:
         return bool(getattr(self._coro, "cr_running", False))
+
 
 def start_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T],
                 context: contextvars.Context | None = None) -> asyncio.Task[T]:

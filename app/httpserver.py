@@ -24,10 +24,11 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from .eager import PassBudget, start_eager
 from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
+from .protocol import ROUTES
 from .settings import Settings
 from .streaming import CLIENT_WRITER
 
-EAGER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # started eagerly (see _start_asgi_task)
+EAGER_PATHS = frozenset(ROUTES)  # the generation routes start eagerly (see _start_asgi_task)
 EAGER_PER_PASS = 4  # eager starts per loop pass (app.eager): a light or bursty load's requests, not saturation's
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 

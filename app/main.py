@@ -31,6 +31,7 @@ from .limits import Limiter, MemoryLimiter, RedisLimiter
 from .metrics import GatewayMetrics
 from .openapi import document_generation_routes
 from .policy import RequestPolicy
+from .protocol import ROUTES
 from .proxy import Proxy
 from .settings import Settings
 from .state import AppState
@@ -143,7 +144,7 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     app.include_router(worker_metrics_router)
     # the hot path: pure ASGI, taken before FastAPI's middlewares and router (asgi.py); the routes stay in the
     # router too, for a method other than POST (405) and the OpenAPI document
-    app.fast_routes = {"/v1/chat/completions": proxy, "/v1/completions": proxy}
+    app.fast_routes = dict.fromkeys(ROUTES, proxy)
     app.router.routes.insert(0, Route("/v1/chat/completions", proxy, methods=["POST"]))
     app.router.routes.insert(1, Route("/v1/completions", proxy, methods=["POST"]))
     document_generation_routes(app, policy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -14,31 +14,36 @@ import uvloop
 from app.eager import PassBudget, start_eager
 
 
-def on_both_loops(test: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+def on_both_loops(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
     """Run the test on asyncio's loop and on uvloop (the gateway's): eager starts use asyncio's task registry."""
     @functools.wraps(test)
     def run() -> None:
         for runner in (asyncio.run, uvloop.run):
             LOG.clear()
-            runner(test())  # type: ignore[operator]
+            runner(test())
     return run
+
 
 VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar("VAR", default=None)
 
 
-async def from_callback(make: Callable[[], Coroutine[Any, Any, Any]],
-                        context: contextvars.Context | None = None) -> tuple[asyncio.Task[Any], list[str]]:
-    """Start ``make()`` eagerly from a plain loop callback (as a protocol's data_received would); the log says
-    what had happened by the time start_eager returned."""
+async def from_callback(make: Callable[[], Coroutine[Any, Any, Any]], context: contextvars.Context | None = None,
+                        *, cancel: bool = False) -> tuple[asyncio.Task[Any], list[str]]:
+    """Start ``make()`` eagerly from a plain loop callback (as a protocol's data_received would) — and with
+    ``cancel``, cancel it in the same callback, before the task's own first step. Returns the task and what the log
+    held when start_eager returned."""
     loop = asyncio.get_running_loop()
-    started: asyncio.Future[asyncio.Task[Any]] = loop.create_future()
+    started: asyncio.Future[tuple[asyncio.Task[Any], list[str]]] = loop.create_future()
 
     def callback() -> None:
-        started.set_result(start_eager(loop, make(), context))
+        task = start_eager(loop, make(), context)
+        seen = list(LOG)
+        if cancel:
+            task.cancel()
+        started.set_result((task, seen))
 
     loop.call_soon(callback)
-    task = await started
-    return task, list(LOG)
+    return await started
 
 
 LOG: list[str] = []
@@ -123,15 +128,7 @@ async def test_cancelled_before_its_own_first_step_the_coroutine_sees_the_cancel
         finally:
             LOG.append("cleaned up")
 
-    started: asyncio.Future[asyncio.Task[None]] = loop.create_future()
-
-    def callback() -> None:
-        task = start_eager(loop, waits())
-        task.cancel()  # in the same callback: before the task's own first step
-        started.set_result(task)
-
-    loop.call_soon(callback)
-    task = await started
+    task, _ = await from_callback(waits, cancel=True)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
@@ -247,15 +244,7 @@ async def test_cancelled_before_its_own_first_step_it_waits_for_an_awaited_task_
         finally:
             LOG.append(f"outer cleaned up, inner done: {inner_tasks[0].done()}")
 
-    started: asyncio.Future[asyncio.Task[None]] = loop.create_future()
-
-    def callback() -> None:
-        task = start_eager(loop, outer())
-        task.cancel()
-        started.set_result(task)
-
-    loop.call_soon(callback)
-    task = await started
+    task, _ = await from_callback(outer, cancel=True)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert LOG == ["outer cleaned up, inner done: True"]  # as Task.cancel(): the awaited task is cancelled first
