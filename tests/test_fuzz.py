@@ -188,6 +188,60 @@ def test_sse_garbage_raises_only_protocol_errors_and_stays_bounded(
             assert len(parser.pending) <= limit
 
 
+# Events whose fields the relay reads (choices, text, delta, usage, error) hold anything JSON can: the typed fast
+# path (no sink) must reach exactly what the general path (a sink: every object built) does, or fall back to it.
+_anything = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),  # (orjson reads wider ints as floats)
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+_delta = st.one_of(_anything, st.fixed_dictionaries({}, optional={
+    k: st.one_of(st.text(max_size=4), _anything) for k in ("content", "reasoning_content", "reasoning", "tool_calls",
+                                                           "role")}))
+_choice = st.one_of(_anything, st.fixed_dictionaries({"index": st.integers(0, 3)}, optional={
+    "text": st.one_of(st.text(max_size=4), _anything), "delta": _delta, "finish_reason": _anything}))
+_event_obj = st.one_of(_anything, st.fixed_dictionaries({"id": st.text(max_size=6)}, optional={
+    "choices": st.one_of(st.lists(_choice, max_size=3), _anything), "usage": st.one_of(_USAGE, _anything),
+    "error": _anything, "model": _anything}))
+
+
+def _event_bytes(obj: Any, ascii_only: bool) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=ascii_only).encode()
+
+
+_raw_events = st.one_of(
+    st.tuples(_event_obj, st.booleans()).map(lambda t: _event_bytes(*t)),
+    st.sampled_from([b'data: {"id":"\xff","choices":[]}',  # not UTF-8, in a skipped field
+                     b'data: {"id":"a\xc3","choices":[{"text":"x"}]}',
+                     b'data: {"choices":[{"text":"x"}],"choices":[]}', b'data: {"usage":{"a":1},"usage":null}',
+                     b'data: {"choices":[{"text":"x"}]} junk', b'data: {"choices":[{"text":"x"}]', b"data: {}",
+                     b'data: {"error":null}', b'data: {"choices":[{"delta":null,"text":""}]}',
+                     *(b'data: {"choices":[{"delta":{"%s":"t"}}]}' % k.encode()
+                       for k in ("content", "reasoning_content", "reasoning", "tool_calls", "role")),
+                     b'data: {"choices":[],"usage":{"prompt_tokens":1}}']),
+)
+
+
+@fuzz(400)
+@given(events=st.lists(_raw_events, min_size=1, max_size=6), include_usage=st.booleans(), one_by_one=st.booleans())
+def test_sse_typed_fast_path_agrees_with_the_general_path(events: list[bytes], include_usage: bool,
+                                                           one_by_one: bool) -> None:
+    raw = [e + b"\n\n" for e in events]
+    pieces = raw if one_by_one else [b"".join(raw)]
+
+    def run(parser: SSEParser) -> tuple[bytes, Any]:
+        out = []
+        for i, piece in enumerate(pieces):
+            try:
+                out.append(parser.feed(piece, float(i)))
+            except UpstreamProtocolError as exc:
+                return b"".join(out), str(exc)
+        st_ = parser.state
+        return b"".join(out), (st_.first_token, st_.last_token, st_.usage, st_.content_events, st_.saw_done,
+                               st_.saw_error)
+
+    assert run(SSEParser(include_usage)) == run(SSEParser(include_usage, sink=lambda obj: None))
+
+
 @fuzz(100)
 @given(s=sse_streams(), include_usage=st.booleans(), size=st.integers(1, 64))
 def test_sse_crlf_stream_parses_like_lf(s: Stream, include_usage: bool, size: int) -> None:
