@@ -7,6 +7,7 @@ in-flight gauge, and asks workers for a prompt count (``/tokenize``) with the sa
 
 from __future__ import annotations
 
+import asyncio
 from time import monotonic, perf_counter
 from typing import Any
 
@@ -16,6 +17,7 @@ from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest, Route
 from .routing import affinity_for, pick
 from .settings import Settings
+from .streaming import RelayBatch
 from .upstream import UpstreamPool
 from .worker_calls import WorkerCalls
 from .workers.registry import Registry, Worker
@@ -38,6 +40,15 @@ class Dispatcher:
         self.metrics = metrics
         self.calls = calls
         self._turn = 0
+        self._batch: RelayBatch | None = None
+
+    def relay_batch(self) -> RelayBatch:
+        """The running loop's ``RelayBatch`` (one per loop: a test may run several, one after the other)."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None or batch.loop is not loop:
+            batch = self._batch = RelayBatch(loop)
+        return batch
 
     def enter(self, worker: Worker, ctx: Exchange, rec: RequestRecord) -> None:
         """``ctx`` is now in flight on ``worker`` (leaving the worker it was on, if any)."""
@@ -91,7 +102,7 @@ class Dispatcher:
                 first = None
                 if early:
                     await open_relay(req, ctx, worker, first_timeout=s.read_timeout,
-                                     idle_timeout=s.stream_idle_timeout)
+                                     idle_timeout=s.stream_idle_timeout, batch=self.relay_batch())
                 elif req.upstream_stream:
                     first = await resp.next_chunk(s.read_timeout)
                 self.registry.record_success(worker)

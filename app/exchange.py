@@ -25,7 +25,7 @@ from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
 from .sse import SSEParser
-from .streaming import ClientWriter, Splice, collect, open_splice, relay
+from .streaming import ClientWriter, RelayBatch, Splice, collect, open_splice, relay
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 
@@ -106,7 +106,7 @@ def can_open_relay(req: ParsedRequest, ex: Exchange) -> bool:
 
 
 async def open_relay(req: ParsedRequest, ex: Exchange, worker: Worker, *, first_timeout: float,
-                     idle_timeout: float) -> None:
+                     idle_timeout: float, batch: RelayBatch | None = None) -> None:
     """Relay a stream from before the worker's first byte (see ``streaming.open_splice``): the first token
     reaches the client from the worker connection's own callback. Raises what failed before that byte, with
     nothing sent (the caller may try another worker); ``answer_stream`` relays the rest."""
@@ -115,7 +115,7 @@ async def open_relay(req: ParsedRequest, ex: Exchange, worker: Worker, *, first_
     head = SSE_HEADERS + ex.headers + [(WORKER_HEADER, worker.name.encode())]
     try:
         ex.relay = await open_splice(ex.resp, parser, ex.client, head, first_timeout=first_timeout,
-                                     idle_timeout=idle_timeout, on_stall=ex.stalled)
+                                     idle_timeout=idle_timeout, on_stall=ex.stalled, batch=batch)
     except GatewayError:
         ex.parser = None
         raise

@@ -98,6 +98,41 @@ class ClientWriter(Protocol):
         ...
 
 
+class RelayBatch:
+    """Reads of running streams that wait for the end of the loop pass (one per event loop: ``Dispatcher``).
+
+    One loop pass runs the callbacks of every socket that became readable, one after the other; at a few hundred
+    streams that is a few milliseconds of relaying. A read that brings a stream's first token, and a new request,
+    are what a user waits for; later tokens are only as late as the pass is long either way. So a stream's reads
+    after its first token are put here and relayed together once the pass's reads are taken, in the order they
+    came (its end and its failure, too, after its reads); the rest of the pass goes first."""
+
+    __slots__ = ("loop", "_items")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[_Reader, bytes | BaseException | None, float]] = []
+
+    def add(self, reader: _Reader, item: bytes | BaseException | None) -> None:
+        """A read (bytes), the end (None) or a failure of ``reader``'s stream."""
+        items = self._items
+        if not items:
+            self.loop.call_soon(self._flush)
+        items.append((reader, item, perf_counter()))
+        reader.queued += 1
+
+    def _flush(self) -> None:
+        items, self._items = self._items, []
+        for reader, item, t0 in items:
+            reader.queued -= 1
+            if isinstance(item, bytes):
+                reader.take(item, t0)
+            elif item is None:
+                reader.take_end()
+            else:
+                reader.take_error(item)
+
+
 class _Reader:
     """A worker stream read in callbacks: the connection hands each read to ``on_data`` from its own
     ``data_received`` — no task wake-up, future or timer per chunk. The task that owns the exchange sleeps in
@@ -105,10 +140,12 @@ class _Reader:
     stream, re-armed lazily."""
 
     __slots__ = ("parser", "resp", "loop", "idle_timeout", "waiter", "last_read", "paused", "finished", "error",
-                 "timer", "early", "unsent")
+                 "timer", "early", "unsent", "batch", "queued")
 
     def __init__(self, parser: SSEParser, resp: UpstreamResponse, idle_timeout: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, batch: RelayBatch | None = None) -> None:
+        self.batch = batch  # where reads after the first token wait for the end of the loop pass (None: never)
+        self.queued = 0  # of this stream's reads (and its end) waiting there
         self.parser = parser
         self.resp = resp
         self.loop = loop
@@ -126,9 +163,32 @@ class _Reader:
     def on_data(self, data: bytes) -> None:
         if self.finished:
             return
+        batch = self.batch
+        if batch is not None and (self.queued or self.parser.state.first_token is not None):
+            batch.add(self, data)  # a later token: relayed at the end of this loop pass
+            return
+        self.take(data, perf_counter())
+
+    def on_end(self) -> None:
+        if self.queued:
+            assert self.batch is not None
+            self.batch.add(self, None)  # after the reads still waiting
+            return
+        self.take_end()
+
+    def on_error(self, exc: BaseException) -> None:
+        if self.queued:
+            assert self.batch is not None
+            self.batch.add(self, exc)
+            return
+        self.take_error(exc)
+
+    def take(self, data: bytes, t0: float) -> None:
+        """One read of the body, which arrived at ``t0``."""
+        if self.finished:
+            return
         first = self.early
         self.early = False  # the worker has answered: whatever fails from here on goes to the client in-band
-        t0 = perf_counter()
         try:
             out = self.parser.feed(data, t0)
         except GatewayError as exc:
@@ -147,14 +207,14 @@ class _Reader:
             self.timer = self.loop.call_at(self.last_read + self.idle_timeout, self._check_idle)
             self._wake()
 
-    def on_end(self) -> None:
+    def take_end(self) -> None:
         if self.finished:
             return
         truncated = _truncated()
         # an error event the worker sent itself has already gone out in-band: just end the stream
         self._finish(truncated, b"" if self.parser.state.saw_error else sse_event(truncated))
 
-    def on_error(self, exc: BaseException) -> None:
+    def take_error(self, exc: BaseException) -> None:
         if self.finished:
             return
         err = exc if isinstance(exc, GatewayError) else UpstreamError(f"worker connection failed: {exc}")
@@ -202,12 +262,13 @@ class _Reader:
             return
         now = self.loop.time()
         due = self.last_read + self.idle_timeout
-        if not self.paused and now >= due:
+        if not self.paused and not self.queued and now >= due:
             err = UpstreamTimeout(f"worker sent no more of the response within {self.idle_timeout:g} s")
             self._finish(err, sse_event(err))
             return
-        # idle while the client was not reading is not the worker's fault
-        self.timer = self.loop.call_at(now + self.idle_timeout if self.paused else due, self._check_idle)
+        # idle while the client was not reading, or while reads waited in the batch, is not the worker's fault
+        self.timer = self.loop.call_at(now + self.idle_timeout if self.paused or self.queued else due,
+                                       self._check_idle)
 
     def _begin(self) -> None:
         """After the first chunk, before the rest is read."""
@@ -273,8 +334,8 @@ class Splice(_Reader):
 
     def __init__(self, parser: SSEParser, client: ClientWriter, resp: UpstreamResponse, idle_timeout: float,
                  loop: asyncio.AbstractEventLoop, head: list[tuple[bytes, bytes]],
-                 on_stall: Callable[[float], None]) -> None:
-        super().__init__(parser, resp, idle_timeout, loop)
+                 on_stall: Callable[[float], None], batch: RelayBatch | None = None) -> None:
+        super().__init__(parser, resp, idle_timeout, loop, batch)
         self.client = client
         self.head: list[tuple[bytes, bytes]] | None = head  # the response headers, until they have gone out
         self.on_stall = on_stall
@@ -322,12 +383,12 @@ class Splice(_Reader):
 
 async def open_splice(resp: UpstreamResponse, parser: SSEParser, client: ClientWriter,
                       headers: list[tuple[bytes, bytes]], *, first_timeout: float, idle_timeout: float,
-                      on_stall: Callable[[float], None]) -> Splice:
+                      on_stall: Callable[[float], None], batch: RelayBatch | None = None) -> Splice:
     """``relay`` with its per-chunk path in callbacks (``Splice``), writing straight to the client (the head with
     the first events), taken on before the worker's first body byte (``_Reader.open``): the first token goes from
     the worker's socket to the client's in one callback. Raises what failed before that byte (nothing sent: the
     caller may try another worker); ``await sp.rest()`` then relays the rest, ``sp.error`` says how it ended."""
-    sp = Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall)
+    sp = Splice(parser, client, resp, idle_timeout, asyncio.get_running_loop(), headers, on_stall, batch)
     await sp.open(first_timeout)
     return sp
 

@@ -1,5 +1,6 @@
-"""The relay: relay() over the ASGI send, splice()/open_splice() in the worker connection's callbacks, collect().
-A stream ends with the worker's [DONE] or an in-band error, never cut short silently."""
+"""The relay: relay() over the ASGI send, splice()/open_splice() in the worker connection's callbacks (with and
+without a RelayBatch), collect(). A stream ends with the worker's [DONE] or an in-band error, never cut short
+silently."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from app.errors import GatewayError, UpstreamTimeout
 from app.sse import SSEParser
-from app.streaming import collect, open_splice, relay
+from app.streaming import RelayBatch, Splice, collect, open_splice, relay
 from app.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 
 from .sse_samples import DONE, ROLE, STREAM, TOK, USAGE
@@ -144,15 +145,17 @@ async def run_relay(style: str, resp: FakeResponse, *, include_usage: bool = Fal
     client = client or FakeClient()
     if first:  # taken on before the first byte ("open"): everything arrives through the callbacks
         resp.pieces.insert(0, first)
+    batch = RelayBatch(asyncio.get_running_loop()) if style == "batched" else None
     sp = await open_splice(cast(UpstreamResponse, resp), parser, client, [(b"x-test", b"1")], first_timeout=idle,
-                           idle_timeout=idle, on_stall=lambda since: None)
+                           idle_timeout=idle, on_stall=lambda since: None, batch=batch)
     await sp.rest()
+    assert sp.queued == 0
     err = sp.error
     assert client.head == [(b"x-test", b"1")]
     return client.body, client.ended, err, parser
 
 
-STYLES = ["relay", "open"]
+STYLES = ["relay", "open", "batched"]
 
 
 def in_loop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -232,6 +235,97 @@ async def test_an_opened_relay_writes_the_first_token_from_the_worker_callback()
     sink.on_data(TOK[1] + TOK[2] + DONE)
     await sp.rest()
     assert sp.error is None and client.ended and client.body == ROLE + b"".join(TOK) + DONE
+
+
+async def _opened(client: FakeClient, batch: RelayBatch) -> tuple[asyncio.Task[Splice], Any]:
+    """A splice being taken on before the worker's first byte; the test feeds its reads by hand (``sink``)."""
+    resp = FakeResponse([], stall=True)
+    task = asyncio.get_running_loop().create_task(open_splice(
+        cast(UpstreamResponse, resp), SSEParser(False), client, [], first_timeout=5, idle_timeout=5,
+        on_stall=lambda since: None, batch=batch))
+    await asyncio.sleep(0)
+    return task, resp.sink
+
+
+async def _running(client: FakeClient, batch: RelayBatch) -> tuple[Splice, Any]:
+    """A splice past its first token."""
+    task, sink = await _opened(client, batch)
+    sink.on_data(ROLE + TOK[0])
+    return await asyncio.wait_for(task, 2), sink
+
+
+@in_loop
+async def test_later_tokens_wait_for_the_end_of_the_loop_pass_and_first_tokens_do_not() -> None:
+    """What one loop pass reads: a stream's first token is written on the spot, a running stream's later tokens
+    once the pass is over — a first token never waits behind other streams' relays."""
+    batch = RelayBatch(asyncio.get_running_loop())
+    running, fresh = FakeClient(), FakeClient()
+    sp, running_sink = await _running(running, batch)
+    _, fresh_sink = await _opened(fresh, batch)
+    assert running.body == ROLE + TOK[0]  # its own first token went out on the spot
+    running_sink.on_data(TOK[1])  # the same pass: a later token of the running stream...
+    fresh_sink.on_data(ROLE)  # ...and a stream's first bytes: the role, then its first token
+    fresh_sink.on_data(TOK[0])
+    assert fresh.body == ROLE + TOK[0] and running.body == ROLE + TOK[0] and sp.queued == 1
+    await asyncio.sleep(0)  # the end of the pass
+    assert running.body == ROLE + TOK[0] + TOK[1] and sp.queued == 0
+    fresh_sink.on_data(TOK[1])  # past its first token, this stream's reads wait too
+    assert fresh.body == ROLE + TOK[0]
+    await asyncio.sleep(0)
+    assert fresh.body == ROLE + TOK[0] + TOK[1]
+
+
+@pytest.mark.parametrize("ending", ["done", "end", "error"])
+@in_loop
+async def test_a_stream_ends_after_its_reads_that_wait_in_the_batch(ending: str) -> None:
+    batch = RelayBatch(asyncio.get_running_loop())
+    client = FakeClient()
+    sp, sink = await _running(client, batch)
+    sink.on_data(TOK[1])
+    if ending == "done":
+        sink.on_data(TOK[2] + DONE)
+    elif ending == "end":
+        sink.on_end()  # the connection ended without [DONE], in the same pass: still after TOK[1]
+    else:
+        sink.on_error(UpstreamClosed("worker closed the connection"))
+    assert not client.ended and client.body == ROLE + TOK[0] and not sp.finished
+    await asyncio.wait_for(sp.rest(), 2)
+    assert client.ended and client.body.startswith(ROLE + TOK[0] + TOK[1]) and sp.queued == 0
+    if ending == "done":
+        assert sp.error is None and client.body == ROLE + b"".join(TOK) + DONE
+    else:
+        code = "worker_stream_truncated" if ending == "end" else "worker_disconnected"
+        assert sp.error is not None and sp.error.error_code == code
+        assert orjson.loads(client.body[len(ROLE + TOK[0] + TOK[1]):].removeprefix(b"data: "))["error"]["code"] == code
+
+
+@in_loop
+async def test_reads_waiting_in_the_batch_are_not_an_idle_worker() -> None:
+    batch = RelayBatch(asyncio.get_running_loop())
+    client = FakeClient()
+    sp, sink = await _running(client, batch)
+    sp.last_read -= 3600  # as if the idle timeout had passed since the last read taken...
+    sink.on_data(TOK[1])  # ...but a read came in and waits for the end of the pass
+    sp._check_idle()
+    assert not sp.finished
+    await asyncio.sleep(0)
+    assert client.body == ROLE + TOK[0] + TOK[1] and not client.ended
+
+
+@in_loop
+async def test_a_relay_stopped_while_its_reads_wait_drops_them() -> None:
+    batch = RelayBatch(asyncio.get_running_loop())
+    client = FakeClient()
+    sp, sink = await _running(client, batch)
+    task = asyncio.get_running_loop().create_task(sp.rest())
+    await asyncio.sleep(0)
+    task.cancel()  # the client went away: the exchange's task is cancelled (it stops the relay)...
+    sink.on_data(TOK[1])  # ...in the pass that also read a token for it
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert sp.finished and sp.queued == 0
+    assert client.body == ROLE + TOK[0]  # nothing written for a stream that was stopped
 
 
 @in_loop
