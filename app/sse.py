@@ -8,7 +8,11 @@ Each ``data: {...}`` event is decoded by a typed msgspec decoder that builds onl
 (``choices[].text``/``delta``, ``usage``, ``error``) and skips the rest: about half the cost of building the
 whole object, on the path every token takes. An event of another shape (``choices`` not a list of objects, a
 ``usage`` that is not an object, ...) goes the general way, through ``orjson``, with the same outcome; so does
-every event when a sink wants the whole objects (the non-streaming aggregator).
+every event when a sink wants the whole objects (the non-streaming aggregator). Differences left on purpose, in
+events no engine sends: a number beyond a double's range in a field the relay does not read passes (orjson refused
+the event), an integer wider than 64 bits in ``usage`` stays an int (orjson made it a float), and nesting deeper than
+orjson's 1024 levels passes where Python's recursion limit allows it (shallower than that limit, a decoder that
+runs out of depth falls back to orjson).
 """
 
 from __future__ import annotations
@@ -143,8 +147,8 @@ class SSEParser:
                 if not payload.isascii():
                     payload.decode()  # the typed decoder does not check the UTF-8 of the strings it skips
                 ev = _decode_event(payload)
-            except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
-                pass  # another shape, or not JSON: the general way says which
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # (ValidationError is a DecodeError)
+                pass  # another shape, not JSON, or nested past the typed decoder's depth: the general way says which
             else:
                 st = self.state
                 if ev.error is not msgspec.UNSET:

@@ -125,12 +125,16 @@ class RelayBatch:
         items, self._items = self._items, []
         for reader, item, t0 in items:
             reader.queued -= 1
-            if isinstance(item, bytes):
-                reader.take(item, t0)
-            elif item is None:
-                reader.take_end()
-            else:
-                reader.take_error(item)
+            try:
+                if isinstance(item, bytes):
+                    reader.take(item, t0)
+                elif item is None:
+                    reader.take_end()
+                else:
+                    reader.take_error(item)
+            except Exception as exc:  # one stream's failure (a bug, a broken client socket) ends that stream only
+                self.loop.call_exception_handler({"message": "relaying a worker read failed", "exception": exc})
+                reader.fail()
 
 
 class _Reader:
@@ -222,6 +226,20 @@ class _Reader:
             self._fail_unsent(err)
             return
         self._finish(err, sse_event(err))
+
+    def fail(self) -> None:
+        """Handling a read raised what no stream should (not the worker's fault): end the stream with an
+        internal error, in-band where the client can still take it, and let its task go on."""
+        if self.finished:
+            return
+        err = GatewayError("internal error in the gateway")
+        try:
+            self._finish(err, sse_event(err))  # stops and wakes first, then writes
+        except Exception:
+            if not self.finished:
+                self.error = err
+                self._stop()
+                self._wake()
 
     # what the two kinds do with events
     def _forward(self, out: bytes, t0: float) -> None:

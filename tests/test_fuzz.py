@@ -217,7 +217,8 @@ _raw_events = st.one_of(
                      b'data: {"error":null}', b'data: {"choices":[{"delta":null,"text":""}]}',
                      *(b'data: {"choices":[{"delta":{"%s":"t"}}]}' % k.encode()
                        for k in ("content", "reasoning_content", "reasoning", "tool_calls", "role")),
-                     b'data: {"choices":[],"usage":{"prompt_tokens":1}}']),
+                     b'data: {"choices":[],"usage":{"prompt_tokens":1}}',
+                     b'data: {"x":' + b"[" * 900 + b"]" * 900 + b',"choices":[{"text":"x"}]}']),
 )
 
 

@@ -3,6 +3,9 @@ found, malformed input refused and bounded."""
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import orjson
 import pytest
 
@@ -154,3 +157,17 @@ def test_invalid_json_after_the_first_token_is_still_an_error(bad: bytes) -> Non
     parser.feed(_event({"choices": [{"index": 0, "delta": {"content": "first"}}]}), 1.0)
     with pytest.raises(UpstreamProtocolError):
         parser.feed(bad, 2.0)
+
+
+def test_an_event_nested_past_the_typed_decoders_depth_is_read_the_general_way() -> None:
+    """msgspec's depth is Python's recursion limit; running out of it is not a malformed event (orjson, with its
+    own limit of 1024 levels, reads this one)."""
+    event = b'data: {"x":' + b"[" * 300 + b"]" * 300 + b',"choices":[{"text":"x"}]}\n\n'
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 100)  # less depth than the event needs
+    try:
+        parser = SSEParser(False)
+        out = parser.feed(event, 1.0)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert out == event and parser.state.content_events == 1

@@ -313,6 +313,31 @@ async def test_reads_waiting_in_the_batch_are_not_an_idle_worker() -> None:
 
 
 @in_loop
+async def test_a_read_that_fails_in_the_batch_ends_only_its_own_stream() -> None:
+    """One stream's failure while the batch is relayed (here its client's socket breaking) is reported and ends
+    that stream; the other streams' reads of the same pass are still relayed, in order."""
+    loop = asyncio.get_running_loop()
+    reported: list[BaseException | None] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx.get("exception")))
+
+    class Breaking(FakeClient):
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("the handler is closed")
+
+    batch = RelayBatch(loop)
+    broken, fine = Breaking(), FakeClient()
+    a, a_sink = await _running(broken, batch)
+    b, b_sink = await _running(fine, batch)
+    a_sink.on_data(TOK[1])  # one pass: A's read first, then B's read and B's end
+    b_sink.on_data(TOK[1] + TOK[2] + DONE)
+    await asyncio.sleep(0)
+    assert [type(e) for e in reported] == [RuntimeError]
+    assert a.finished and a.error is not None and a.error.error_code == "internal_error" and a.queued == 0
+    await asyncio.wait_for(b.rest(), 2)
+    assert b.error is None and fine.ended and fine.body == ROLE + b"".join(TOK) + DONE and b.queued == 0
+
+
+@in_loop
 async def test_a_relay_stopped_while_its_reads_wait_drops_them() -> None:
     batch = RelayBatch(asyncio.get_running_loop())
     client = FakeClient()
