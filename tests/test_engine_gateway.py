@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -276,15 +277,30 @@ def _abort_scenario(engine: Engine, body: dict[str, Any], leave: Callable[[socke
     return results
 
 
+def _read_events(sock: socket.socket, n: int, timeout: float = 60.0) -> bytes:
+    """Read until ``n`` SSE data events have come. A receive buffer as small as this test's can leave the
+    gateway's socket waiting on TCP's zero-window probes, which back off (seconds, not milliseconds): slow is
+    allowed, an answer that ends or stops short is a failure that says what came."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while received.count(b"data: {") < n:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            data = None
+        if not data:
+            tail = received[-600:].decode(errors="replace")
+            pytest.fail(f"{'closed' if data == b'' else 'nothing more'} after {received.count(b'data: {')} "
+                        f"events, {len(received)} bytes; the last: {tail!r}")
+        received += data
+    return received
+
+
 def test_client_disconnect_mid_stream_aborts_the_engine_request(engine: Engine) -> None:
     def leave(sock: socket.socket) -> None:
-        received = b""
-        while received.count(b"data: {") < 20:
-            data = sock.recv(65536)
-            assert data, "the gateway closed the stream"
-            received += data
-        assert received.startswith(b"HTTP/1.1 200")
-        sock.close()
+        with contextlib.closing(sock):
+            assert _read_events(sock, 20).startswith(b"HTTP/1.1 200")
 
     body = {"model": "tiny-llama", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True}
     generated = _abort_scenario(engine, body, leave)
@@ -328,10 +344,8 @@ def test_tokens_streamed_before_a_disconnect_are_counted(engine: Engine) -> None
             sock = open_request(gw.url, "/v1/chat/completions",
                                 {"model": "tiny-llama", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True},
                                 recv_buffer=4096)
-            received = b""
-            while received.count(b"data: {") < 30:
-                received += sock.recv(65536)
-            sock.close()
+            with contextlib.closing(sock):
+                _read_events(sock, 30)
             wait_until(lambda: metric_sum(scrape(gw.url + "/metrics"), "tokengate_requests_in_flight") == 0, 30,
                        "the request to end")
             after = scrape(gw.url + "/metrics")
