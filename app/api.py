@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .errors import AuthenticationFailed, ModelNotFound, PermissionDenied
@@ -118,5 +118,5 @@ async def metrics(state: State) -> Response:
     if state.settings.workers > 1 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         merged = CollectorRegistry()
         MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-        return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
-    return Response(generate_latest(state.prom_registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await state.exposition.render_stepwise(merged), media_type=CONTENT_TYPE_LATEST)
+    return Response(await state.exposition.render_stepwise(state.prom_registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from .exposition import Exposition
 from .metrics import GatewayMetrics
 from .proxy import Proxy
 from .settings import Settings
@@ -29,3 +30,4 @@ class AppState:
     supervisor: Supervisor | None = None
     started_at: int = 0
     notes: dict[str, str] = field(default_factory=dict)
+    exposition: Exposition = field(default_factory=Exposition)  # /metrics' text, its series' labels kept
