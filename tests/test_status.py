@@ -77,6 +77,19 @@ def test_snapshot_sums_each_worker_over_routes_models_and_statuses() -> None:
     assert snap.caps == {("m", "max_tokens_cap"): (4, 0), ("m", "context_length"): (0, 1)}
 
 
+def test_the_sampler_reads_only_the_families_a_snapshot_needs_and_gets_the_same_snapshot() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    for route, status in (("chat", 200), ("completions", 502), ("chat", 499)):
+        _request(metrics, route=route, status=status)
+    metrics.worker_in_flight("m", "fr", "h100-1x", "w0").inc(2)
+    metrics.worker_up.labels("fr", "h100-1x", "w0").set(1)
+    metrics.cap_clamps.labels("m", "max_tokens_cap").inc(4)
+    sampler = StatusSampler(metrics.registry, clock=lambda: 7.0)
+    assert sampler.sample() == take_snapshot(metrics.registry, 7.0)
+    read = {m.name for m in sampler.prom.collect()}
+    assert "tokengate_e2e_latency_seconds" not in read and "tokengate_time_to_first_token_seconds" in read
+
+
 def test_window_quantiles_come_from_bucket_deltas() -> None:
     metrics = GatewayMetrics(CollectorRegistry())
     clock = Clock()
