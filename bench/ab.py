@@ -14,6 +14,7 @@ JSON under bench/results/raw/.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -49,10 +50,21 @@ def export_tree(rev: str, dest: Path) -> Path:
     return dest
 
 
-def gateway_cmd(tree: Path, port: int, upstream: str) -> list[str]:
+def gateway_cmd(tree: Path, port: int, upstreams: list[str]) -> list[str]:
     code = f"import sys; sys.path.insert(0, {str(tree)!r}); from app.cli import main; sys.exit(main())"
-    return [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port), "--upstream", upstream,
-            "--log-level", "warning"]
+    return [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port),
+            *(arg for u in upstreams for arg in ("--upstream", u)), "--log-level", "warning"]
+
+
+async def scrape_forever(urls: list[str], every: float) -> None:
+    """GET each gateway's /metrics every ``every`` seconds, whichever arm is measured (as Prometheus would)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        while True:
+            await asyncio.sleep(every)
+            for url in urls:
+                (await client.get(url + "/metrics")).raise_for_status()
 
 
 def added(arm: list[float], direct: list[float], q: float) -> float:
@@ -86,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--count", choices=("remote", "local"), default="local",
                    help="local: the worker reports a generated tiny model the gateways count with; remote: /tokenize")
+    p.add_argument("--workers", type=int, default=1,
+                   help="fake workers behind each gateway (the direct arm uses the first): more label sets in /metrics")
+    p.add_argument("--scrape-every", type=float, default=0.0,
+                   help="seconds between GETs of each gateway's /metrics during the run (0: none)")
     p.add_argument("--gateway-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -107,22 +123,28 @@ def main(argv: list[str] | None = None) -> None:
 
     async def go(old_tree: Path) -> dict[str, Arm]:
         trees["A"] = old_tree
-        wport = free_port()
-        wlog = logdir / f"ab-worker-{stamp}.log"
-        worker = spawn([sys.executable, "-m", "bench.fakeworker", "--port", str(wport), "--ttft", str(a.ttft),
-                        "--token-delay", str(a.token_delay), *root], a.client_cpu, wlog)
+        wports = [free_port() for _ in range(a.workers)]
+        workers = [spawn([sys.executable, "-m", "bench.fakeworker", "--port", str(wp), "--ttft", str(a.ttft),
+                          "--token-delay", str(a.token_delay), *root], a.client_cpu,
+                         logdir / f"ab-worker{i}-{stamp}.log") for i, wp in enumerate(wports)]
+        worker = workers[0]
         gateways: dict[str, subprocess.Popen[bytes]] = {}
         pools: dict[str, list[Connection]] = {k: [] for k in ARMS}
+        scraper: asyncio.Task[None] | None = None
         try:
-            wait_http(wport, "/health", worker, wlog, 10)
-            upstream = f"http://127.0.0.1:{wport}"
+            for i, (wp, w) in enumerate(zip(wports, workers, strict=True)):
+                wait_http(wp, "/health", w, logdir / f"ab-worker{i}-{stamp}.log", 10)
+            upstreams = [f"http://127.0.0.1:{wp}" for wp in wports]
             body = chat_body(max_tokens=a.tokens, model="tiny")
-            targets = {"direct": Target.build(upstream, body)}
+            targets = {"direct": Target.build(upstreams[0], body)}
             for k in ("A", "B"):
                 port, glog = free_port(), logdir / f"ab-gateway-{k}-{stamp}.log"
-                gateways[k] = spawn(gateway_cmd(trees[k], port, upstream), a.gateway_cpu, glog)
+                gateways[k] = spawn(gateway_cmd(trees[k], port, upstreams), a.gateway_cpu, glog)
                 wait_http(port, "/readyz", gateways[k], glog, 60)
                 targets[k] = Target.build(f"http://127.0.0.1:{port}", body)
+            if a.scrape_every > 0:
+                scraper = asyncio.create_task(scrape_forever(
+                    [f"http://127.0.0.1:{targets[k].port}" for k in ("A", "B")], a.scrape_every))
             for k, t in targets.items():
                 await run_closed(t, concurrency=a.concurrency, duration=2, pool=pools[k])
             arms = {k: Arm() for k in ARMS}
@@ -141,11 +163,14 @@ def main(argv: list[str] | None = None) -> None:
                         f"{s['ttft_ms']['p50']:7.2f} p99 {s['ttft_ms']['p99']:7.2f} ms")
             return arms
         finally:
+            if scraper is not None:
+                scraper.cancel()
             for pool in pools.values():
                 close_pool(pool)
             for g in gateways.values():
                 stop(g)
-            stop(worker)
+            for w in workers:
+                stop(w)
 
     import uvloop
 
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     result = summary(arms)
     meta = {"timestamp": stamp, "old": a.old, "concurrency": a.concurrency, "rounds": a.rounds,
             "round_seconds": a.round_seconds, "lead_in": a.lead_in, "ttft": a.ttft, "token_delay": a.token_delay,
-            "tokens": a.tokens, "count": a.count}
+            "tokens": a.tokens, "count": a.count, "workers": a.workers, "scrape_every": a.scrape_every}
     out = logdir / f"ab-{stamp}.json"
     out.write_text(json.dumps({"meta": meta, "summary": result,
                                "rounds": {k: v.rounds for k, v in arms.items()}}, indent=2) + "\n")

@@ -31,6 +31,8 @@ def test_arm_a_runs_the_gateway_of_the_revision_asked_for(tmp_path: Path) -> Non
     assert (tree / "app" / "cli.py").is_file() and (tree / "presets").is_dir()
     head = subprocess.run(["git", "show", "HEAD:app/cli.py"], check=True, capture_output=True).stdout
     assert (tree / "app" / "cli.py").read_bytes() == head
-    out = subprocess.run([*gateway_cmd(tree, 1, "http://127.0.0.1:2")[:3], "--version"], capture_output=True,
-                         text=True, cwd="/", timeout=60)
+    cmd = gateway_cmd(tree, 1, ["http://127.0.0.1:2", "http://127.0.0.1:3"])
+    assert [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--upstream"] == ["http://127.0.0.1:2",
+                                                                               "http://127.0.0.1:3"]
+    out = subprocess.run([*cmd[:3], "--version"], capture_output=True, text=True, cwd="/", timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("tokengate")
