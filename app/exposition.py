@@ -12,12 +12,13 @@ metric type, escapes and timestamps."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from typing import cast
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as om
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
+from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 _ESCAPING = om.UNDERSCORES  # generate_latest's default: what Prometheus asks for with format 0.0.4
@@ -26,7 +27,7 @@ _OM_SUFFIXES = ("_created", "_gsum", "_gcount")  # OpenMetrics-only samples, wri
 _TYPES = {"counter": ("counter", "_total"), "info": ("gauge", "_info"), "stateset": ("gauge", ""),
           "gaugehistogram": ("histogram", ""), "unknown": ("untyped", "")}
 
-STEP = 500  # lines rendered between two looks at the event loop (~2 ms)
+STEP = 150  # lines rendered between two looks at the event loop (~1-2 ms)
 
 _go_float = cast(Callable[[float], str], floatToGoString)  # untyped upstream; the Go-style float of the format
 
@@ -56,41 +57,42 @@ class Exposition:
         return "".join(done).encode("utf-8")
 
     def parts(self, registry: Collector) -> Iterator[list[str]]:
-        """The text in pieces of at most ``STEP`` lines, a family's first piece with its head."""
-        for metric in registry.collect():
-            head, om_names = self._head(metric.name, metric.type, metric.documentation)
+        """The text in pieces of at most ``STEP`` lines, a family's first piece with its head. Our own metrics'
+        samples are read as the lines are made (``_families``), so a piece is all a step costs."""
+        for family, samples in _families(registry):
+            head, om_names = self._head(family.name, family.type, family.documentation)
             part = [head]
             om_samples: dict[str, list[str]] = {}
             try:
-                for s in metric.samples:
-                    suffix = om_names.get(s.name)
+                for name, labels, value, timestamp in samples:
+                    suffix = om_names.get(name)
                     if suffix is None:
-                        part.append(self._line(s))
+                        part.append(self._line(name, labels, value, timestamp))
                         if len(part) >= STEP:
                             yield part
                             part = []
                     else:
-                        om_samples.setdefault(suffix, []).append(self._line(s))
+                        om_samples.setdefault(suffix, []).append(self._line(name, labels, value, timestamp))
             except Exception as exc:
-                exc.args = (exc.args or ("",)) + (metric,)  # as generate_latest: say which family failed
+                exc.args = (exc.args or ("",)) + (family,)  # as generate_latest: say which family failed
                 raise
             for suffix, lines in sorted(om_samples.items()):
-                name = om.escape_metric_name(metric.name + suffix, _ESCAPING)
-                part.append(f"# HELP {name} {_doc(metric.documentation)}\n# TYPE {name} gauge\n")
+                name = om.escape_metric_name(family.name + suffix, _ESCAPING)
+                part.append(f"# HELP {name} {_doc(family.documentation)}\n# TYPE {name} gauge\n")
                 part += lines
             yield part
 
-    def _line(self, s: Sample) -> str:
-        key = (s.name, tuple(s.labels.items()))
+    def _line(self, name: str, labels: dict[str, str], value: float, timestamp: Any) -> str:
+        key = (name, tuple(labels.items()))
         prefix = self._prefixes.get(key)
         if prefix is None:
-            prefix = _prefix(s)
+            prefix = _prefix(name, labels)
             if len(self._prefixes) >= self.max_series:
                 self._prefixes = {}
             self._prefixes[key] = prefix
-        if s.timestamp is None:
-            return f"{prefix}{_go_float(s.value)}\n"
-        return f"{prefix}{_go_float(s.value)} {int(float(s.timestamp) * 1000):d}\n"
+        if timestamp is None:
+            return f"{prefix}{_go_float(value)}\n"
+        return f"{prefix}{_go_float(value)} {int(float(timestamp) * 1000):d}\n"
 
     def _head(self, name: str, mtype: str, doc: str) -> tuple[str, dict[str, str]]:
         key = (name, mtype, doc)
@@ -114,10 +116,41 @@ def _label_value(v: str) -> str:
     return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
-def _prefix(s: Sample) -> str:
-    name = om.escape_metric_name(s.name, _ESCAPING)
-    if not s.labels:
-        return f"{name} "
-    labels = ",".join(f'{om.escape_label_name(k, _ESCAPING)}="{_label_value(v)}"'
-                      for k, v in sorted(s.labels.items()))
-    return f"{name}{{{labels}}} "
+def _prefix(name: str, labels: dict[str, str]) -> str:
+    shown = om.escape_metric_name(name, _ESCAPING)
+    if not labels:
+        return f"{shown} "
+    text = ",".join(f'{om.escape_label_name(k, _ESCAPING)}="{_label_value(v)}"' for k, v in sorted(labels.items()))
+    return f"{shown}{{{text}}} "
+
+
+_Samples = Iterable[tuple[str, dict[str, str], float, Any]]  # name, labels, value, timestamp
+
+
+def _families(registry: Collector) -> Iterator[tuple[Metric, _Samples]]:
+    """Each family's head (a Metric: name, type, help) and its samples, as ``registry.collect()`` gives them; but
+    for a plain ``CollectorRegistry``'s own metrics (prometheus-client's metric classes, whose ``collect`` is
+    the base class's) the samples come lazily from the metric — child by child, not a whole family of some
+    thousand samples built in one go. Uses prometheus-client internals (``_collector_to_names``, ``_samples``,
+    ``_get_metric``), checked by tests/test_exposition.py against generate_latest; anything else (a custom
+    collector, the multiprocess collector, a registry with target info) goes through ``collect()``."""
+    collectors = _collectors(registry)
+    if collectors is None:
+        for metric in registry.collect():
+            yield metric, ((s.name, s.labels, s.value, s.timestamp) for s in metric.samples)
+        return
+    for collector in collectors:
+        if isinstance(collector, MetricWrapperBase) and type(collector).collect is MetricWrapperBase.collect:
+            head: Metric = collector._get_metric()  # type: ignore[no-untyped-call]
+            base = collector._name
+            yield head, ((base + s[0], s[1], s[2], s[3]) for s in collector._samples())
+        else:
+            for metric in collector.collect():
+                yield metric, ((s.name, s.labels, s.value, s.timestamp) for s in metric.samples)
+
+
+def _collectors(registry: Collector) -> list[Collector] | None:
+    if type(registry) is not CollectorRegistry or registry._target_info:
+        return None
+    with registry._lock:
+        return list(registry._collector_to_names)

@@ -139,3 +139,29 @@ def test_a_family_that_fails_names_itself_as_generate_latest_does() -> None:
     with pytest.raises(ValueError) as theirs:
         generate_latest(reg)
     assert ours.value.args[-1].name == theirs.value.args[-1].name == "broken"
+
+
+def test_our_own_metrics_are_read_as_the_text_is_made_not_a_whole_family_at_once() -> None:
+    reg = CollectorRegistry()
+    g = Gauge("many", "One family of more than three pieces.", ["i"], registry=reg)
+    for i in range(3 * STEP):
+        g.labels(str(i)).set(1)
+    parts = Exposition().parts(reg)
+    first = next(parts)
+    assert 'many{i="0"} 1.0\n' in first
+    g.labels(str(3 * STEP - 1)).set(7)  # after the first piece: read when its own piece is made
+    rest = "".join(line for part in parts for line in part)
+    assert f'many{{i="{3 * STEP - 1}"}} 7.0\n' in rest
+
+
+def test_a_metric_class_with_its_own_collect_is_rendered_through_it() -> None:
+    class Doubled(Gauge):
+        def collect(self) -> Iterable[Metric]:
+            (m,) = super().collect()
+            m.samples = [s._replace(value=s.value * 2) for s in m.samples]
+            return [m]
+
+    reg = CollectorRegistry()
+    Doubled("doubled", "Its own collect.", registry=reg).set(21)
+    text = Exposition().render(reg)
+    assert text == generate_latest(reg) and b"doubled 42.0\n" in text
