@@ -14,7 +14,6 @@ JSON under bench/results/raw/.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -56,15 +55,23 @@ def gateway_cmd(tree: Path, port: int, upstreams: list[str]) -> list[str]:
             *(arg for u in upstreams for arg in ("--upstream", u)), "--log-level", "warning"]
 
 
-async def scrape_forever(urls: list[str], every: float) -> None:
-    """GET each gateway's /metrics every ``every`` seconds, whichever arm is measured (as Prometheus would)."""
-    import httpx
+SCRAPER = """
+import sys, time, urllib.request
+path, every = sys.argv[1], float(sys.argv[2])
+while True:
+    time.sleep(every)
+    url = open(path).read().strip()
+    if url:
+        urllib.request.urlopen(url + "/metrics", timeout=30).read()
+"""
 
-    async with httpx.AsyncClient(timeout=30) as client:
-        while True:
-            await asyncio.sleep(every)
-            for url in urls:
-                (await client.get(url + "/metrics")).raise_for_status()
+
+def start_scraper(current: Path, every: float, cpu: int, log: Path) -> subprocess.Popen[bytes]:
+    """A process that GETs /metrics of the gateway named in ``current`` (a URL, or empty) every ``every`` seconds,
+    as Prometheus would: only the gateway measured (the two share a CPU, the other's scrapes would land on it
+    too), and from a process of its own (in the load client's loop it would delay the client's own reads)."""
+    current.write_text("")
+    return spawn([sys.executable, "-c", SCRAPER, str(current), str(every)], cpu, log)
 
 
 def added(arm: list[float], direct: list[float], q: float) -> float:
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="fake workers behind each gateway (the direct arm uses the first): more label sets in /metrics")
     p.add_argument("--scrape-every", type=float, default=0.0,
-                   help="seconds between GETs of each gateway's /metrics during the run (0: none)")
+                   help="seconds between GETs of /metrics of the gateway measured (0: none)")
     p.add_argument("--gateway-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         worker = workers[0]
         gateways: dict[str, subprocess.Popen[bytes]] = {}
         pools: dict[str, list[Connection]] = {k: [] for k in ARMS}
-        scraper: asyncio.Task[None] | None = None
+        scraper: subprocess.Popen[bytes] | None = None
         try:
             for i, (wp, w) in enumerate(zip(wports, workers, strict=True)):
                 wait_http(wp, "/health", w, logdir / f"ab-worker{i}-{stamp}.log", 10)
@@ -142,15 +149,16 @@ def main(argv: list[str] | None = None) -> None:
                 gateways[k] = spawn(gateway_cmd(trees[k], port, upstreams), a.gateway_cpu, glog)
                 wait_http(port, "/readyz", gateways[k], glog, 60)
                 targets[k] = Target.build(f"http://127.0.0.1:{port}", body)
+            current = logdir / f"ab-scraped-{stamp}.txt"  # the gateway measured now
             if a.scrape_every > 0:
-                scraper = asyncio.create_task(scrape_forever(
-                    [f"http://127.0.0.1:{targets[k].port}" for k in ("A", "B")], a.scrape_every))
+                scraper = start_scraper(current, a.scrape_every, a.client_cpu, logdir / f"ab-scraper-{stamp}.log")
             for k, t in targets.items():
                 await run_closed(t, concurrency=a.concurrency, duration=2, pool=pools[k])
             arms = {k: Arm() for k in ARMS}
             for i in range(a.rounds):
                 for k in ARMS[i % 3:] + ARMS[:i % 3]:
                     gw = gateways[k if k != "direct" else "B"]
+                    current.write_text("" if k == "direct" else f"http://127.0.0.1:{targets[k].port}")
                     res, gcpu, _ = await _round(targets[k], a.concurrency, a.round_seconds, a.lead_in, pools[k],
                                                 gw.pid, worker.pid)
                     arm = arms[k]
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             return arms
         finally:
             if scraper is not None:
-                scraper.cancel()
+                stop(scraper)
             for pool in pools.values():
                 close_pool(pool)
             for g in gateways.values():

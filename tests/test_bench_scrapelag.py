@@ -1,0 +1,26 @@
+"""bench/scrapelag.py: the registries it fills and the figures it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from bench.scrapelag import filled, main
+
+
+def test_a_registry_grows_with_its_workers_as_a_gateways_does() -> None:
+    one, two, four = (generate_latest(filled(n)).count(b"\n") for n in (1, 2, 4))
+    assert 200 < one < two and four - one == 3 * (two - one)  # the same lines for each added worker
+    assert b'worker="fr-h100-1x-3"' in generate_latest(filled(4))
+
+
+def test_it_writes_both_arms_per_worker_count(tmp_path: Path, capsys: object) -> None:
+    main(["--workers", "1,2", "--rounds", "2", "--out", str(tmp_path)])
+    (out,) = tmp_path.glob("scrapelag-*.json")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in rows] == [1, 2] and rows[0]["lines"] < rows[1]["lines"]
+    for r in rows:
+        for arm in ("old", "new"):
+            assert r[f"{arm}_render_ms"] > 0 and r[f"{arm}_lag_max_ms"] >= r[f"{arm}_lag_p50_ms"] >= 0
