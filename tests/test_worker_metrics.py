@@ -3,16 +3,19 @@ a dead or silent worker costs one short timeout and shows as tokengate_worker_me
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.exposition import STEP, Exposition
 from app.settings import Settings
-from app.worker_metrics import SCRAPE_TIMEOUT, relabel
+from app.worker_metrics import SCRAPE_TIMEOUT, _merge_steps, _up_family, relabel, relabel_stepwise
 from app.workers.registry import Worker
 from bench.fakeworker import ThreadedFakeWorker
 
@@ -59,6 +62,58 @@ def test_unparsable_worker_text_counts_as_down() -> None:
     w = Worker(name="w", url="http://127.0.0.1:1")
     out = relabel([(w, "vllm:x{ 1 2 3\n")]).decode()
     assert 'tokengate_worker_metrics_up{preset="external",region="local",worker="w"} 0.0' in out
+
+
+def _vllm_text(worker: int) -> str:
+    """A vLLM-like exposition: histograms of ~30 buckets, counters and gauges, a few hundred samples."""
+    reg = CollectorRegistry()
+    for i in range(8):
+        h = Histogram(f"vllm:latency_{i}_seconds", "A latency.", ["model_name", "engine"],
+                      buckets=[0.001 * 2 ** k for k in range(25)], registry=reg)
+        h.labels("m", "0").observe(0.05 * (i + worker))
+    Counter("vllm:generation_tokens", "Tokens.", ["model_name"], registry=reg).labels("m").inc(worker + 1)
+    Gauge("process_open_fds", "Not vLLM's.", registry=reg).set(3)
+    return generate_latest(reg).decode()
+
+
+def test_stepwise_relabel_is_the_same_text_and_lets_the_loop_run_between_steps() -> None:
+    workers = [Worker(name=f"fr-{i}", url=f"http://127.0.0.1:{i + 1}", region="fr", preset="h100-1x")
+               for i in range(4)]
+    scrapes: list[tuple[Worker, str | None]] = [(w, _vllm_text(i)) for i, w in enumerate(workers)]
+    scrapes.append((Worker(name="bad", url="http://127.0.0.1:9"), _vllm_text(9) + "vllm:broken{ 1 2 3\n"))
+    expected = relabel(scrapes)
+    assert expected.count(b"\n") > 4 * STEP
+
+    async def go() -> tuple[bytes, int]:
+        ticks = 0
+
+        async def other_work() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_work())
+        await asyncio.sleep(0)
+        start = ticks
+        text = await relabel_stepwise(scrapes, Exposition())
+        task.cancel()
+        return text, ticks - start
+
+    text, ran = asyncio.run(go())
+    # parsing and merging each pause every STEP samples: each sample of the answer was parsed, then merged, so
+    # about twice its lines over STEP (1.5x leaves room for the headers; parsing alone is ~1.2x)
+    steps = sum(1 for _ in _merge_steps(scrapes, {}, _up_family()))
+    assert steps >= 3 * expected.count(b"\n") // (2 * STEP) >= 4
+    assert text == expected and ran > steps
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    assert {d["worker"] for d in _labelled(samples, "vllm:generation_tokens_total")} == {f"fr-{i}" for i in range(4)}
+    # the worker whose text broke after hundreds of good samples: down, and none of its samples kept
+    assert not [d for (n, labels) in samples for d in [dict(labels)] if d.get("worker") == "bad"
+                and n != "tokengate_worker_metrics_up"]
+    assert samples[("tokengate_worker_metrics_up", (("preset", "external"), ("region", "local"),
+                                                    ("worker", "bad")))] == 0.0
 
 
 def test_fake_workers_dead_and_silent_ones_in_one_bounded_scrape(silent_port: int) -> None:
