@@ -1,27 +1,42 @@
-"""How long a /metrics scrape holds the gateway's event loop: prometheus-client's generate_latest (what /metrics
-ran before 2dd2d69) against app.exposition's stepwise render, on registries filled as a gateway with N workers
-fills them (two routes, five statuses per worker: ~250 lines a worker). A probe task sleeps 1 ms in a loop and
-records how late it wakes (event-loop lag) while each render runs; rounds alternate the two.
+"""How long a scrape holds the gateway's event loop, before and after the stepwise renders:
+
+* ``/metrics``: prometheus-client's generate_latest on the loop (before 2dd2d69) against app.exposition's
+  stepwise render, on registries filled as a gateway with N workers fills them (two routes, five statuses per
+  worker: ~250 lines a worker);
+* ``/metrics/workers``: N vLLM-like expositions (~230 samples each) parsed, labelled and merged in a thread
+  (before) against ``relabel_stepwise`` on the loop.
+
+A probe task sleeps 1 ms in a loop (uvloop, as the gateway runs) and records how late it wakes while each scrape
+runs; rounds alternate the two arms.
 
     python -m bench.scrapelag [--workers 1,4,8,16 --rounds 30]
 
-Prints, per worker count: lines, render time, and the worst and p50 loop lag during a render (ratios new/old).
+Prints, per endpoint and worker count: the scrape's time, and how late the probe woke — the worst wake of a
+scrape (median over rounds) and the median wake — with ratios new/old.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from statistics import median
 
-from prometheus_client import CollectorRegistry, generate_latest
+import uvloop
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from app.exposition import Exposition
 from app.metrics import GatewayMetrics, RequestRecord
+from app.worker_metrics import _merge_steps, _registry, _up_family, relabel_stepwise
+from app.workers.registry import Worker
 from bench.overhead import RESULTS
+
+Scrapes = list[tuple[Worker, str | None]]
 
 
 def filled(workers: int) -> CollectorRegistry:
@@ -36,8 +51,34 @@ def filled(workers: int) -> CollectorRegistry:
     return reg
 
 
-async def measure(reg: CollectorRegistry, ex: Exposition, stepwise: bool) -> tuple[float, float]:
-    """(render seconds, worst lag seconds) of one render with a 1 ms probe running."""
+def vllm_scrapes(workers: int) -> Scrapes:
+    """What N vLLM workers' /metrics look like to the gateway: histograms of ~25 buckets, counters, gauges."""
+    out: Scrapes = []
+    for w in range(workers):
+        reg = CollectorRegistry()
+        for i in range(8):
+            h = Histogram(f"vllm:latency_{i}_seconds", "A latency.", ["model_name", "engine"],
+                          buckets=[0.001 * 2 ** k for k in range(25)], registry=reg)
+            h.labels("llama-3.1-8b", "0").observe(0.05 * (i + 1))
+        for i in range(10):
+            Counter(f"vllm:counter_{i}", "A count.", ["model_name"], registry=reg).labels("llama-3.1-8b").inc(w)
+            Gauge(f"vllm:gauge_{i}", "A level.", ["model_name"], registry=reg).labels("llama-3.1-8b").set(w)
+        worker = Worker(name=f"fr-h100-1x-{w}", url=f"http://127.0.0.1:{9000 + w}", region="fr", preset="h100-1x")
+        out.append((worker, generate_latest(reg).decode()))
+    return out
+
+
+def relabel_before(scrapes: Scrapes) -> bytes:
+    """/metrics/workers before: the whole parse and merge, then generate_latest (it ran in a thread)."""
+    merged: dict[str, Metric] = {}
+    up = _up_family()
+    for _ in _merge_steps(scrapes, merged, up):
+        pass
+    return generate_latest(_registry(merged, up))
+
+
+async def measure(work: Callable[[], Awaitable[object]]) -> tuple[float, list[float]]:
+    """(seconds, each wake's lateness in seconds) of one scrape with a 1 ms probe running."""
     lags: list[float] = []
     loop = asyncio.get_running_loop()
     stop = False
@@ -52,49 +93,72 @@ async def measure(reg: CollectorRegistry, ex: Exposition, stepwise: bool) -> tup
     await asyncio.sleep(0.005)
     lags.clear()
     t = time.perf_counter()
-    if stepwise:
-        await ex.render_stepwise(reg)
-    else:
-        generate_latest(reg)
+    await work()
     took = time.perf_counter() - t
-    await asyncio.sleep(0.003)  # the probe's wake-up after the render
+    await asyncio.sleep(0.003)  # the probe's wake-up after the scrape
     stop = True
     await task
-    return took, max(lags, default=0.0)
+    return took, lags or [0.0]
+
+
+def arms(kind: str, n: int) -> tuple[dict[str, Callable[[], Awaitable[object]]], int]:
+    ex = Exposition()
+    if kind == "metrics":
+        reg = filled(n)
+
+        async def old() -> object:
+            return generate_latest(reg)
+
+        async def new() -> object:
+            return await ex.render_stepwise(reg)
+
+        return {"old": old, "new": new}, generate_latest(reg).count(b"\n")
+    scrapes = vllm_scrapes(n)
+
+    async def old_w() -> object:
+        return await asyncio.to_thread(relabel_before, scrapes)
+
+    async def new_w() -> object:
+        return await relabel_stepwise(scrapes, ex)
+
+    return {"old": old_w, "new": new_w}, relabel_before(scrapes).count(b"\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="1,4,8,16")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--endpoints", default="metrics,workers")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
+    gc.collect()
+    gc.freeze()  # as the gateway does once started (--gc-freeze, on by default)
     rows = []
-    for n in (int(x) for x in a.workers.split(",")):
-        reg, ex = filled(n), Exposition()
-        lines = generate_latest(reg).count(b"\n")
-        res: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+    for kind in a.endpoints.split(","):
+        for n in (int(x) for x in a.workers.split(",")):
+            work, lines = arms(kind, n)
+            res: dict[str, list[tuple[float, list[float]]]] = {"old": [], "new": []}
 
-        async def go(reg: CollectorRegistry = reg, ex: Exposition = ex,
-                     res: dict[str, list[tuple[float, float]]] = res) -> None:
-            for i in range(a.rounds):
-                for arm in (("old", "new") if i % 2 == 0 else ("new", "old")):
-                    res[arm].append(await measure(reg, ex, arm == "new"))
+            async def go(work: dict[str, Callable[[], Awaitable[object]]] = work,
+                         res: dict[str, list[tuple[float, list[float]]]] = res) -> None:
+                for i in range(a.rounds):
+                    for arm in (("old", "new") if i % 2 == 0 else ("new", "old")):
+                        res[arm].append(await measure(work[arm]))
 
-        asyncio.run(go())
-        row: dict[str, float | int] = {"workers": n, "lines": lines}
-        for arm, vals in res.items():
-            row[f"{arm}_render_ms"] = round(1000 * median(v[0] for v in vals), 2)
-            row[f"{arm}_lag_p50_ms"] = round(1000 * median(v[1] for v in vals), 2)
-            row[f"{arm}_lag_max_ms"] = round(1000 * max(v[1] for v in vals), 2)
-        rows.append(row)
-        print(f"{n:3d} workers, {lines:5d} lines: render {row['old_render_ms']:6.2f} -> {row['new_render_ms']:6.2f} ms "
-              f"({row['new_render_ms'] / row['old_render_ms']:.2f}x); loop lag per scrape, median "
-              f"{row['old_lag_p50_ms']:6.2f} -> {row['new_lag_p50_ms']:5.2f} ms "
-              f"({row['new_lag_p50_ms'] / max(row['old_lag_p50_ms'], 1e-9):.2f}x), worst "
-              f"{row['old_lag_max_ms']:6.2f} -> {row['new_lag_max_ms']:5.2f} ms", flush=True)
+            uvloop.run(go())
+            row: dict[str, float | int | str] = {"endpoint": kind, "workers": n, "lines": lines}
+            for arm, vals in res.items():
+                row[f"{arm}_ms"] = round(1000 * median(v[0] for v in vals), 2)
+                row[f"{arm}_worst_lag_ms"] = round(1000 * median(max(v[1]) for v in vals), 2)
+                row[f"{arm}_median_lag_ms"] = round(1000 * median(x for v in vals for x in v[1]), 3)
+            rows.append(row)
+            o, nw = row["old_worst_lag_ms"], row["new_worst_lag_ms"]
+            print(f"/{'metrics' if kind == 'metrics' else 'metrics/workers'} {n:3d} workers, {lines:5d} lines: "
+                  f"scrape {row['old_ms']:6.1f} -> {row['new_ms']:6.1f} ms; probe lateness, worst of a scrape "
+                  f"{o:6.2f} -> {nw:5.2f} ms ({float(nw) / max(float(o), 1e-9):.2f}x), median wake "
+                  f"{row['old_median_lag_ms']:5.2f} -> {row['new_median_lag_ms']:5.2f} ms", flush=True)
     out = a.out / f"scrapelag-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"rounds": a.rounds, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"rounds": a.rounds, "loop": "uvloop", "rows": rows}, indent=2) + "\n")
     print(f"written: {out}")
 
 

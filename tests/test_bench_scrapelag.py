@@ -7,7 +7,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from bench.scrapelag import filled, main
+from app.worker_metrics import relabel
+from bench.scrapelag import filled, main, relabel_before, vllm_scrapes
 
 
 def test_a_registry_grows_with_its_workers_as_a_gateways_does() -> None:
@@ -20,7 +21,15 @@ def test_it_writes_both_arms_per_worker_count(tmp_path: Path, capsys: object) ->
     main(["--workers", "1,2", "--rounds", "2", "--out", str(tmp_path)])
     (out,) = tmp_path.glob("scrapelag-*.json")
     rows = json.loads(out.read_text())["rows"]
-    assert [r["workers"] for r in rows] == [1, 2] and rows[0]["lines"] < rows[1]["lines"]
+    assert [(r["endpoint"], r["workers"]) for r in rows] == [("metrics", 1), ("metrics", 2), ("workers", 1),
+                                                             ("workers", 2)]
+    assert rows[0]["lines"] < rows[1]["lines"] and rows[2]["lines"] < rows[3]["lines"]
     for r in rows:
         for arm in ("old", "new"):
-            assert r[f"{arm}_render_ms"] > 0 and r[f"{arm}_lag_max_ms"] >= r[f"{arm}_lag_p50_ms"] >= 0
+            assert r[f"{arm}_ms"] > 0 and r[f"{arm}_worst_lag_ms"] >= r[f"{arm}_median_lag_ms"] >= 0
+
+
+def test_the_workers_arm_before_gives_the_same_text_as_the_gateway_now() -> None:
+    scrapes = vllm_scrapes(3)
+    assert relabel_before(scrapes) == relabel(scrapes)
+    assert relabel(scrapes).count(b'worker="fr-h100-1x-2"') > 200

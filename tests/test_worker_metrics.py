@@ -15,7 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.exposition import STEP, Exposition
 from app.settings import Settings
-from app.worker_metrics import SCRAPE_TIMEOUT, _merge_steps, _up_family, relabel, relabel_stepwise
+from app.worker_metrics import (
+    PARSE_WEIGHT,
+    SCRAPE_TIMEOUT,
+    _merge_steps,
+    _up_family,
+    relabel,
+    relabel_stepwise,
+)
 from app.workers.registry import Worker
 from bench.fakeworker import ThreadedFakeWorker
 
@@ -101,11 +108,14 @@ def test_stepwise_relabel_is_the_same_text_and_lets_the_loop_run_between_steps()
         return text, ticks - start
 
     text, ran = asyncio.run(go())
-    # parsing and merging each pause every STEP samples: each sample of the answer was parsed, then merged, so
-    # about twice its lines over STEP (1.5x leaves room for the headers; parsing alone is ~1.2x)
-    steps = sum(1 for _ in _merge_steps(scrapes, {}, _up_family()))
-    assert steps >= 3 * expected.count(b"\n") // (2 * STEP) >= 4
-    assert text == expected and ran > steps
+    assert text == expected and ran > sum(1 for _ in _merge_steps(scrapes, {}, _up_family()))
+    # a pause every STEP units of work: a parsed sample counts PARSE_WEIGHT, a merged one 1
+    good = scrapes[:4]
+    families = [f for _, t in good for f in text_string_to_metric_families(t or "")]
+    parsed = sum(len(f.samples) for f in families)
+    merged = sum(len(f.samples) for f in families if f.name.startswith("vllm:"))
+    assert 0 < merged < parsed
+    assert sum(1 for _ in _merge_steps(good, {}, _up_family())) == (PARSE_WEIGHT * parsed + merged) // STEP
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text.decode()) for s in f.samples}
     assert {d["worker"] for d in _labelled(samples, "vllm:generation_tokens_total")} == {f"fr-{i}" for i in range(4)}
