@@ -82,6 +82,14 @@ class Exposition:
                 part += lines
             yield part
 
+    def head(self, name: str, mtype: str, doc: str) -> str:
+        """A family's ``# HELP``/``# TYPE`` lines, as ``render`` writes them."""
+        return self._head(name, mtype, doc)[0]
+
+    def line(self, name: str, labels: dict[str, str], value: float, timestamp: Any = None) -> str:
+        """One sample's line, as ``render`` writes it."""
+        return self._line(name, labels, value, timestamp)
+
     def _line(self, name: str, labels: dict[str, str], value: float, timestamp: Any) -> str:
         key = (name, tuple(labels.items()))
         prefix = self._prefixes.get(key)

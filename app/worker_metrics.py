@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from .api import State
 from .errors import GatewayError
@@ -54,80 +53,119 @@ async def fetch_metrics(pool: UpstreamPool, worker: Worker, timeout: float = SCR
     return body.decode("utf-8", errors="replace")
 
 
-class _Merged(Collector):
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
+UP = "tokengate_worker_metrics_up"
+UP_HELP = "1 when the gateway could scrape the worker's /metrics."
+LINE_WEIGHT = PARSE_WEIGHT + 1  # a line parsed, then its sample relabelled and rendered
+CHUNK_LINES = STEP // LINE_WEIGHT  # lines parsed and rendered between two looks at the loop
 
 
-def _up_family() -> GaugeMetricFamily:
-    return GaugeMetricFamily("tokengate_worker_metrics_up", "1 when the gateway could scrape the worker's /metrics.",
-                             labels=["region", "preset", "worker"])
+@dataclass
+class _Family:
+    """A merged family: its head and its samples' lines, rendered as parsed. Kept as text, not as prometheus-client
+    ``Sample`` objects: a scrape's worth of those (a namedtuple and a label dict a sample) made every collection of
+    the garbage collector's oldest generation tens of ms longer while it lasted, on the loop."""
+
+    name: str
+    type: str
+    doc: str
+    lines: list[str] = field(default_factory=list)
 
 
-def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], merged: dict[str, Metric],
-                 up: GaugeMetricFamily) -> Iterator[None]:
-    """``relabel``'s parsing and merging, pausing (a bare ``yield``) after about ``STEP`` samples (a parsed one
-    counts ``PARSE_WEIGHT`` times). A worker's
-    text is parsed whole before any of it is merged: one that turns out unparsable counts as down, nothing of it
-    kept."""
+def _no_sample(line: str) -> bool:
+    stripped = line.strip()
+    return not stripped or stripped.startswith("#")
+
+
+def _chunks(text: str, size: int = CHUNK_LINES) -> Iterator[tuple[str, int]]:
+    """The text in pieces of ``size`` lines, cut at line ends, with how many of the text's lines each holds. A piece
+    that starts inside a family starts with that family's ``# HELP``/``# TYPE`` lines again, and none ends in a
+    comment (a family's ``# HELP`` without its ``# TYPE`` would parse as an untyped one), so it parses alone into
+    the same samples under the same family (the merge by name joins the pieces again): one family of 100 000
+    samples is parsed a few dozen lines at a time, not in one go."""
+    head = ""  # the HELP/TYPE lines of the family the text is in
+    head_name = ""
+    start, end = 0, len(text)
+    while start < end:
+        stop = last = start
+        taken = 0
+        while stop < end and (taken < size or _no_sample(text[last:stop])):  # past size: not to end in a comment
+            last, taken = stop, taken + 1
+            stop = text.find("\n", stop) + 1 or end
+        piece = text[start:stop]
+        lines = piece.count("\n") + (not piece.endswith("\n"))
+        yield (head + piece if head else piece), lines
+        if "#" in piece:
+            for line in piece.split("\n"):
+                stripped = line.strip()
+                if stripped.startswith("#"):
+                    parts = stripped.split(None, 3)
+                    if len(parts) > 2 and parts[1] in ("HELP", "TYPE"):
+                        if parts[2] != head_name:
+                            head, head_name = "", parts[2]
+                        head += stripped + "\n"
+        start = stop
+
+
+def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition,
+                 merged: dict[str, _Family], up: list[str]) -> Iterator[None]:
+    """``relabel``'s work, pausing (a bare ``yield``) after about ``STEP`` units: a line parsed, relabelled and
+    rendered is ``LINE_WEIGHT`` units. A worker's text is all parsed before any of it is merged: one that turns out
+    unparsable counts as down, nothing of it kept. Fills ``merged`` (by family name, first seen first) and ``up``
+    (the up gauge's lines). A piece's lines of a family are kept joined: few objects for the collector to walk."""
     done = 0
     for worker, text in scrapes:
         ours = {"region": worker.region, "preset": worker.preset, "worker": worker.name}
-        families: list[Metric] = []
+        found: dict[str, _Family] = {}
         if text is not None:
             try:
-                for family in text_string_to_metric_families(text):  # parsed family by family, as asked
-                    if family.name.startswith(PREFIX):
-                        families.append(family)
-                    done += PARSE_WEIGHT * len(family.samples)
-                    while done >= STEP:  # a pause per STEP units (one family may be worth several)
+                for piece, count in _chunks(text):
+                    for f in text_string_to_metric_families(piece):
+                        if f.name.startswith(PREFIX):
+                            family = found.get(f.name)
+                            if family is None:
+                                family = found[f.name] = _Family(f.name, f.type, f.documentation)
+                            elif family.type != f.type:
+                                continue  # a name twice, of two types: the first one's kept (as across workers)
+                            family.lines.append("".join([exposition.line(s.name, {**s.labels, **ours}, s.value,
+                                                                         s.timestamp) for s in f.samples]))
+                    done += LINE_WEIGHT * count
+                    while done >= STEP:
                         done -= STEP
                         yield
             except ValueError as exc:
                 log.warning("worker %s sent unparsable metrics: %s", worker.name, exc)
-                text, families = None, []
-        up.add_metric([worker.region, worker.preset, worker.name], 0.0 if text is None else 1.0)
-        for family in families:
-            target = merged.get(family.name)
-            if target is None:
-                target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
-            elif target.type != family.type:
-                continue  # workers of different vLLM versions disagree: keep the first one's
-            for s in family.samples:
-                target.add_sample(s.name, {**s.labels, **ours}, s.value, s.timestamp, s.exemplar)
-            done += len(family.samples)
-            while done >= STEP:
-                done -= STEP
-                yield
+                text, found = None, {}
+        up.append(exposition.line(UP, ours, 0.0 if text is None else 1.0))
+        for family in found.values():
+            target = merged.setdefault(family.name, _Family(family.name, family.type, family.doc))
+            if target.type == family.type:  # workers of different vLLM versions may disagree: the first one wins
+                target.lines += family.lines
 
 
-def _registry(merged: dict[str, Metric], up: GaugeMetricFamily) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged([*merged.values(), up]))
-    return registry
+def _text(exposition: Exposition, merged: dict[str, _Family], up: list[str]) -> bytes:
+    families = [*merged.values(), _Family(UP, "gauge", UP_HELP, up)]
+    return "".join(t for f in families for t in (exposition.head(f.name, f.type, f.doc), *f.lines)).encode("utf-8")
 
 
 def relabel(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition | None = None) -> bytes:
     """Prometheus text of every worker's ``vllm:`` families, labelled and merged; ``None`` text: scrape failed."""
-    merged: dict[str, Metric] = {}
-    up = _up_family()
-    for _ in _merge_steps(scrapes, merged, up):
+    exposition = exposition or Exposition()
+    merged: dict[str, _Family] = {}
+    up: list[str] = []
+    for _ in _merge_steps(scrapes, exposition, merged, up):
         pass
-    return (exposition or Exposition()).render(_registry(merged, up))
+    return _text(exposition, merged, up)
 
 
 async def relabel_stepwise(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition) -> bytes:
-    """``relabel`` on the event loop, given back every ``STEP`` samples (~1-2 ms): eight vLLM expositions are
+    """``relabel`` on the event loop, given back every ``STEP`` units (~1-2 ms): eight vLLM expositions are
     ~100 ms of parsing and rendering. Not a thread: uvloop takes the GIL for each callback, so while a thread
     parsed, every callback of the loop waited for the 5 ms switch interval."""
-    merged: dict[str, Metric] = {}
-    up = _up_family()
-    for _ in _merge_steps(scrapes, merged, up):
+    merged: dict[str, _Family] = {}
+    up: list[str] = []
+    for _ in _merge_steps(scrapes, exposition, merged, up):
         await asyncio.sleep(0)
-    return await exposition.render_stepwise(_registry(merged, up))
+    return _text(exposition, merged, up)
 
 
 async def scrape_workers(pool: UpstreamPool, workers: Sequence[Worker], exposition: Exposition,
@@ -142,5 +180,6 @@ router = APIRouter(tags=["ops"])
 @router.get("/metrics/workers")
 async def worker_metrics(state: State) -> Response:
     """Every worker's vllm:* metrics with region/preset/worker labels (Prometheus job ``vllm-workers``)."""
-    return Response(await scrape_workers(state.pool, state.registry.workers(), state.exposition),
+    return Response(await scrape_workers(state.pool, state.registry.workers(),
+                                          state.worker_exposition),
                     media_type=CONTENT_TYPE_LATEST)

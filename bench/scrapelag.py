@@ -22,17 +22,19 @@ import asyncio
 import gc
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from statistics import median
 
 import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from app.exposition import Exposition
 from app.metrics import GatewayMetrics, RequestRecord
-from app.worker_metrics import _merge_steps, _registry, _up_family, relabel_stepwise
+from app.worker_metrics import PREFIX, UP, UP_HELP, relabel_stepwise
 from app.workers.registry import Worker
 from bench.overhead import RESULTS
 
@@ -69,12 +71,33 @@ def vllm_scrapes(workers: int) -> Scrapes:
 
 
 def relabel_before(scrapes: Scrapes) -> bytes:
-    """/metrics/workers before: the whole parse and merge, then generate_latest (it ran in a thread)."""
+    """/metrics/workers before (it ran in a thread): each worker's text parsed whole, merged as prometheus-client
+    Metric objects, then generate_latest. tests/test_worker_metrics.py holds the new code to the same bytes."""
     merged: dict[str, Metric] = {}
-    up = _up_family()
-    for _ in _merge_steps(scrapes, merged, up):
-        pass
-    return generate_latest(_registry(merged, up))
+    up = GaugeMetricFamily(UP, UP_HELP, labels=["region", "preset", "worker"])
+    for worker, text in scrapes:
+        ours = {"region": worker.region, "preset": worker.preset, "worker": worker.name}
+        try:
+            families = [f for f in text_string_to_metric_families(text or "") if f.name.startswith(PREFIX)]
+        except ValueError:
+            text, families = None, []
+        up.add_metric([worker.region, worker.preset, worker.name], 0.0 if text is None else 1.0)
+        for f in families:
+            target = merged.setdefault(f.name, Metric(f.name, f.documentation, f.type, f.unit))
+            if target.type == f.type:
+                for x in f.samples:
+                    target.add_sample(x.name, {**x.labels, **ours}, x.value, x.timestamp, x.exemplar)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*merged.values(), up]))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 async def measure(work: Callable[[], Awaitable[object]]) -> tuple[float, list[float]]:

@@ -14,17 +14,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.exposition import STEP, Exposition
+from app.main import create_app
 from app.settings import Settings
+from app.state import WORKER_SERIES
 from app.worker_metrics import (
-    PARSE_WEIGHT,
+    CHUNK_LINES,
+    LINE_WEIGHT,
     SCRAPE_TIMEOUT,
+    _chunks,
     _merge_steps,
-    _up_family,
     relabel,
     relabel_stepwise,
 )
 from app.workers.registry import Worker
 from bench.fakeworker import ThreadedFakeWorker
+from bench.scrapelag import relabel_before
 
 from .conftest import Engine
 from .utils import run_gateway, scrape
@@ -83,6 +87,77 @@ def _vllm_text(worker: int) -> str:
     return generate_latest(reg).decode()
 
 
+def _steps(scrapes: list[tuple[Worker, str | None]]) -> int:
+    return sum(1 for _ in _merge_steps(scrapes, Exposition(), {}, []))
+
+
+def _odd_text() -> str:
+    """Families of every kind the text format has, long enough to be cut inside them, with escapes, timestamps,
+    comments, blank lines and samples without a TYPE."""
+    out = ["# a comment\n", '# HELP vllm:h_seconds A "latency"\\n with \\\\ escapes.\n',
+           "# TYPE vllm:h_seconds histogram\n"]
+    for le in [*(f"{0.01 * k:.2f}" for k in range(1, 70)), "+Inf"]:
+        out.append(f'vllm:h_seconds_bucket{{le="{le}",model_name="a\\"b\\\\c\\nd"}} 3.0\n')
+    out += ['vllm:h_seconds_sum{model_name="m"} 1.5\n', 'vllm:h_seconds_count{model_name="m"} 3.0\n',
+            "vllm:h_seconds_created 1.7e+09\n", "\n", "# TYPE vllm:tok_total counter\n"]
+    out += [f'vllm:tok_total{{adapter="a{i}"}} {i}.0 1700000000000\n' for i in range(40)]
+    out += ["# HELP vllm:q Quantiles.\n", "# TYPE vllm:q summary\n"]
+    out += [f'vllm:q{{quantile="0.{i}"}} {i}\n' for i in range(1, 10)] + ["vllm:q_sum 4\n", "vllm:q_count 9\n"]
+    out += [f'vllm:loose_{i % 3}{{i="{i}"}} {i}\n' for i in range(50)]  # untyped, no HELP or TYPE
+    out += ["# TYPE vllm:g gauge\n"] + [f'vllm:g{{i="{i}"}} -{i}e-3\n' for i in range(45)]
+    out += ["# TYPE process_open_fds gauge\n", "process_open_fds 7\n"]
+    return "".join(out)
+
+
+def test_pieces_parse_into_the_same_samples_under_the_same_families() -> None:
+    text = _odd_text()
+    def samples(text: str) -> list[tuple[object, ...]]:
+        return sorted((f.name, f.type, f.documentation, x.name, sorted(x.labels.items()), x.value, x.timestamp)
+                      for f in text_string_to_metric_families(text) for x in f.samples)
+
+    whole = samples(text)
+    assert len(whole) == text.count("\n") - 9  # every line but the 8 comments and the blank one
+    for size in (1, 2, 3, 7, CHUNK_LINES, 1000):
+        pieces = list(_chunks(text, size))
+        assert sum(n for _, n in pieces) == text.count("\n")
+        # size lines, then only the comments up to the next sample (no piece ends in a comment), and a head
+        samples_in = [sum(1 for line in piece.split("\n") if line and not line.startswith("#")) for piece, _ in pieces]
+        assert max(samples_in) <= size + 1 and not any(piece.rstrip("\n").rsplit("\n", 1)[-1].startswith("#")
+                                                       for piece, _ in pieces[:-1])
+        assert "".join(piece for piece, _ in pieces).count("\n") > text.count("\n") or size >= 1000
+        assert sorted(x for piece, _ in pieces for x in samples(piece)) == whole, size
+    assert [p for p, _ in _chunks("vllm:a 1\nvllm:b 2", 1)] == ["vllm:a 1\n", "vllm:b 2"]  # no newline at the end
+
+
+def test_relabel_writes_what_merging_metric_objects_and_generate_latest_wrote() -> None:
+    workers = [Worker(name=f"fr-{i}", url=f"http://127.0.0.1:{i + 1}", region="fr", preset="h100-1x")
+               for i in range(3)]
+    scrapes: list[tuple[Worker, str | None]] = [(workers[0], _odd_text()), (workers[1], _vllm_text(1)),
+                                                (workers[2], None),
+                                                (Worker(name="bad", url="http://127.0.0.1:9"), _odd_text() + "x{\n")]
+    assert relabel(scrapes) == relabel_before(scrapes)
+    assert relabel(scrapes[:2]) == relabel_before(scrapes[:2])
+
+
+def test_one_huge_family_is_parsed_a_piece_at_a_time() -> None:
+    """A worker can send one family of many thousand samples (a label with many values): the loop is given back
+    while it is parsed, not only after it. Here the text breaks at its very end, so every pause seen came from the
+    inside of its one family."""
+    lines = 3000
+    text = "# TYPE vllm:big gauge\n" + "".join(f'vllm:big{{adapter="a{i}"}} {i}\n' for i in range(lines - 1))
+    worker = Worker(name="w", url="http://127.0.0.1:1")
+    assert _steps([(worker, text + "vllm:big{ 1 2 3\n")]) >= LINE_WEIGHT * lines // STEP - 1
+    assert b"tokengate_worker_metrics_up" in relabel([(worker, text + "vllm:big{ 1 2 3\n")])
+    assert relabel([(worker, text)]).count(b"vllm:big{") == lines - 1
+
+
+def test_worker_metrics_have_a_label_cache_of_their_own_and_a_smaller_one() -> None:
+    """Worker label values are the workers' to choose: their series must not fill /metrics' cache."""
+    state = create_app(Settings(upstream=["http://127.0.0.1:9"])).state.tokengate
+    assert state.worker_exposition is not state.exposition
+    assert state.worker_exposition.max_series == WORKER_SERIES < state.exposition.max_series
+
+
 def test_stepwise_relabel_is_the_same_text_and_lets_the_loop_run_between_steps() -> None:
     workers = [Worker(name=f"fr-{i}", url=f"http://127.0.0.1:{i + 1}", region="fr", preset="h100-1x")
                for i in range(4)]
@@ -108,14 +183,11 @@ def test_stepwise_relabel_is_the_same_text_and_lets_the_loop_run_between_steps()
         return text, ticks - start
 
     text, ran = asyncio.run(go())
-    assert text == expected and ran > sum(1 for _ in _merge_steps(scrapes, {}, _up_family()))
-    # a pause every STEP units of work: a parsed sample counts PARSE_WEIGHT, a merged one 1
+    assert text == expected and ran >= _steps(scrapes) > 0  # the loop ran at each step
+    # a pause every STEP units of work: a line parsed (and its sample relabelled and rendered) counts LINE_WEIGHT
     good = scrapes[:4]
-    families = [f for _, t in good for f in text_string_to_metric_families(t or "")]
-    parsed = sum(len(f.samples) for f in families)
-    merged = sum(len(f.samples) for f in families if f.name.startswith("vllm:"))
-    assert 0 < merged < parsed
-    assert sum(1 for _ in _merge_steps(good, {}, _up_family())) == (PARSE_WEIGHT * parsed + merged) // STEP
+    lines = sum((t or "").count("\n") for _, t in good)
+    assert _steps(good) == LINE_WEIGHT * lines // STEP
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text.decode()) for s in f.samples}
     assert {d["worker"] for d in _labelled(samples, "vllm:generation_tokens_total")} == {f"fr-{i}" for i in range(4)}
