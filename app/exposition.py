@@ -116,6 +116,11 @@ class Exposition:
         return head
 
 
+def exposed_name(name: str, mtype: str) -> str:
+    """The name a family goes by in the text (its HELP and TYPE lines): a counter ``x`` is ``x_total``."""
+    return name + _TYPES.get(mtype, ("", ""))[1]
+
+
 def _doc(doc: str) -> str:
     return doc.replace("\\", r"\\").replace("\n", r"\n")
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .api import State
 from .errors import GatewayError
-from .exposition import STEP, Exposition
+from .exposition import STEP, Exposition, exposed_name
 from .upstream import UpstreamPool
 from .workers.registry import Worker
 
@@ -110,8 +110,10 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
                  merged: dict[str, _Family], up: list[str]) -> Iterator[None]:
     """``relabel``'s work, pausing (a bare ``yield``) after about ``STEP`` units: a line parsed, relabelled and
     rendered is ``LINE_WEIGHT`` units. A worker's text is all parsed before any of it is merged: one that turns out
-    unparsable counts as down, nothing of it kept. Fills ``merged`` (by family name, first seen first) and ``up``
-    (the up gauge's lines). A piece's lines of a family are kept joined: few objects for the collector to walk."""
+    unparsable counts as down, nothing of it kept. Fills ``merged`` (by the name a family shows in the text, first
+    seen first; of two families of one name but not one type, the first one's kept: Prometheus refuses a text
+    with two TYPE lines for a name) and ``up`` (the up gauge's lines). A piece's lines of a family are kept
+    joined: few objects for the collector to walk."""
     done = 0
     for worker, text in scrapes:
         ours = {"region": worker.region, "preset": worker.preset, "worker": worker.name}
@@ -121,9 +123,10 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
                 for piece, count in _chunks(text):
                     for f in text_string_to_metric_families(piece):
                         if f.name.startswith(PREFIX):
-                            family = found.get(f.name)
+                            key = exposed_name(f.name, f.type)  # a counter x and a gauge x_total: one name
+                            family = found.get(key)
                             if family is None:
-                                family = found[f.name] = _Family(f.name, f.type, f.documentation)
+                                family = found[key] = _Family(f.name, f.type, f.documentation)
                             elif family.type != f.type:
                                 continue  # a name twice, of two types: the first one's kept (as across workers)
                             family.lines.append("".join([exposition.line(s.name, {**s.labels, **ours}, s.value,
@@ -136,8 +139,8 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
                 log.warning("worker %s sent unparsable metrics: %s", worker.name, exc)
                 text, found = None, {}
         up.append(exposition.line(UP, ours, 0.0 if text is None else 1.0))
-        for family in found.values():
-            target = merged.setdefault(family.name, _Family(family.name, family.type, family.doc))
+        for key, family in found.items():
+            target = merged.setdefault(key, _Family(family.name, family.type, family.doc))
             if target.type == family.type:  # workers of different vLLM versions may disagree: the first one wins
                 target.lines += family.lines
 

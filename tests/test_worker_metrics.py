@@ -69,6 +69,19 @@ def test_relabel_merges_families_and_our_labels_win() -> None:
     assert up == {"fr-0": 1.0, "fr-1": 1.0, "uae-0": 0.0}
 
 
+def test_a_counter_and_a_gauge_that_show_under_one_name_are_not_both_written() -> None:
+    """A counter ``vllm:a`` shows as ``vllm:a_total``: a worker (another vLLM version) with a gauge of that name
+    must not make a second TYPE line for it — Prometheus would refuse the whole scrape."""
+    counter = "# HELP vllm:a_total A count.\n# TYPE vllm:a_total counter\nvllm:a_total 3.0\n"
+    gauge = "# HELP vllm:a_total A level.\n# TYPE vllm:a_total gauge\nvllm:a_total 7.0\n"
+    w1, w2 = Worker(name="w1", url="http://127.0.0.1:1"), Worker(name="w2", url="http://127.0.0.1:2")
+    for first, second, kind, value in ((counter, gauge, "counter", 3.0), (gauge, counter, "gauge", 7.0)):
+        out = relabel([(w1, first), (w2, second)]).decode()
+        assert out.count("# TYPE vllm:a_total ") == 1 and f"# TYPE vllm:a_total {kind}\n" in out
+        [family] = [f for f in text_string_to_metric_families(out) if f.name.startswith("vllm:")]
+        assert [x.value for x in family.samples] == [value]
+
+
 def test_unparsable_worker_text_counts_as_down() -> None:
     w = Worker(name="w", url="http://127.0.0.1:1")
     out = relabel([(w, "vllm:x{ 1 2 3\n")]).decode()
