@@ -62,8 +62,18 @@ while True:
     time.sleep(every)
     url = open(path).read().strip()
     if url:
-        urllib.request.urlopen(url + "/metrics", timeout=30).read()
+        try:
+            urllib.request.urlopen(url + "/metrics", timeout=30).read()
+            print("ok", url, flush=True)
+        except Exception as exc:  # say so and go on: a scrape that failed is a finding, not the end of the run
+            print("failed", url, repr(exc), flush=True)
 """
+
+
+def scrapes(log: Path) -> dict[str, int]:
+    """How many of the scraper's GETs worked and failed (its log: one line a scrape)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return {k: sum(1 for line in lines if line.startswith(k + " ")) for k in ("ok", "failed")}
 
 
 def start_scraper(current: Path, every: float, cpu: int, log: Path) -> subprocess.Popen[bytes]:
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     logdir = a.out / "raw"
     logdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    scraper_log = logdir / f"ab-scraper-{stamp}.log"
     root: list[str] = []
     if a.count == "local":
         from app.tinymodel import build_tiny_model
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                 targets[k] = Target.build(f"http://127.0.0.1:{port}", body)
             current = logdir / f"ab-scraped-{stamp}.txt"  # the gateway measured now
             if a.scrape_every > 0:
-                scraper = start_scraper(current, a.scrape_every, a.client_cpu, logdir / f"ab-scraper-{stamp}.log")
+                scraper = start_scraper(current, a.scrape_every, a.client_cpu, scraper_log)
             for k, t in targets.items():
                 await run_closed(t, concurrency=a.concurrency, duration=2, pool=pools[k])
             arms = {k: Arm() for k in ARMS}
@@ -188,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"timestamp": stamp, "old": a.old, "concurrency": a.concurrency, "rounds": a.rounds,
             "round_seconds": a.round_seconds, "lead_in": a.lead_in, "ttft": a.ttft, "token_delay": a.token_delay,
             "tokens": a.tokens, "count": a.count, "workers": a.workers, "scrape_every": a.scrape_every}
+    if a.scrape_every > 0:
+        meta["scrapes"] = scrapes(scraper_log)
+        if meta["scrapes"]["failed"]:
+            print(f"WARNING: {meta['scrapes']['failed']} scrapes failed (see {scraper_log})")
     out = logdir / f"ab-{stamp}.json"
     out.write_text(json.dumps({"meta": meta, "summary": result,
                                "rounds": {k: v.rounds for k, v in arms.items()}}, indent=2) + "\n")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bench.ab import Arm, export_tree, gateway_cmd, summary
+from bench.ab import Arm, export_tree, gateway_cmd, scrapes, start_scraper, summary
 from bench.loadclient import RequestRecord
+from bench.overhead import stop
 
 
 def _rec(ttft_ms: float, e2e_ms: float) -> RequestRecord:
@@ -36,3 +40,36 @@ def test_arm_a_runs_the_gateway_of_the_revision_asked_for(tmp_path: Path) -> Non
                                                                                "http://127.0.0.1:3"]
     out = subprocess.run([*cmd[:3], "--version"], capture_output=True, text=True, cwd="/", timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("tokengate")
+
+
+def test_the_scraper_goes_on_after_a_failed_scrape_and_counts_both(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append(self.path)
+            body = b"up 1\n"
+            self.send_response(500 if len(seen) <= 2 else 200)  # the first two fail
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    current, log = tmp_path / "current", tmp_path / "scraper.log"
+    scraper = start_scraper(current, 0.05, 0, log)
+    try:
+        current.write_text(f"http://127.0.0.1:{server.server_address[1]}")
+        deadline = time.monotonic() + 30
+        while scrapes(log)["ok"] < 2 and time.monotonic() < deadline and scraper.poll() is None:
+            time.sleep(0.05)
+    finally:
+        stop(scraper)
+        server.shutdown()
+        server.server_close()
+    counted = scrapes(log)
+    assert counted["failed"] == 2 and counted["ok"] >= 2, log.read_text()
+    assert set(seen) == {"/metrics"}
