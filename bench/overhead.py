@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,8 @@ class Regime:
 
 
 REGIMES = {
-    "paced": Regime("paced", 0.020, 0.010, 64, "20 ms TTFT + 10 ms/token x 64, c=64"),
-    "saturation": Regime("saturation", 0.0, 0.0, 16, "zero-delay worker, 16 tokens, c=64"),
+    "paced": Regime("paced", 0.020, 0.010, 64, "20 ms TTFT + 10 ms/token x 64, c={c}"),  # c: --concurrency
+    "saturation": Regime("saturation", 0.0, 0.0, 16, "zero-delay worker, 16 tokens, c={c}"),
 }
 
 
@@ -249,6 +249,12 @@ async def run_regime(reg: Regime, a: argparse.Namespace, logdir: Path, stamp: st
         stop(worker)
 
 
+def regimes_for(names: str, concurrency: int) -> list[Regime]:
+    """The regimes named (comma-separated), each saying the concurrency it runs at."""
+    return [replace(r, about=r.about.format(c=concurrency))
+            for r in (REGIMES[n.strip()] for n in names.split(",") if n.strip())]
+
+
 def _analyse(reg: Regime, data: dict[str, ArmData]) -> dict[str, Any]:
     out: dict[str, Any] = {"regime": reg.about, "arms": {}}
     for arm, d in data.items():
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         from app.tinymodel import build_tiny_model
 
         a.worker_root = str(build_tiny_model(logdir / "tiny-model"))
-    regimes = [REGIMES[n.strip()] for n in a.regimes.split(",") if n.strip()]
+    regimes = regimes_for(a.regimes, a.concurrency)
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
