@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import multiproc
 from .errors import AuthenticationFailed, ModelNotFound, PermissionDenied
 from .state import AppState
 from .workers.logs import tail
@@ -115,8 +115,8 @@ async def worker_log(name: str, request: Request, state: State,
 @router.get("/metrics", tags=["ops"])
 async def metrics(state: State) -> Response:
     """Prometheus text. With --workers N, every process's values, summed (prometheus-client multiprocess mode)."""
-    if state.settings.workers > 1 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        merged = CollectorRegistry()
-        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if state.settings.workers > 1 and path:
+        merged = multiproc.Families(await multiproc.collect_stepwise(path))
         return Response(await state.exposition.render_stepwise(merged), media_type=CONTENT_TYPE_LATEST)
     return Response(await state.exposition.render_stepwise(state.prom_registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,12 +4,15 @@
   stepwise render, on registries filled as a gateway with N workers fills them (two routes, five statuses per
   worker: ~250 lines a worker);
 * ``/metrics/workers``: N vLLM-like expositions (~230 samples each) parsed, labelled and merged in a thread
-  (before) against ``relabel_stepwise`` on the loop.
+  (before) against ``relabel_stepwise`` on the loop;
+* ``multiprocess``: ``/metrics`` of ``--workers P``: the multiprocess files of P processes (``--processes``), each
+  filled as above, merged by prometheus-client's ``MultiProcessCollector`` in one call (before) against
+  ``app.multiproc.collect_stepwise``; both rendered stepwise.
 
 A probe task sleeps 1 ms in a loop (uvloop, as the gateway runs) and records how late it wakes while each scrape
 runs; rounds alternate the two arms.
 
-    python -m bench.scrapelag [--workers 1,4,8,16 --rounds 30]
+    python -m bench.scrapelag [--workers 1,4,8,16 --rounds 30 --endpoints metrics,workers,multiprocess]
 
 Prints, per endpoint and worker count: the scrape's time, and how late the probe woke — the worst wake of a
 scrape (median over rounds) and the median wake — with ratios new/old.
@@ -21,6 +24,11 @@ import argparse
 import asyncio
 import gc
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -29,11 +37,13 @@ from statistics import median
 import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from app.exposition import Exposition
 from app.metrics import GatewayMetrics, RequestRecord
+from app.multiproc import Families, collect_stepwise
 from app.worker_metrics import PREFIX, UP, UP_HELP, relabel_stepwise
 from app.workers.registry import Worker
 from bench.overhead import RESULTS
@@ -124,8 +134,39 @@ async def measure(work: Callable[[], Awaitable[object]]) -> tuple[float, list[fl
     return took, lags or [0.0]
 
 
-def arms(kind: str, n: int) -> tuple[dict[str, Callable[[], Awaitable[object]]], int]:
+FILL = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+from bench.scrapelag import filled
+filled(int(sys.argv[1]))
+"""
+
+
+def multiprocess_files(path: Path, processes: int, workers: int) -> None:
+    """The files ``processes`` gateway processes with ``workers`` workers behind them leave (real processes)."""
+    for _ in range(processes):
+        subprocess.run([sys.executable, "-c", FILL, str(workers)], check=True, timeout=120,
+                       env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(path)))
+
+
+def arms(kind: str, n: int, processes: int = 4,
+         tmp: Path | None = None) -> tuple[dict[str, Callable[[], Awaitable[object]]], int]:
     ex = Exposition()
+    if kind == "multiprocess":
+        assert tmp is not None
+        path = tmp / f"multiproc-{n}"
+        path.mkdir()
+        multiprocess_files(path, processes, n)
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg, path=str(path))
+
+        async def old_mp() -> object:
+            return await ex.render_stepwise(reg)  # the collector's collect(): one call, then the stepwise render
+
+        async def new_mp() -> object:
+            return await ex.render_stepwise(Families(await collect_stepwise(str(path))))
+
+        return {"old": old_mp, "new": new_mp}, generate_latest(reg).count(b"\n")
     if kind == "metrics":
         reg = filled(n)
 
@@ -151,15 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="1,4,8,16")
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--endpoints", default="metrics,workers")
+    p.add_argument("--endpoints", default="metrics,workers", help="of metrics, workers, multiprocess")
+    p.add_argument("--processes", type=int, default=4, help="multiprocess: gateway processes whose files are merged")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     gc.collect()
     gc.freeze()  # as the gateway does once started (--gc-freeze, on by default)
     rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="tokengate-scrapelag-"))
     for kind in a.endpoints.split(","):
         for n in (int(x) for x in a.workers.split(",")):
-            work, lines = arms(kind, n)
+            work, lines = arms(kind, n, a.processes, tmp)
             res: dict[str, list[tuple[float, list[float]]]] = {"old": [], "new": []}
 
             async def go(work: dict[str, Callable[[], Awaitable[object]]] = work,
@@ -170,16 +213,20 @@ def main(argv: list[str] | None = None) -> None:
 
             uvloop.run(go())
             row: dict[str, float | int | str] = {"endpoint": kind, "workers": n, "lines": lines}
+            if kind == "multiprocess":
+                row["processes"] = a.processes
             for arm, vals in res.items():
                 row[f"{arm}_ms"] = round(1000 * median(v[0] for v in vals), 2)
                 row[f"{arm}_worst_lag_ms"] = round(1000 * median(max(v[1]) for v in vals), 2)
                 row[f"{arm}_median_lag_ms"] = round(1000 * median(x for v in vals for x in v[1]), 3)
             rows.append(row)
             o, nw = row["old_worst_lag_ms"], row["new_worst_lag_ms"]
-            print(f"/{'metrics' if kind == 'metrics' else 'metrics/workers'} {n:3d} workers, {lines:5d} lines: "
+            name = {"metrics": "/metrics", "workers": "/metrics/workers"}.get(kind, f"/metrics, {a.processes} procs,")
+            print(f"{name} {n:3d} workers, {lines:5d} lines: "
                   f"scrape {row['old_ms']:6.1f} -> {row['new_ms']:6.1f} ms; probe lateness, worst of a scrape "
                   f"{o:6.2f} -> {nw:5.2f} ms ({float(nw) / max(float(o), 1e-9):.2f}x), median wake "
                   f"{row['old_median_lag_ms']:5.2f} -> {row['new_median_lag_ms']:5.2f} ms", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     out = a.out / f"scrapelag-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"rounds": a.rounds, "loop": "uvloop", "rows": rows}, indent=2) + "\n")
     print(f"written: {out}")

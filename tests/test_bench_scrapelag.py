@@ -33,3 +33,11 @@ def test_the_workers_arm_before_gives_the_same_text_as_the_gateway_now() -> None
     scrapes = vllm_scrapes(3)
     assert relabel_before(scrapes) == relabel(scrapes)
     assert relabel(scrapes).count(b'worker="fr-h100-1x-2"') > 200
+
+
+def test_the_multiprocess_arm_merges_real_processes_files(tmp_path: Path) -> None:
+    main(["--workers", "1", "--rounds", "1", "--endpoints", "multiprocess", "--processes", "2", "--out", str(tmp_path)])
+    (out,) = tmp_path.glob("scrapelag-*.json")
+    [row] = json.loads(out.read_text())["rows"]
+    assert (row["endpoint"], row["workers"], row["processes"]) == ("multiprocess", 1, 2)
+    assert row["lines"] > 200 and row["old_ms"] > 0 and row["new_ms"] > 0
