@@ -58,8 +58,8 @@ class Exposition:
 
     def parts(self, registry: Collector) -> Iterator[list[str]]:
         """The text in pieces of at most ``STEP`` lines, a family's first piece with its head. Our own metrics'
-        samples are read as the lines are made (``_families``), so a piece is all a step costs."""
-        for family, samples in _families(registry):
+        samples are read as the lines are made (``families``), so a piece is all a step costs."""
+        for family, samples in families(registry):
             head, om_names = self._head(family.name, family.type, family.documentation)
             part = [head]
             om_samples: dict[str, list[str]] = {}
@@ -140,7 +140,7 @@ def _prefix(name: str, labels: dict[str, str]) -> str:
 _Samples = Iterable[tuple[str, dict[str, str], float, Any]]  # name, labels, value, timestamp
 
 
-def _families(registry: Collector) -> Iterator[tuple[Metric, _Samples]]:
+def families(registry: Collector) -> Iterator[tuple[Metric, _Samples]]:
     """Each family's head (a Metric: name, type, help) and its samples, as ``registry.collect()`` gives them; but
     for a plain ``CollectorRegistry``'s own metrics (prometheus-client's metric classes, whose ``collect`` is
     the base class's) the samples come lazily from the metric — child by child, not a whole family of some

@@ -16,19 +16,20 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .advise import histogram_quantile
 from .api import State
+from .exposition import STEP, families
 from .metrics import TTFT_BUCKETS
 from .workers.registry import Registry
 
@@ -61,23 +62,28 @@ class Snapshot:
     unrouted: float  # requests answered before any worker was chosen (bad requests, caps, no worker)
 
 
-# the samples a snapshot reads: collecting only their families (a restricted registry) costs ~0.3x collecting all of
-# them, and it happens on the event loop every ``interval``
-SNAPSHOT_SAMPLES = (
-    "tokengate_requests_total", "tokengate_time_to_first_token_seconds_bucket", "tokengate_completion_tokens_total",
-    "tokengate_requests_in_flight", "tokengate_worker_up", "tokengate_worker_restarts_total",
-    "tokengate_cap_clamps_total", "tokengate_cap_rejections_total",
-)
+# the families a snapshot reads; the others' samples are never made (exposition.families reads them lazily)
+SNAPSHOT_FAMILIES = frozenset({
+    "tokengate_requests", "tokengate_time_to_first_token_seconds", "tokengate_completion_tokens",
+    "tokengate_requests_in_flight", "tokengate_worker_up", "tokengate_worker_restarts", "tokengate_cap_clamps",
+    "tokengate_cap_rejections",
+})
 
 
-class _Collects(Protocol):
-    def collect(self) -> Iterable[Metric]: ...
+def take_snapshot(registry: Collector, now: float) -> Snapshot:
+    out: list[Snapshot] = []
+    for _ in snapshot_steps(registry, now, out):
+        pass
+    return out[0]
 
 
-def take_snapshot(registry: _Collects, now: float) -> Snapshot:
+def snapshot_steps(registry: Collector, now: float, out: list[Snapshot]) -> Iterator[None]:
+    """A snapshot of ``registry`` appended to ``out``, pausing (a bare ``yield``) every ``STEP`` samples read: with
+    16 workers a snapshot reads ~5 000 samples, and it is taken on the event loop every ``interval``."""
     workers: dict[WorkerKey, WorkerPoint] = {}
     caps: dict[tuple[str, str], tuple[float, float]] = {}
     unrouted = 0.0
+    done = 0
 
     def point(labels: dict[str, str]) -> WorkerPoint:
         key = (labels.get("region", ""), labels.get("preset", ""), labels.get("worker", ""))
@@ -86,38 +92,50 @@ def take_snapshot(registry: _Collects, now: float) -> Snapshot:
             p = workers[key] = WorkerPoint()
         return p
 
-    for family in registry.collect():
-        for s in family.samples:
-            name, labels = s.name, s.labels
+    for family, samples in families(registry):
+        if family.name not in SNAPSHOT_FAMILIES:
+            continue
+        for name, labels, value, _ in samples:
+            done += 1
+            if done >= STEP:
+                done = 0
+                yield
             if name == "tokengate_requests_total":
                 if not labels.get("worker"):
-                    unrouted += s.value
+                    unrouted += value
                     continue
                 p = point(labels)
-                p.requests += s.value
+                p.requests += value
                 if labels.get("status", "").startswith("5"):
-                    p.errors += s.value
+                    p.errors += value
             elif name == "tokengate_time_to_first_token_seconds_bucket" and labels.get("worker"):
                 i = _LE_INDEX.get(float(labels["le"]))
                 if i is not None:
-                    point(labels).ttft[i] += s.value
+                    point(labels).ttft[i] += value
             elif name == "tokengate_completion_tokens_total" and labels.get("worker"):
-                point(labels).completion_tokens += s.value
+                point(labels).completion_tokens += value
             elif name == "tokengate_requests_in_flight":
-                point(labels).in_flight += s.value
+                point(labels).in_flight += value
             elif name == "tokengate_worker_up":
-                point(labels).up = s.value
+                point(labels).up = value
             elif name == "tokengate_worker_restarts_total":
-                point(labels).restarts += s.value
+                point(labels).restarts += value
             elif name in ("tokengate_cap_clamps_total", "tokengate_cap_rejections_total"):
                 ckey = (labels.get("model", ""), labels.get("reason", ""))
                 clamps, rejections = caps.get(ckey, (0.0, 0.0))
                 if name == "tokengate_cap_clamps_total":
-                    clamps += s.value
+                    clamps += value
                 else:
-                    rejections += s.value
+                    rejections += value
                 caps[ckey] = (clamps, rejections)
-    return Snapshot(now, workers, caps, unrouted)
+    out.append(Snapshot(now, workers, caps, unrouted))
+
+
+async def take_snapshot_stepwise(registry: Collector, now: float) -> Snapshot:
+    out: list[Snapshot] = []
+    for _ in snapshot_steps(registry, now, out):
+        await asyncio.sleep(0)
+    return out[0]
 
 
 def _since(new: float, old: float) -> float:
@@ -141,7 +159,7 @@ class StatusSampler:
     def __init__(self, prom: CollectorRegistry, *, interval: float = 5.0, horizon: float = 1800.0,
                  window: float = 300.0, point_window: float = 60.0, max_points: int = 120,
                  clock: Callable[[], float] = time.time) -> None:
-        self.prom = prom.restricted_registry(SNAPSHOT_SAMPLES)
+        self.prom = prom
         self.interval = interval
         self.horizon = horizon
         self.window = window  # the summary numbers (p50/p95, tokens/s) cover this many seconds
@@ -159,16 +177,21 @@ class StatusSampler:
         self._history.append(snap)
         return snap
 
+    async def sample_stepwise(self) -> Snapshot:
+        snap = await take_snapshot_stepwise(self.prom, self.clock())
+        self._history.append(snap)
+        return snap
+
     async def run(self) -> None:
         while True:
             try:
-                self.sample()
+                await self.sample_stepwise()
             except Exception:  # a sampling bug must not end the history for good: the page says how far it goes
                 log.exception("status sampler failed")
             await asyncio.sleep(self.interval)
 
-    def report(self, registry: Registry, *, draining: bool = False) -> dict[str, Any]:
-        now = take_snapshot(self.prom, self.clock())
+    async def report(self, registry: Registry, *, draining: bool = False) -> dict[str, Any]:
+        now = await take_snapshot_stepwise(self.prom, self.clock())
         return build_report([*self._history, now], registry, draining=draining, window=self.window,
                             point_window=self.point_window, max_points=self.max_points, interval=self.interval)
 
@@ -273,13 +296,13 @@ def status_router(sampler: StatusSampler) -> APIRouter:
     @router.get("/status", response_class=HTMLResponse)
     async def status_page(state: State) -> HTMLResponse:
         """Workers now and over the last half hour; refreshes itself from /status.json."""
-        report = sampler.report(state.registry, draining=state.proxy.draining)
+        report = await sampler.report(state.registry, draining=state.proxy.draining)
         return HTMLResponse(page.replace(_PLACEHOLDER, _script_json(report)),
                             headers={"cache-control": "no-store"})
 
     @router.get("/status.json")
     async def status_json(state: State) -> Response:
-        report = sampler.report(state.registry, draining=state.proxy.draining)
+        report = await sampler.report(state.registry, draining=state.proxy.draining)
         return Response(orjson.dumps(report), media_type="application/json", headers={"cache-control": "no-store"})
 
     return router

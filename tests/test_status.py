@@ -3,6 +3,7 @@ Chromium against a gateway in front of the real CPU vLLM engine, its numbers che
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -21,9 +22,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.advise import histogram_quantile
+from app.exposition import STEP
 from app.metrics import TTFT_BUCKETS, GatewayMetrics, RequestRecord
 from app.settings import Settings
-from app.status import StatusSampler, WorkerPoint, _script_json, build_report, take_snapshot, ttft_quantile
+from app.status import (
+    SNAPSHOT_FAMILIES,
+    Snapshot,
+    StatusSampler,
+    WorkerPoint,
+    _script_json,
+    build_report,
+    snapshot_steps,
+    take_snapshot,
+    ttft_quantile,
+)
 from app.workers.registry import Registry, Worker
 
 from .conftest import Engine
@@ -77,17 +89,42 @@ def test_snapshot_sums_each_worker_over_routes_models_and_statuses() -> None:
     assert snap.caps == {("m", "max_tokens_cap"): (4, 0), ("m", "context_length"): (0, 1)}
 
 
-def test_the_sampler_reads_only_the_families_a_snapshot_needs_and_gets_the_same_snapshot() -> None:
+def test_a_snapshot_is_read_in_steps_from_only_the_families_it_needs() -> None:
     metrics = GatewayMetrics(CollectorRegistry())
-    for route, status in (("chat", 200), ("completions", 502), ("chat", 499)):
-        _request(metrics, route=route, status=status)
+    for w in range(16):  # a gateway with 16 workers: thousands of samples
+        for route, status in (("chat", 200), ("completions", 502), ("chat", 499)):
+            _request(metrics, route=route, status=status, worker=f"w{w}")
     metrics.worker_in_flight("m", "fr", "h100-1x", "w0").inc(2)
     metrics.worker_up.labels("fr", "h100-1x", "w0").set(1)
     metrics.cap_clamps.labels("m", "max_tokens_cap").inc(4)
     sampler = StatusSampler(metrics.registry, clock=lambda: 7.0)
-    assert sampler.sample() == take_snapshot(metrics.registry, 7.0)
-    read = {m.name for m in sampler.prom.collect()}
-    assert "tokengate_e2e_latency_seconds" not in read and "tokengate_time_to_first_token_seconds" in read
+    expected = take_snapshot(metrics.registry, 7.0)
+    assert sampler.sample() == expected and len(expected.workers) == 16
+    needed = sum(len(m.samples) for m in metrics.registry.collect() if m.name in SNAPSHOT_FAMILIES)
+    everything = sum(len(m.samples) for m in metrics.registry.collect())
+    assert needed > 4 * STEP and everything > 2 * needed
+    # a pause every STEP samples, counting only the families a snapshot reads (the others are not even made)
+    out: list[Snapshot] = []
+    assert sum(1 for _ in snapshot_steps(metrics.registry, 7.0, out)) == needed // STEP and out == [expected]
+
+    async def go() -> tuple[Snapshot, int]:
+        ticks = 0
+
+        async def other_work() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_work())
+        await asyncio.sleep(0)
+        start = ticks
+        snap = await sampler.sample_stepwise()
+        task.cancel()
+        return snap, ticks - start
+
+    snap, ran = asyncio.run(go())
+    assert snap == expected and ran >= needed // STEP and sampler.history[-1] == expected
 
 
 def test_window_quantiles_come_from_bucket_deltas() -> None:
@@ -102,7 +139,7 @@ def test_window_quantiles_come_from_bucket_deltas() -> None:
     for _ in range(20):
         _request(metrics, ttft=2.5, tokens=31)
     clock.t += 300
-    report = sampler.report(Registry())
+    report = asyncio.run(sampler.report(Registry()))
     (w,) = report["workers"]
     # the window is the last 300 s: only the slow requests (the 2.0-3.0 s bucket), none of the fast ones
     assert 2.0 < w["ttft_p50"] <= w["ttft_p95"] <= 3.0
