@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ UP = "tokengate_worker_metrics_up"
 UP_HELP = "1 when the gateway could scrape the worker's /metrics."
 LINE_WEIGHT = PARSE_WEIGHT + 1  # a line parsed, then its sample relabelled and rendered
 CHUNK_LINES = STEP // LINE_WEIGHT  # lines parsed and rendered between two looks at the loop
+CHUNK_CHARS = CHUNK_LINES * 256  # ... or of this many characters: a long label value weighs as the lines it is long
 
 
 @dataclass
@@ -71,39 +73,60 @@ class _Family:
     lines: list[str] = field(default_factory=list)
 
 
-def _no_sample(line: str) -> bool:
-    stripped = line.strip()
-    return not stripped or stripped.startswith("#")
+_ALLOWED = {"counter": ("",), "gauge": ("",), "summary": ("_count", "_sum", ""),
+            "histogram": ("_count", "_sum", "_bucket")}  # the sample names of a typed family (the text parser's)
+_NAME = re.compile(r"[^{\s]+")  # a sample line's metric name
 
 
-def _chunks(text: str, size: int = CHUNK_LINES) -> Iterator[tuple[str, int]]:
-    """The text in pieces of ``size`` lines, cut at line ends, with how many of the text's lines each holds. A piece
-    that starts inside a family starts with that family's ``# HELP``/``# TYPE`` lines again, and none ends in a
-    comment (a family's ``# HELP`` without its ``# TYPE`` would parse as an untyped one), so it parses alone into
-    the same samples under the same family (the merge by name joins the pieces again): one family of 100 000
-    samples is parsed a few dozen lines at a time, not in one go."""
-    head = ""  # the HELP/TYPE lines of the family the text is in
-    head_name = ""
-    start, end = 0, len(text)
-    while start < end:
-        stop = last = start
-        taken = 0
-        while stop < end and (taken < size or _no_sample(text[last:stop])):  # past size: not to end in a comment
-            last, taken = stop, taken + 1
-            stop = text.find("\n", stop) + 1 or end
-        piece = text[start:stop]
-        lines = piece.count("\n") + (not piece.endswith("\n"))
-        yield (head + piece if head else piece), lines
-        if "#" in piece:
-            for line in piece.split("\n"):
-                stripped = line.strip()
-                if stripped.startswith("#"):
-                    parts = stripped.split(None, 3)
-                    if len(parts) > 2 and parts[1] in ("HELP", "TYPE"):
-                        if parts[2] != head_name:
-                            head, head_name = "", parts[2]
-                        head += stripped + "\n"
-        start = stop
+def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int]]:
+    """The text in pieces of about ``size`` lines or ``max_chars`` characters, cut at line ends, each with its weight
+    in lines (its lines, or its length over 256 where that is more): one family of 100 000 samples is parsed a few
+    dozen lines at a time, not in one go. Each piece parses alone into the samples it holds under the families the
+    whole text puts them in — the merge by name joins the pieces again:
+    - a piece that starts inside a family starts with that family's ``# HELP`` and ``# TYPE`` lines again (the last
+      of each, once: a text that repeats them is not parsed again and again);
+    - a piece never ends between a family's ``# HELP`` and its ``# TYPE`` (the first half would parse as an
+      untyped family), unless a sample comes between them, or the next line begins another family;
+    - the family ends, as for the text parser, at a sample outside its names (later samples are untyped).
+    Not followed: a ``# TYPE`` after a family's first samples (the parser retypes the family; a piece cut before
+    it holds those samples untyped)."""
+    name = ""  # the family the parser is in, at the line being looked at ("": none)
+    help_line = type_line = ""  # its last HELP and TYPE lines
+    allowed: tuple[str, ...] = ()
+    after_sample = False  # the line before was a sample
+    head = ""  # the piece's first lines: its family's HELP and TYPE
+    start = stop = lines = 0
+    end = len(text)
+    while stop < end:
+        nxt = text.find("\n", stop) + 1 or end
+        line = text[stop:nxt].strip()
+        parts = line.split(None, 3) if line.startswith("#") else []
+        directive = parts[1] if len(parts) > 1 and parts[1] in ("HELP", "TYPE") else ""
+        starts_family = bool(directive) and (parts[2] if len(parts) > 2 else "") != name
+        if lines >= size or stop - start >= max_chars:  # full: cut before this line, where that parses the same
+            if after_sample or starts_family or bool(help_line) == bool(type_line):
+                piece = text[start:stop]
+                yield head + piece, max(lines, len(piece) // 256)
+                head = "" if starts_family else help_line + type_line
+                start, lines = stop, 0
+        if starts_family:
+            name, help_line, type_line = parts[2] if len(parts) > 2 else "", "", ""
+            allowed = (name,)
+        if directive == "HELP":
+            help_line = line + "\n"
+        elif directive == "TYPE":
+            type_line = line + "\n"
+            allowed = tuple(name + s for s in _ALLOWED.get(parts[3] if len(parts) > 3 else "", ("",)))
+        after_sample = bool(line) and not line.startswith("#")
+        if after_sample and name and line[0] != "{":  # a quoted name ({"name", ...}) is left as it is
+            sample = _NAME.match(line)
+            if sample is not None and sample.group() not in allowed:  # the family ends here (the parser's rule)
+                name, help_line, type_line, allowed = "", "", "", ()
+        stop = nxt
+        lines += 1
+    if start < end:
+        piece = text[start:]
+        yield head + piece, max(lines, len(piece) // 256)
 
 
 def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition,
@@ -135,7 +158,7 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
                     while done >= STEP:
                         done -= STEP
                         yield
-            except ValueError as exc:
+            except (ValueError, OverflowError) as exc:  # OverflowError: a timestamp of +Inf or 400 digits
                 log.warning("worker %s sent unparsable metrics: %s", worker.name, exc)
                 text, found = None, {}
         up.append(exposition.line(UP, ours, 0.0 if text is None else 1.0))
@@ -145,9 +168,22 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
                 target.lines += family.lines
 
 
-def _text(exposition: Exposition, merged: dict[str, _Family], up: list[str]) -> bytes:
-    families = [*merged.values(), _Family(UP, "gauge", UP_HELP, up)]
-    return "".join(t for f in families for t in (exposition.head(f.name, f.type, f.doc), *f.lines)).encode("utf-8")
+TEXT_CHARS = 1 << 20  # characters of the answer joined and encoded between two looks at the loop
+
+
+def _text(exposition: Exposition, merged: dict[str, _Family], up: list[str],
+          size: int = TEXT_CHARS) -> Iterator[bytes]:
+    """The answer's text, encoded in parts of about ``size`` characters (a 100 000-sample family is ~10 MB)."""
+    part: list[str] = []
+    length = 0
+    for f in [*merged.values(), _Family(UP, "gauge", UP_HELP, up)]:
+        for text in (exposition.head(f.name, f.type, f.doc), *f.lines):
+            part.append(text)
+            length += len(text)
+            if length >= size:
+                yield "".join(part).encode("utf-8")
+                part, length = [], 0
+    yield "".join(part).encode("utf-8")
 
 
 def relabel(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition | None = None) -> bytes:
@@ -157,7 +193,7 @@ def relabel(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition
     up: list[str] = []
     for _ in _merge_steps(scrapes, exposition, merged, up):
         pass
-    return _text(exposition, merged, up)
+    return b"".join(_text(exposition, merged, up))
 
 
 async def relabel_stepwise(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition) -> bytes:
@@ -168,7 +204,11 @@ async def relabel_stepwise(scrapes: Sequence[tuple[Worker, str | None]], exposit
     up: list[str] = []
     for _ in _merge_steps(scrapes, exposition, merged, up):
         await asyncio.sleep(0)
-    return _text(exposition, merged, up)
+    parts = []
+    for part in _text(exposition, merged, up):
+        parts.append(part)
+        await asyncio.sleep(0)
+    return b"".join(parts)
 
 
 async def scrape_workers(pool: UpstreamPool, workers: Sequence[Worker], exposition: Exposition,

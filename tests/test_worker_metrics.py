@@ -22,7 +22,9 @@ from app.worker_metrics import (
     LINE_WEIGHT,
     SCRAPE_TIMEOUT,
     _chunks,
+    _Family,
     _merge_steps,
+    _text,
     relabel,
     relabel_stepwise,
 )
@@ -118,6 +120,9 @@ def _odd_text() -> str:
     out += [f'vllm:q{{quantile="0.{i}"}} {i}\n' for i in range(1, 10)] + ["vllm:q_sum 4\n", "vllm:q_count 9\n"]
     out += [f'vllm:loose_{i % 3}{{i="{i}"}} {i}\n' for i in range(50)]  # untyped, no HELP or TYPE
     out += ["# TYPE vllm:g gauge\n"] + [f'vllm:g{{i="{i}"}} -{i}e-3\n' for i in range(45)]
+    out += ["# HELP vllm:late A HELP, comments, then its TYPE.\n", "# a comment\n", "\n", "# another\n",
+            "# TYPE vllm:late counter\n", "vllm:late 1\n"]  # cut between HELP and TYPE: an untyped vllm:late
+    out += ["# TYPE vllm:e gauge\n", "vllm:e 1\n", "vllm:e 2\n", "vllm:other 3\n", "vllm:e 4\n", "vllm:e 5\n"]
     out += ["# TYPE process_open_fds gauge\n", "process_open_fds 7\n"]
     return "".join(out)
 
@@ -129,17 +134,55 @@ def test_pieces_parse_into_the_same_samples_under_the_same_families() -> None:
                       for f in text_string_to_metric_families(text) for x in f.samples)
 
     whole = samples(text)
-    assert len(whole) == text.count("\n") - 9  # every line but the 8 comments and the blank one
+    assert len(whole) == text.count("\n") - 15  # every line but the 13 comments and the 2 blank ones
+    assert ("vllm:e", "gauge") in {x[:2] for x in whole} and ("vllm:e", "unknown") in {x[:2] for x in whole}
     for size in (1, 2, 3, 7, CHUNK_LINES, 1000):
         pieces = list(_chunks(text, size))
         assert sum(n for _, n in pieces) == text.count("\n")
-        # size lines, then only the comments up to the next sample (no piece ends in a comment), and a head
         samples_in = [sum(1 for line in piece.split("\n") if line and not line.startswith("#")) for piece, _ in pieces]
-        assert max(samples_in) <= size + 1 and not any(piece.rstrip("\n").rsplit("\n", 1)[-1].startswith("#")
-                                                       for piece, _ in pieces[:-1])
+        assert max(samples_in) <= size and len(pieces) >= text.count("\n") // (size + 4)
         assert "".join(piece for piece, _ in pieces).count("\n") > text.count("\n") or size >= 1000
         assert sorted(x for piece, _ in pieces for x in samples(piece)) == whole, size
     assert [p for p, _ in _chunks("vllm:a 1\nvllm:b 2", 1)] == ["vllm:a 1\n", "vllm:b 2"]  # no newline at the end
+
+
+def test_a_piece_repeats_one_help_and_one_type_line_however_often_the_text_has_them() -> None:
+    """A text may repeat a family's HELP line: a piece starts with the last HELP and TYPE lines only, so the text is
+    parsed about once, not once for every piece that follows them."""
+    text = "# TYPE vllm:r gauge\n" + "".join(f"# HELP vllm:r Doc {i}.\nvllm:r{{i=\"{i}\"}} {i}\n" for i in range(2000))
+    pieces = list(_chunks(text, 10))
+    assert len(pieces) >= 2000 * 2 // 12
+    assert max(piece.count("\n") for piece, _ in pieces) <= 10 + 2
+    assert all(piece.startswith("# HELP vllm:r Doc ") or piece.startswith("# TYPE") for piece, _ in pieces)
+    got = [(f.name, f.type, s.labels["i"]) for piece, _ in pieces for f in text_string_to_metric_families(piece)
+           for s in f.samples]
+    assert got == [("vllm:r", "gauge", str(i)) for i in range(2000)]
+
+
+def test_pieces_are_cut_by_length_too_and_long_lines_weigh_as_their_length() -> None:
+    long_value = "x" * 100_000
+    text = "# TYPE vllm:l gauge\n" + "".join(f'vllm:l{{v="{long_value}{i}"}} {i}\n' for i in range(8))
+    pieces = list(_chunks(text))
+    assert len(pieces) == 8  # one line a piece: each is past CHUNK_CHARS alone
+    assert all(n >= 100_000 // 256 for _, n in pieces)
+    worker = Worker(name="w", url="http://127.0.0.1:1")
+    assert _steps([(worker, text)]) >= 8 * LINE_WEIGHT * (100_000 // 256) // STEP - 1
+
+
+def test_runs_of_empty_families_are_cut_like_any_other_lines() -> None:
+    text = "".join(f"# HELP vllm:f{i} Doc.\n# TYPE vllm:f{i} gauge\n" for i in range(5000)) + "vllm:f4999 1\n"
+    pieces = list(_chunks(text, 20))
+    assert max(piece.count("\n") for piece, _ in pieces) <= 21
+    assert list(dict.fromkeys(f.name for piece, _ in pieces for f in text_string_to_metric_families(piece))) == [
+        f"vllm:f{i}" for i in range(5000)]
+
+
+def test_a_timestamp_or_value_past_a_float_makes_the_worker_down_not_the_scrape_fail() -> None:
+    good = Worker(name="good", url="http://127.0.0.1:1")
+    for bad in ("vllm:x 1 +Inf\n", "vllm:x 1 " + "9" * 400 + "\n", "vllm:x 1 1e400\n"):
+        out = relabel([(Worker(name="bad", url="http://127.0.0.1:2"), bad), (good, "vllm:y 2\n")]).decode()
+        assert 'tokengate_worker_metrics_up{preset="external",region="local",worker="bad"} 0.0' in out
+        assert 'vllm:y{preset="external",region="local",worker="good"} 2.0' in out and "vllm:x" not in out
 
 
 def test_relabel_writes_what_merging_metric_objects_and_generate_latest_wrote() -> None:
@@ -162,6 +205,13 @@ def test_one_huge_family_is_parsed_a_piece_at_a_time() -> None:
     assert _steps([(worker, text + "vllm:big{ 1 2 3\n")]) >= LINE_WEIGHT * lines // STEP - 1
     assert b"tokengate_worker_metrics_up" in relabel([(worker, text + "vllm:big{ 1 2 3\n")])
     assert relabel([(worker, text)]).count(b"vllm:big{") == lines - 1
+    merged: dict[str, _Family] = {}
+    up: list[str] = []
+    exposition = Exposition()
+    for _ in _merge_steps([(worker, text)], exposition, merged, up):
+        pass
+    parts = list(_text(exposition, merged, up, size=10_000))
+    assert len(parts) >= len(text) // 10_000 and b"".join(parts) == relabel([(worker, text)])
 
 
 def test_worker_metrics_have_a_label_cache_of_their_own_and_a_smaller_one() -> None:
