@@ -115,22 +115,23 @@ def _accumulate(metric: Metric) -> Iterator[None]:
         if metric.type == "gauge" and mode in _AGGREGATED:
             labels = tuple(lv for lv in labels if lv[0] != "pid")
         if metric.type == "gauge":
-            by = samples[labels]
-            if mode in ("min", "livemin"):
-                if value < by.setdefault((name, labels), value):
-                    by[(name, labels)] = value
-            elif mode in ("max", "livemax"):
-                if value > by.setdefault((name, labels), value):
-                    by[(name, labels)] = value
-            elif mode in ("sum", "livesum"):
-                by[(name, labels)] += value
-            elif mode in ("mostrecent", "livemostrecent"):
+            if mode in ("mostrecent", "livemostrecent"):
                 stamp = float(timestamp or 0)
-                if stamps[labels][name] < stamp:
-                    by[(name, labels)] = value
+                if stamps[labels][name] < stamp:  # a child never set (stamp 0) is not in the merge's order yet
+                    samples[labels][(name, labels)] = value
                     stamps[labels][name] = stamp
-            else:  # all / liveall
-                by[(name, labels)] = value
+            else:
+                by = samples[labels]
+                if mode in ("min", "livemin"):
+                    if value < by.setdefault((name, labels), value):
+                        by[(name, labels)] = value
+                elif mode in ("max", "livemax"):
+                    if value > by.setdefault((name, labels), value):
+                        by[(name, labels)] = value
+                elif mode in ("sum", "livesum"):
+                    by[(name, labels)] += value
+                else:  # all / liveall
+                    by[(name, labels)] = value
         elif metric.type == "histogram":
             for lv in labels:
                 if lv[0] == "le":
@@ -150,6 +151,10 @@ def _accumulate(metric: Metric) -> Iterator[None]:
             for bucket, value in sorted(values.items()):
                 acc += value
                 samples[labels][(metric.name + "_bucket", labels + (("le", _go(bucket)),))] = acc
+                done += 1
+                if done >= STEP:
+                    done = 0
+                    yield
             samples[labels][(metric.name + "_count", labels)] = acc
     merged: list[Sample] = []
     for by_labels in samples.values():

@@ -105,3 +105,46 @@ def test_a_live_gauge_file_gone_since_the_listing_is_skipped_any_other_is_an_err
     with pytest.raises(FileNotFoundError):
         for _ in merge_steps([*files, str(files_dir / "counter_999999.db")], []):
             pass
+
+
+UNSET_WRITER = """
+import sys
+from prometheus_client import Gauge
+for mode in ("mostrecent", "livemostrecent"):
+    g = Gauge(f"g_{mode}", "Gauge.", ["w"], multiprocess_mode=mode)
+    if sys.argv[1] == "first":
+        g.labels("b")  # made, never set: its timestamp is 0
+        g.labels("a").set(1)
+    else:
+        g.labels("b").set(2)
+"""
+
+
+def test_a_child_never_set_takes_its_place_where_a_process_set_it(tmp_path: Path) -> None:
+    """mostrecent: a child one process made but never set is merged where another process set it, as upstream."""
+    for which in ("first", "second"):
+        subprocess.run([sys.executable, "-c", UNSET_WRITER, which], env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                       check=True, timeout=60)
+    for mode in ("mostrecent", "livemostrecent"):
+        files = sorted(tmp_path.glob(f"gauge_{mode}_*.db"), key=lambda f: f.stat().st_mtime_ns)
+        assert len(files) == 2
+        out: list[Metric] = []
+        for _ in merge_steps([str(f) for f in files], out):
+            pass
+        expected = list(MultiProcessCollector.merge([str(f) for f in files], accumulate=True))  # type: ignore[no-untyped-call]
+        assert [s.labels["w"] for s in out[0].samples] == [s.labels["w"] for s in expected[0].samples] == ["a", "b"]
+        assert generate_latest(Families(out)) == generate_latest(Families(expected))
+
+
+def test_histogram_buckets_are_made_cumulative_in_steps_too(tmp_path: Path) -> None:
+    writer = ("from prometheus_client import Histogram\n"
+              "h = Histogram('lat_seconds', 'Latency.', ['k'], buckets=[0.001 * 2 ** b for b in range(30)])\n"
+              "for k in range(40):\n    h.labels(str(k)).observe(0.01)\n")
+    subprocess.run([sys.executable, "-c", writer], env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                   check=True, timeout=60)
+    files = files_in(str(tmp_path))
+    out: list[Metric] = []
+    steps = sum(1 for _ in merge_steps(files, out))
+    # 40 label sets: 33 entries each read and merged, 31 buckets each made cumulative, 33 samples each written
+    assert steps >= (40 * 33 * 3 + 40 * 31) // STEP - 2
+    assert generate_latest(Families(out)) == _upstream(tmp_path)
