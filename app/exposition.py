@@ -5,9 +5,10 @@ at a fraction of its cost.
 line, so a gateway with 4 workers (~1 000 lines: four latency histograms per route and worker) spent ~24 ms per
 scrape and 16 workers ~90 ms — on the event loop, every stream stalled that long at each Prometheus scrape. A
 series' escaped name and labels never change, so ``Exposition`` makes that part of a line once and keeps it
-(bounded: the label sets are bounded by design, the cache is dropped whole past ``max_series``); what is left per
-line is the value. ``tests/test_exposition.py`` compares the bytes with ``generate_latest`` on registries with every
-metric type, escapes and timestamps."""
+(bounded: the label sets are bounded by design; past ``max_series`` series the cache starts a new generation and
+keeps the last one's series only as they are used again, so a scrape of a few more series than that still finds
+most of them); what is left per line is the value. ``tests/test_exposition.py`` compares the bytes with
+``generate_latest`` on registries with every metric type, escapes and timestamps."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ class Exposition:
 
     def __init__(self, max_series: int = 200_000) -> None:
         self.max_series = max_series
+        self.made = 0  # series prefixes made (cache misses)
         self._prefixes: dict[_SeriesKey, str] = {}  # series -> 'name{labels} '
+        self._older: dict[_SeriesKey, str] = {}  # the generation before: what a render still uses is moved back
         self._heads: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}  # family -> HELP/TYPE, om names
 
     def render(self, registry: Collector) -> bytes:
@@ -94,9 +97,12 @@ class Exposition:
         key = (name, tuple(labels.items()))
         prefix = self._prefixes.get(key)
         if prefix is None:
-            prefix = _prefix(name, labels)
-            if len(self._prefixes) >= self.max_series:
-                self._prefixes = {}
+            prefix = self._older.pop(key, None)
+            if prefix is None:
+                prefix = _prefix(name, labels)
+                self.made += 1
+            if len(self._prefixes) >= self.max_series:  # a new generation: what is not used again is dropped
+                self._older, self._prefixes = self._prefixes, {}
             self._prefixes[key] = prefix
         if timestamp is None:
             return f"{prefix}{_go_float(value)}\n"

@@ -92,7 +92,23 @@ def test_a_full_cache_starts_over_and_still_renders_right() -> None:
     ex = Exposition(max_series=5)
     for _ in range(3):
         assert ex.render(reg) == generate_latest(reg)
-    assert len(ex._prefixes) <= 5
+    assert len(ex._prefixes) <= 5 and len(ex._older) <= 5
+
+
+def test_a_scrape_of_a_few_more_series_than_the_cache_holds_still_finds_most_of_them() -> None:
+    """Past ``max_series`` the cache is not dropped whole: a render of 1.2x as many series as it holds makes only
+    a fraction of them again (dropped whole, every render made all but a few again)."""
+    reg = CollectorRegistry()
+    g = Gauge("g", "A gauge.", ["i"], registry=reg)
+    for i in range(1200):
+        g.labels(str(i)).set(i)
+    ex = Exposition(max_series=1000)
+    assert ex.render(reg) == generate_latest(reg) and ex.made == 1200
+    for _ in range(3):
+        made = ex.made
+        assert ex.render(reg) == generate_latest(reg)
+        assert ex.made - made <= 400
+    assert len(ex._prefixes) + len(ex._older) <= 2 * 1000
 
 
 def test_stepwise_render_is_the_same_text_and_lets_the_loop_run_between_pieces() -> None:
