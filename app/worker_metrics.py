@@ -58,6 +58,7 @@ UP = "tokengate_worker_metrics_up"
 UP_HELP = "1 when the gateway could scrape the worker's /metrics."
 LINE_WEIGHT = PARSE_WEIGHT + 1  # a line parsed, then its sample relabelled and rendered
 CHUNK_LINES = STEP // LINE_WEIGHT  # lines parsed and rendered between two looks at the loop
+MAX_LINE = 64 * 1024  # a longer line makes the worker's text unparsable: one line is parsed in one go (~170 ms a MB)
 CHUNK_CHARS = CHUNK_LINES * 256  # ... or of this many characters: a long label value weighs as the lines it is long
 
 
@@ -99,6 +100,8 @@ def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) ->
     end = len(text)
     while stop < end:
         nxt = text.find("\n", stop) + 1 or end
+        if nxt - stop > MAX_LINE:
+            raise ValueError(f"a line of {nxt - stop} characters (the most taken is {MAX_LINE})")
         line = text[stop:nxt].strip()
         parts = line.split(None, 3) if line.startswith("#") else []
         directive = parts[1] if len(parts) > 1 and parts[1] in ("HELP", "TYPE") else ""

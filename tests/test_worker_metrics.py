@@ -20,6 +20,7 @@ from app.state import WORKER_SERIES
 from app.worker_metrics import (
     CHUNK_LINES,
     LINE_WEIGHT,
+    MAX_LINE,
     SCRAPE_TIMEOUT,
     _chunks,
     _Family,
@@ -160,13 +161,20 @@ def test_a_piece_repeats_one_help_and_one_type_line_however_often_the_text_has_t
 
 
 def test_pieces_are_cut_by_length_too_and_long_lines_weigh_as_their_length() -> None:
-    long_value = "x" * 100_000
+    long_value = "x" * 60_000
     text = "# TYPE vllm:l gauge\n" + "".join(f'vllm:l{{v="{long_value}{i}"}} {i}\n' for i in range(8))
     pieces = list(_chunks(text))
     assert len(pieces) == 8  # one line a piece: each is past CHUNK_CHARS alone
-    assert all(n >= 100_000 // 256 for _, n in pieces)
+    assert all(n >= 60_000 // 256 for _, n in pieces)
     worker = Worker(name="w", url="http://127.0.0.1:1")
-    assert _steps([(worker, text)]) >= 8 * LINE_WEIGHT * (100_000 // 256) // STEP - 1
+    assert _steps([(worker, text)]) >= 8 * LINE_WEIGHT * (60_000 // 256) // STEP - 1
+    assert relabel([(worker, text)]).count(b"vllm:l{") == 8
+
+
+def test_a_line_too_long_to_parse_in_one_step_makes_the_worker_down() -> None:
+    text = '# TYPE vllm:l gauge\nvllm:l{v="%s"} 1\nvllm:l{v="b"} 2\n' % ("x" * MAX_LINE)
+    out = relabel([(Worker(name="w", url="http://127.0.0.1:1"), text)]).decode()
+    assert "vllm:l" not in out and 'worker="w"} 0.0' in out
 
 
 def test_runs_of_empty_families_are_cut_like_any_other_lines() -> None:
