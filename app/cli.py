@@ -246,7 +246,10 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     app = create_app(settings, worker_specs=specs, preset_caps=caps, regions=regions or set(), on_ready=on_ready)
     state: AppState = app.state.tokengate
     server = DrainingServer(server_config(app, settings), state)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once all is stopped: no traceback
+        return 130
     return 0 if server.started else 1
 
 

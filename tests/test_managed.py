@@ -430,6 +430,24 @@ def test_sigterm_drains_streams_then_stops_every_worker(fake_vllm: Path, tmp_pat
             kill_leftovers(tree)
 
 
+def test_ctrl_c_stops_every_worker_and_exits_130_without_a_traceback(fake_vllm: Path, tmp_path: Path) -> None:
+    """``make run``'s "Ctrl-C stops everything": uvicorn raises the SIGINT it handled again after the shutdown;
+    the CLI ends there with the shell's code for it, not with a KeyboardInterrupt traceback that reads as a crash."""
+    with serve_fake(fake_vllm, tmp_path, "--replicas", "2", "--drain-timeout", "3",
+                    env=("FAKE_ENGINE_CHILD=1",)) as gw:
+        workers = [w["pid"] for w in readyz(gw.url)["workers"]]
+        wait_until(lambda: all(descendants(p) for p in workers), 5, "the workers' engine children")
+        tree = [p for pid in workers for p in [pid, *descendants(pid)]]
+        try:
+            os.killpg(gw.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+            assert gw.proc.wait(30) == 130
+            wait_until(lambda: not any(alive(p) for p in tree), 5, "every worker process gone")
+            log = gw.log.read_text(errors="replace")
+            assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+        finally:
+            kill_leftovers(tree)
+
+
 def test_sigkill_of_the_gateway_leaves_no_worker_behind(fake_vllm: Path, tmp_path: Path) -> None:
     with serve_fake(fake_vllm, tmp_path, "--replicas", "2", env=("FAKE_ENGINE_CHILD=1",)) as gw:
         workers = [w["pid"] for w in readyz(gw.url)["workers"]]

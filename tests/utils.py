@@ -78,6 +78,7 @@ def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), 
 class GatewayProcess:
     url: str
     proc: subprocess.Popen[bytes]
+    log: Path  # its stdout and stderr, until the context ends
 
     @property
     def base(self) -> str:
@@ -98,7 +99,7 @@ def gateway_process(*args: str, env: dict[str, str] | None = None, ready_timeout
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             start_new_session=True)
-    gw = GatewayProcess(f"http://127.0.0.1:{port}", proc)
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", proc, Path(log.name))
     try:
         try:
             wait_until(lambda: proc.poll() is None and httpx.get(gw.url + "/readyz").status_code == 200,
