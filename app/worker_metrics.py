@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import _parse_sample, _split_quoted, _unquote_unescape, text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from .api import State
 from .errors import GatewayError
@@ -76,24 +79,55 @@ class _Family:
 
 _ALLOWED = {"counter": ("",), "gauge": ("",), "summary": ("_count", "_sum", ""),
             "histogram": ("_count", "_sum", "_bucket")}  # the sample names of a typed family (the text parser's)
-_NAME = re.compile(r"[^{\s]+")  # a sample line's metric name
+_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]+")  # the parser's separators (string.whitespace)
+_PLAIN = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{|[ \t])")  # a sample line's name, where it is plain
+
+
+# the parser's own helpers (untyped, private): _chunks reads a line exactly as the parser does
+_split = cast(Callable[[str, None, int], list[str]], _split_quoted)
+_unquote = cast(Callable[[str], tuple[str, bool]], _unquote_unescape)
+_sample = cast(Callable[[str], Sample], _parse_sample)
+
+
+class _Unsplittable(Exception):
+    """A family's HELP or TYPE changes after a piece was cut inside it: the parser applies the change to the whole
+    family, pieces would only to the samples after it. Such a text is parsed whole."""
+
+
+def _directive(line: str) -> tuple[str, str, str]:
+    """A comment line as the text parser reads it: (``HELP``/``TYPE``/"" for other comments, the family name
+    (unquoted), the rest: the doc or the type)."""
+    parts = _SPACE.split(line, 3) if '"' not in line else _split(line, None, 3)
+    if len(parts) < 2 or parts[1] not in ("HELP", "TYPE"):
+        return "", "", ""
+    name = _unquote(parts[2])[0] if len(parts) > 2 else ""
+    return parts[1], name, parts[3] if len(parts) > 3 else ""
+
+
+def _sample_name(line: str) -> str:
+    """A sample line's metric name as the text parser reads it (its own code where the line is not plain)."""
+    plain = _PLAIN.match(line)
+    if plain is not None and (plain.group(2) == "{" or "{" not in line):
+        return plain.group(1)
+    return _sample(line).name  # a quoted name, an exemplar, odd spacing; ValueError if unparsable
 
 
 def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int]]:
     """The text in pieces of about ``size`` lines or ``max_chars`` characters, cut at line ends, each with its weight
     in lines (its lines, or its length over 256 where that is more): one family of 100 000 samples is parsed a few
     dozen lines at a time, not in one go. Each piece parses alone into the samples it holds under the families the
-    whole text puts them in — the merge by name joins the pieces again:
+    whole text puts them in (the merge by name joins the pieces again). To that end the lines are read as the text
+    parser reads them (its tokens, quoted names, where a family ends), and:
     - a piece that starts inside a family starts with that family's ``# HELP`` and ``# TYPE`` lines again (the last
       of each, once: a text that repeats them is not parsed again and again);
-    - a piece never ends between a family's ``# HELP`` and its ``# TYPE`` (the first half would parse as an
-      untyped family), unless a sample comes between them, or the next line begins another family;
-    - the family ends, as for the text parser, at a sample outside its names (later samples are untyped).
-    Not followed: a ``# TYPE`` after a family's first samples (the parser retypes the family; a piece cut before
-    it holds those samples untyped)."""
+    - a piece never ends between a family's ``# HELP`` and its ``# TYPE`` unless a sample comes between them or the
+      next line begins another family (the first half would parse as an untyped family);
+    - a family that changes its HELP or TYPE after a cut inside it raises ``_Unsplittable``."""
     name = ""  # the family the parser is in, at the line being looked at ("": none)
     help_line = type_line = ""  # its last HELP and TYPE lines
+    doc = kind = ""  # what they say
     allowed: tuple[str, ...] = ()
+    cut_inside = False  # a piece was cut inside the current family
     after_sample = False  # the line before was a sample
     head = ""  # the piece's first lines: its family's HELP and TYPE
     start = stop = lines = 0
@@ -103,28 +137,30 @@ def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) ->
         if nxt - stop > MAX_LINE:
             raise ValueError(f"a line of {nxt - stop} characters (the most taken is {MAX_LINE})")
         line = text[stop:nxt].strip()
-        parts = line.split(None, 3) if line.startswith("#") else []
-        directive = parts[1] if len(parts) > 1 and parts[1] in ("HELP", "TYPE") else ""
-        starts_family = bool(directive) and (parts[2] if len(parts) > 2 else "") != name
+        directive, new_name, rest = _directive(line) if line.startswith("#") else ("", "", "")
+        starts_family = bool(directive) and new_name != name
         if lines >= size or stop - start >= max_chars:  # full: cut before this line, where that parses the same
             if after_sample or starts_family or bool(help_line) == bool(type_line):
                 piece = text[start:stop]
                 yield head + piece, max(lines, len(piece) // 256)
                 head = "" if starts_family else help_line + type_line
+                cut_inside = bool(name) and not starts_family
                 start, lines = stop, 0
         if starts_family:
-            name, help_line, type_line = parts[2] if len(parts) > 2 else "", "", ""
+            name, help_line, type_line, doc, kind, cut_inside = new_name, "", "", "", "", False
             allowed = (name,)
         if directive == "HELP":
-            help_line = line + "\n"
+            if cut_inside and rest != doc:
+                raise _Unsplittable(f"{name}: its HELP changes after its first samples")
+            help_line, doc = line + "\n", rest
         elif directive == "TYPE":
-            type_line = line + "\n"
-            allowed = tuple(name + s for s in _ALLOWED.get(parts[3] if len(parts) > 3 else "", ("",)))
+            if cut_inside and rest != kind:
+                raise _Unsplittable(f"{name}: its TYPE changes after its first samples")
+            type_line, kind = line + "\n", rest
+            allowed = tuple(name + s for s in _ALLOWED.get(rest, ("",)))
         after_sample = bool(line) and not line.startswith("#")
-        if after_sample and name and line[0] != "{":  # a quoted name ({"name", ...}) is left as it is
-            sample = _NAME.match(line)
-            if sample is not None and sample.group() not in allowed:  # the family ends here (the parser's rule)
-                name, help_line, type_line, allowed = "", "", "", ()
+        if after_sample and name and _sample_name(line) not in allowed:  # the family ends here (the parser's rule)
+            name, help_line, type_line, doc, kind, allowed, cut_inside = "", "", "", "", "", (), False
         stop = nxt
         lines += 1
     if start < end:
@@ -132,8 +168,39 @@ def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) ->
         yield head + piece, max(lines, len(piece) // 256)
 
 
+def _take(families: Iterable[Metric], found: dict[str, _Family], exposition: Exposition,
+          ours: dict[str, str]) -> None:
+    """Parsed families' ``vllm:`` samples, labelled and rendered, into ``found`` (by the name each shows)."""
+    for f in families:
+        if f.name.startswith(PREFIX):
+            key = exposed_name(f.name, f.type)  # a counter x and a gauge x_total: one name
+            family = found.get(key)
+            if family is None:
+                family = found[key] = _Family(f.name, f.type, f.documentation)
+            elif family.type != f.type:
+                continue  # a name twice, of two types: the first one's kept (as across workers)
+            family.lines.append("".join([exposition.line(s.name, {**s.labels, **ours}, s.value, s.timestamp)
+                                         for s in f.samples]))
+
+
+def _parse_steps(text: str, found: dict[str, _Family], exposition: Exposition, ours: dict[str, str],
+                 size: int = CHUNK_LINES) -> Iterator[int]:
+    """A worker's text parsed into ``found`` a piece at a time, yielding each piece's weight; a text whose pieces
+    would not parse the same (``_Unsplittable``) again whole, a family at a time."""
+    try:
+        for piece, count in _chunks(text, size):
+            _take(text_string_to_metric_families(piece), found, exposition, ours)
+            yield LINE_WEIGHT * count
+    except _Unsplittable as why:
+        log.debug("a worker's metrics parsed whole: %s", why)
+        found.clear()
+        for f in text_string_to_metric_families(text):
+            _take((f,), found, exposition, ours)
+            yield LINE_WEIGHT * max(1, len(f.samples))
+
+
 def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Exposition,
-                 merged: dict[str, _Family], up: list[str]) -> Iterator[None]:
+                 merged: dict[str, _Family], up: list[str], size: int = CHUNK_LINES) -> Iterator[None]:
     """``relabel``'s work, pausing (a bare ``yield``) after about ``STEP`` units: a line parsed, relabelled and
     rendered is ``LINE_WEIGHT`` units. A worker's text is all parsed before any of it is merged: one that turns out
     unparsable counts as down, nothing of it kept. Fills ``merged`` (by the name a family shows in the text, first
@@ -146,18 +213,8 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
         found: dict[str, _Family] = {}
         if text is not None:
             try:
-                for piece, count in _chunks(text):
-                    for f in text_string_to_metric_families(piece):
-                        if f.name.startswith(PREFIX):
-                            key = exposed_name(f.name, f.type)  # a counter x and a gauge x_total: one name
-                            family = found.get(key)
-                            if family is None:
-                                family = found[key] = _Family(f.name, f.type, f.documentation)
-                            elif family.type != f.type:
-                                continue  # a name twice, of two types: the first one's kept (as across workers)
-                            family.lines.append("".join([exposition.line(s.name, {**s.labels, **ours}, s.value,
-                                                                         s.timestamp) for s in f.samples]))
-                    done += LINE_WEIGHT * count
+                for weight in _parse_steps(text, found, exposition, ours, size):
+                    done += weight
                     while done >= STEP:
                         done -= STEP
                         yield

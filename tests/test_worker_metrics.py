@@ -26,6 +26,7 @@ from app.worker_metrics import (
     _Family,
     _merge_steps,
     _text,
+    _Unsplittable,
     relabel,
     relabel_stepwise,
 )
@@ -148,16 +149,55 @@ def test_pieces_parse_into_the_same_samples_under_the_same_families() -> None:
 
 
 def test_a_piece_repeats_one_help_and_one_type_line_however_often_the_text_has_them() -> None:
-    """A text may repeat a family's HELP line: a piece starts with the last HELP and TYPE lines only, so the text is
-    parsed about once, not once for every piece that follows them."""
-    text = "# TYPE vllm:r gauge\n" + "".join(f"# HELP vllm:r Doc {i}.\nvllm:r{{i=\"{i}\"}} {i}\n" for i in range(2000))
+    """A text may repeat a family's HELP line (two expositions run together): a piece starts with the last HELP and
+    TYPE lines only, so the text is parsed about once, not once for every piece that follows them."""
+    text = "# TYPE vllm:r gauge\n" + "".join(f"# HELP vllm:r Doc.\nvllm:r{{i=\"{i}\"}} {i}\n" for i in range(2000))
     pieces = list(_chunks(text, 10))
     assert len(pieces) >= 2000 * 2 // 12
     assert max(piece.count("\n") for piece, _ in pieces) <= 10 + 2
-    assert all(piece.startswith("# HELP vllm:r Doc ") or piece.startswith("# TYPE") for piece, _ in pieces)
-    got = [(f.name, f.type, s.labels["i"]) for piece, _ in pieces for f in text_string_to_metric_families(piece)
-           for s in f.samples]
-    assert got == [("vllm:r", "gauge", str(i)) for i in range(2000)]
+    assert all(piece.startswith("# HELP vllm:r Doc.") or piece.startswith("# TYPE") for piece, _ in pieces)
+    got = [(f.name, f.type, f.documentation, s.labels["i"]) for piece, _ in pieces
+           for f in text_string_to_metric_families(piece) for s in f.samples]
+    assert got == [("vllm:r", "gauge", "Doc.", str(i)) for i in range(2000)]
+
+
+ODD_TEXTS = {  # texts prometheus-client's parser reads in ways a line-by-line look can miss (from a review)
+    "a quoted sample name ends the family": '# TYPE vllm:a gauge\nvllm:a 1\n{"vllm:b"} 2\nvllm:a 3\n',
+    "a quoted name in TYPE": '# TYPE "vllm:a" gauge\nvllm:a 1\nvllm:a 2\n',
+    "a quoted name in HELP": '# HELP "vllm:a" doc\n# TYPE vllm:a gauge\nvllm:a 1\nvllm:a 2\n',
+    "a no-break space: a comment": '# TYPE vllm:a gauge\nvllm:a 1\n# HELP\xa0vllm:b x\nvllm:a 2\n',
+    "a space inside a name": '# TYPE vllm:a gauge\nvllm:a 1\nvllm:a b{x="1"} 5\nvllm:a 3\n',
+    "HELP changed after samples": '# HELP vllm:a x\n# TYPE vllm:a gauge\nvllm:a 1\nvllm:a 2\n# HELP vllm:a y\n',
+    "TYPE after samples": '# HELP vllm:a x\nvllm:a 1\nvllm:a 2\n# TYPE vllm:a counter\nvllm:a 3\n',
+    "CRLF line ends, no last newline": '# HELP vllm:a x\r\n# TYPE vllm:a gauge\r\nvllm:a 1\r\nvllm:a 2',
+    "an exemplar": '# TYPE vllm:a gauge\nvllm:a 1 # {t="1"} 2\nvllm:a 2\n',
+}
+
+
+@pytest.mark.parametrize("title", ODD_TEXTS)
+def test_odd_texts_relabel_as_the_whole_text_parses(title: str) -> None:
+    text = ODD_TEXTS[title]
+    worker = Worker(name="w", url="http://127.0.0.1:1", region="r", preset="p")
+    try:
+        expected = relabel_before([(worker, text)])
+    except ValueError:
+        expected = relabel_before([(worker, None)])  # the old code let it out (a 500); now the worker is down
+    assert relabel([(worker, text)]) == expected
+    for size in range(1, 6):  # and each cut of it: pieces, or the whole text where pieces would differ
+        merged: dict[str, _Family] = {}
+        up: list[str] = []
+        exposition = Exposition()
+        for _ in _merge_steps([(worker, text)], exposition, merged, up, size=size):
+            pass
+        assert b"".join(_text(exposition, merged, up)) == expected, size
+
+
+def test_a_family_whose_help_or_type_changes_after_a_cut_is_parsed_whole() -> None:
+    text = "# TYPE vllm:d gauge\n" + "".join(f'vllm:d{{i="{i}"}} {i}\n' for i in range(100)) + "# HELP vllm:d Late.\n"
+    with pytest.raises(_Unsplittable):
+        list(_chunks(text, 10))
+    out = relabel([(Worker(name="w", url="http://127.0.0.1:1"), text)]).decode()
+    assert "# HELP vllm:d Late.\n" in out and out.count("vllm:d{") == 100
 
 
 def test_pieces_are_cut_by_length_too_and_long_lines_weigh_as_their_length() -> None:
