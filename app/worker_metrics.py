@@ -114,23 +114,28 @@ def _sample_name(line: str) -> str:
 
 def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int]]:
     """The text in pieces of about ``size`` lines or ``max_chars`` characters, cut at line ends, each with its weight
-    in lines (its lines, or its length over 256 where that is more): one family of 100 000 samples is parsed a few
-    dozen lines at a time, not in one go. Each piece parses alone into the samples it holds under the families the
-    whole text puts them in (the merge by name joins the pieces again). To that end the lines are read as the text
-    parser reads them (its tokens, quoted names, where a family ends), and:
-    - a piece that starts inside a family starts with that family's ``# HELP`` and ``# TYPE`` lines again (the last
-      of each, once: a text that repeats them is not parsed again and again);
-    - a piece never ends between a family's ``# HELP`` and its ``# TYPE`` unless a sample comes between them or the
-      next line begins another family (the first half would parse as an untyped family);
-    - a family that changes its HELP or TYPE after a cut inside it raises ``_Unsplittable``."""
+    in lines (the lines read for it, or their length over 256 where that is more): one family of 100 000 samples is
+    parsed a few dozen lines at a time, not in one go. Each piece parses alone into the samples it holds under the
+    families the whole text puts them in (the merge by name joins the pieces again). To that end the lines are read
+    as the text parser reads them (its tokens, quoted names, where a family ends), and:
+    - a piece that starts inside a family starts with that family's ``# HELP`` and ``# TYPE`` lines again;
+    - lines the parser ignores or that change nothing (blank lines, comments, a family's HELP or TYPE again) are left
+      out, and a family's HELP replaced before its TYPE or first sample is too;
+    - a piece never ends inside a family that has its HELP but not its TYPE, or the other way round, before its first
+      sample (the first half would parse as another family) — an empty piece (``""``) then stands for the lines read;
+    - a family whose HELP or TYPE changes after a cut inside it raises ``_Unsplittable``."""
     name = ""  # the family the parser is in, at the line being looked at ("": none)
     help_line = type_line = ""  # its last HELP and TYPE lines
     doc = kind = ""  # what they say
     allowed: tuple[str, ...] = ()
+    sampled = False  # the current family has had a sample
     cut_inside = False  # a piece was cut inside the current family
-    after_sample = False  # the line before was a sample
+    help_kept = 0  # the length of the family's HELP line where it is the last line kept (0: it is not)
     head = ""  # the piece's first lines: its family's HELP and TYPE
-    start = stop = lines = 0
+    due = False  # the piece is overdue: cut it where that parses the same
+    kept: list[str] = []  # the piece's lines before ``run``
+    run = 0  # where the piece's current run of kept lines starts
+    start = stop = lines = 0  # start: where the lines read since the last yield start
     end = len(text)
     while stop < end:
         nxt = text.find("\n", stop) + 1 or end
@@ -139,33 +144,55 @@ def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) ->
         line = text[stop:nxt].strip()
         directive, new_name, rest = _directive(line) if line.startswith("#") else ("", "", "")
         starts_family = bool(directive) and new_name != name
-        if lines >= size or stop - start >= max_chars:  # full: cut before this line, where that parses the same
-            if after_sample or starts_family or bool(help_line) == bool(type_line):
-                piece = text[start:stop]
-                yield head + piece, max(lines, len(piece) // 256)
+        full = lines >= size or stop - start >= max_chars
+        if full or due:  # time to yield
+            weight = max(lines, (stop - start) // 256)
+            if starts_family or sampled or bool(help_line) == bool(type_line):  # a cut here parses the same
+                yield head + "".join(kept) + text[run:stop], weight
                 head = "" if starts_family else help_line + type_line
                 cut_inside = bool(name) and not starts_family
+                kept, run, help_kept, due = [], stop, 0, False
                 start, lines = stop, 0
+            elif full:  # not here: the lines read so far, and a cut as soon as one parses the same
+                yield "", weight
+                start, lines, due = stop, 0, True
+        lines += 1
+        no_op = (not line or (line.startswith("#") and not directive)
+                 or (directive == "HELP" and not starts_family and help_line and rest == doc)
+                 or (directive == "TYPE" and not starts_family and type_line and rest == kind))
+        if no_op or (directive == "HELP" and not starts_family and help_kept):
+            if run < stop:  # leave this line out: the run of kept lines ends before it
+                kept.append(text[run:stop])
+            if not no_op:  # a HELP replacing the one kept just before it
+                kept[-1] = kept[-1][:-help_kept]
+            run = nxt
+            if no_op:
+                stop = nxt
+                continue
+            kept.append(text[stop:nxt])
+            run = nxt
+        help_kept = 0
         if starts_family:
-            name, help_line, type_line, doc, kind, cut_inside = new_name, "", "", "", "", False
+            name, help_line, type_line, doc, kind, sampled, cut_inside = new_name, "", "", "", "", False, False
             allowed = (name,)
         if directive == "HELP":
             if cut_inside and rest != doc:
                 raise _Unsplittable(f"{name}: its HELP changes after its first samples")
             help_line, doc = line + "\n", rest
+            help_kept = 0 if sampled or type_line else nxt - stop
         elif directive == "TYPE":
             if cut_inside and rest != kind:
                 raise _Unsplittable(f"{name}: its TYPE changes after its first samples")
             type_line, kind = line + "\n", rest
             allowed = tuple(name + s for s in _ALLOWED.get(rest, ("",)))
-        after_sample = bool(line) and not line.startswith("#")
-        if after_sample and name and _sample_name(line) not in allowed:  # the family ends here (the parser's rule)
-            name, help_line, type_line, doc, kind, allowed, cut_inside = "", "", "", "", "", (), False
+        elif not line.startswith("#"):
+            sampled = True
+            if name and _sample_name(line) not in allowed:  # the family ends here (the parser's rule)
+                name, help_line, type_line, doc, kind, allowed, cut_inside = "", "", "", "", "", (), False
         stop = nxt
-        lines += 1
-    if start < end:
-        piece = text[start:]
-        yield head + piece, max(lines, len(piece) // 256)
+    piece = "".join(kept) + text[run:end]
+    if piece or lines:
+        yield (head + piece if piece else ""), max(lines, (end - start) // 256)
 
 
 def _take(families: Iterable[Metric], found: dict[str, _Family], exposition: Exposition,
@@ -218,8 +245,9 @@ def _merge_steps(scrapes: Sequence[tuple[Worker, str | None]], exposition: Expos
                     while done >= STEP:
                         done -= STEP
                         yield
-            except (ValueError, OverflowError) as exc:  # OverflowError: a timestamp of +Inf or 400 digits
-                log.warning("worker %s sent unparsable metrics: %s", worker.name, exc)
+            except Exception as exc:  # the parser's, on a worker's text: ValueError, OverflowError (a
+                # timestamp of +Inf or 400 digits), IndexError (a line like '{,'): that worker is down, not the scrape
+                log.warning("worker %s sent unparsable metrics: %r", worker.name, exc)
                 text, found = None, {}
         up.append(exposition.line(UP, ours, 0.0 if text is None else 1.0))
         for key, family in found.items():
