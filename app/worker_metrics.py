@@ -160,17 +160,15 @@ def _chunks(text: str, size: int = CHUNK_LINES, max_chars: int = CHUNK_CHARS) ->
         no_op = (not line or (line.startswith("#") and not directive)
                  or (directive == "HELP" and not starts_family and help_line and rest == doc)
                  or (directive == "TYPE" and not starts_family and type_line and rest == kind))
-        if no_op or (directive == "HELP" and not starts_family and help_kept):
-            if run < stop:  # leave this line out: the run of kept lines ends before it
+        replaces = not no_op and directive == "HELP" and not starts_family and help_kept
+        if no_op or replaces:  # the run of kept lines ends before this line
+            if run < stop:
                 kept.append(text[run:stop])
-            if not no_op:  # a HELP replacing the one kept just before it
-                kept[-1] = kept[-1][:-help_kept]
             run = nxt
             if no_op:
                 stop = nxt
                 continue
-            kept.append(text[stop:nxt])
-            run = nxt
+            kept[-1] = kept[-1][:-help_kept] + text[stop:nxt]  # a HELP in place of the one kept just before it
         help_kept = 0
         if starts_family:
             name, help_line, type_line, doc, kind, sampled, cut_inside = new_name, "", "", "", "", False, False
