@@ -20,12 +20,13 @@ from .admission import Slot
 from .aggregate import StreamAggregator
 from .auth import OPEN, Principal
 from .caps import Decision
+from .clientwriter import ClientWriter
 from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout, status_of
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest
 from .sse import SSEParser
-from .streaming import ClientWriter, RelayBatch, Splice, collect, open_splice, relay
+from .streaming import RelayBatch, Splice, collect, open_splice, relay
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
 

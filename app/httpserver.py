@@ -22,11 +22,11 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from .clientwriter import CLIENT_WRITER
 from .eager import PassBudget, start_eager
 from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
 from .protocol import ROUTES
 from .settings import Settings
-from .streaming import CLIENT_WRITER
 
 EAGER_PATHS = frozenset(ROUTES)  # the generation routes start eagerly (see _start_asgi_task)
 EAGER_PER_PASS = 4  # eager starts per loop pass (app.eager): a light or bursty load's requests, not saturation's

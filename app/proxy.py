@@ -18,6 +18,7 @@ from typing import Any
 from .admission import PoolGates
 from .auth import KeyStore, check_access
 from .caps import CapConfig, Caps, decide
+from .clientwriter import CLIENT_WRITER
 from .counting import PromptCounter
 from .dispatch import Dispatcher
 from .errors import (
@@ -46,7 +47,6 @@ from .protocol import ROUTES, Route, parse_request, set_max_tokens, upstream_bod
 from .requestio import ClientGone, read_body, read_headers
 from .routing import candidates, placements
 from .settings import Settings
-from .streaming import CLIENT_WRITER
 from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
 from .watchdog import WriteWatchdog

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from time import monotonic, perf_counter
-from typing import Any, Protocol
+from typing import Any
 
+from .clientwriter import ClientWriter
 from .errors import GatewayError, UpstreamError, UpstreamTimeout, sse_event
 from .sse import SSEParser
 from .upstream import UpstreamProtocolError, UpstreamResponse
@@ -56,46 +57,6 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
     body = b"" if st.saw_error else sse_event(truncated)
     await send({"type": "http.response.body", "body": body, "more_body": False})
     return truncated
-
-
-CLIENT_WRITER = "tokengate.client"  # the ASGI scope extension under which the server offers a ClientWriter
-
-
-class ClientWriter(Protocol):
-    """Writes a response straight to the client's connection, beside the ASGI ``send``: the head with the first
-    body chunk, each later chunk, the end — fewer writes, and no message objects per chunk."""
-
-    def can_start(self) -> bool:
-        """Nothing of the response has gone out yet, and the client is still there."""
-        ...
-
-    def start(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, end: bool) -> None:
-        """A chunked response's head and first chunk (and its end, with ``end``)."""
-        ...
-
-    def write(self, data: bytes) -> None:
-        """One more chunk (dropped when the client has gone: its watcher notices)."""
-        ...
-
-    def end(self, data: bytes) -> None:
-        """The last chunk and the end of the response."""
-        ...
-
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response with a Content-Length."""
-        ...
-
-    @property
-    def write_paused(self) -> bool: ...
-
-    async def drain(self) -> None:
-        """Wait until the client's connection takes writes again (or is gone)."""
-        ...
-
-    def watch(self, on_lost: Callable[[], None]) -> bool:
-        """Have ``on_lost`` called when the connection is lost before the response is complete; False when it
-        is lost already."""
-        ...
 
 
 class RelayBatch:
