@@ -8,6 +8,9 @@ requests an idle timeout, and lets the gateway measure their decode speed.
 The object has the fields vLLM's own non-streaming answer has that clients read: per choice the concatenated
 text (or message content/reasoning), merged tool calls, concatenated logprobs, finish and stop reasons; usage;
 and any other field the worker sent (first non-null value wins).
+
+A worker's answer of another shape than the OpenAI one (a choice index that is not an integer, ``choices`` that
+is not a list) is a protocol error (502), never an exception of ours.
 """
 
 from __future__ import annotations
@@ -53,13 +56,22 @@ def _merge_logprobs(into: dict[str, Any] | None, new: Any) -> dict[str, Any] | N
     return into
 
 
+def _index(raw: dict[str, Any], default: int) -> int:
+    idx = raw.get("index", default)
+    if type(idx) is not int:
+        raise UpstreamProtocolError("worker sent a choice or tool call whose index is not an integer")
+    return idx
+
+
 def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
-    idx = delta.get("index", len(calls))
+    idx = _index(delta, len(calls))
     call = calls.setdefault(idx, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
     for key in ("id", "type"):
         if delta.get(key):
             call[key] = delta[key]
-    fn = delta.get("function") or {}
+    fn = delta.get("function")
+    if not isinstance(fn, dict):
+        return
     if fn.get("name"):
         call["function"]["name"] = fn["name"]
     if isinstance(fn.get("arguments"), str):
@@ -87,10 +99,15 @@ class StreamAggregator:
                 self.extra[key] = value
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for raw in chunk.get("choices") or ():
+        raws = chunk.get("choices")
+        if not raws:
+            return
+        if not isinstance(raws, list):
+            raise UpstreamProtocolError("worker sent choices that are not a list")
+        for raw in raws:
             if not isinstance(raw, dict):
                 continue
-            idx = raw.get("index", 0)
+            idx = _index(raw, 0)
             choice = self.choices.get(idx)
             if choice is None:
                 choice = self.choices[idx] = _Choice(idx)
@@ -98,7 +115,9 @@ class StreamAggregator:
 
     def _add_choice(self, choice: _Choice, raw: dict[str, Any]) -> None:
         if self.route == "chat":
-            delta = raw.get("delta") or {}
+            delta = raw.get("delta")
+            if not isinstance(delta, dict):
+                delta = {}
             if delta.get("role"):
                 choice.role = delta["role"]
             if isinstance(delta.get("content"), str):
@@ -107,7 +126,8 @@ class StreamAggregator:
             for key in ("reasoning", "reasoning_content"):
                 if isinstance(delta.get(key), str):
                     choice.reasoning.setdefault(key, []).append(delta[key])
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     _merge_tool_call(choice.tool_calls, call)
         elif isinstance(raw.get("text"), str):

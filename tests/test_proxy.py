@@ -283,8 +283,9 @@ def test_client_disconnect_before_the_first_token_aborts_too(worker: ThreadedFak
 class _TrickleWorker:
     """A worker that writes its SSE body a few bytes at a time: events split across reads at every offset."""
 
-    def __init__(self, piece: int) -> None:
+    def __init__(self, piece: int, chunks: list[dict[str, Any]] | None = None) -> None:
         self.piece = piece
+        self.chunks = _stream_chunks() if chunks is None else chunks
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -317,7 +318,7 @@ class _TrickleWorker:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"count\":5}")
             elif path == b"/v1/chat/completions":
                 assert orjson.loads(body)["stream"] is True
-                sse = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in _stream_chunks()) + b"data: [DONE]\n\n"
+                sse = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in self.chunks) + b"data: [DONE]\n\n"
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
                 for i in range(0, len(sse), self.piece):
@@ -380,6 +381,20 @@ def test_events_split_across_reads_reach_the_client_whole(piece: int) -> None:
         doc = httpx.post(gw.base + "/chat/completions", json={**body, "stream": False}, timeout=10).json()
         assert doc["choices"][0]["message"]["content"] == " w0 w1 w2 w3 w4"
         assert doc["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize("choices", [5, [{"index": "0", "delta": {"content": "x"}}],
+                                     [{"index": 0, "delta": {"tool_calls": [{"index": [0]}]}}]], ids=str)
+def test_a_worker_stream_of_another_shape_is_a_502_for_a_non_streaming_client(choices: Any) -> None:
+    chunks = _stream_chunks()
+    chunks[2] = {**chunks[2], "choices": choices}
+    with _TrickleWorker(4096, chunks) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": False}
+        r = httpx.post(gw.base + "/chat/completions", json=body, timeout=10)
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["code"] == "bad_worker_response"
+        body["stream"] = True  # a streaming client gets the events as they came: the gateway reads no index
+        assert events(httpx.post(gw.base + "/chat/completions", json=body, timeout=10).text)[-1] == "[DONE]"
 
 
 def test_unknown_model_is_404_and_bounded_labels(worker: ThreadedFakeWorker) -> None:
