@@ -173,7 +173,7 @@ async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange
     resp = ex.resp
     assert resp is not None
     agg = StreamAggregator(req.route)
-    ex.parser = parser = SSEParser(include_usage=True, sink=agg.add)
+    ex.parser = parser = SSEParser(include_usage=True, sink=agg.add, take=agg.take)
     st = parser.state
     try:
         await collect(resp, first or b"", parser, idle_timeout=idle_timeout)

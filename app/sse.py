@@ -28,6 +28,10 @@ from .upstream import UpstreamProtocolError
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
+# A sink's typed reader (``aggregate.StreamAggregator.take``): takes an event's JSON whole and returns (has content,
+# usage, has choices); raises msgspec's errors, having taken nothing, on an event for the general way.
+Take = Callable[[bytes], tuple[bool, dict[str, Any] | None, bool]]
+
 
 def _has_content(obj: dict[str, Any]) -> bool:
     choices = obj.get("choices")
@@ -98,12 +102,14 @@ class SSEState:
 class SSEParser:
     """Feeds raw body bytes, returns the complete events to forward. Pure: no I/O (fuzzed in the tests)."""
 
-    __slots__ = ("include_usage", "state", "sink")
+    __slots__ = ("include_usage", "state", "sink", "take")
 
-    def __init__(self, include_usage: bool, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, include_usage: bool, sink: Callable[[dict[str, Any]], None] | None = None,
+                 take: Take | None = None) -> None:
         self.include_usage = include_usage
         self.state = SSEState()
         self.sink = sink  # gets every parsed event object (the non-streaming aggregator)
+        self.take = take  # or, first, the JSON of an event, which it takes whole if it can (aggregate.take)
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         st = self.state
@@ -141,7 +147,24 @@ class SSEParser:
 
     def _drop(self, event: bytes, now: float) -> bool:
         """Inspect one event; True when it must not reach the client (the usage event nobody asked for)."""
-        if event.startswith(b"data: {") and self.sink is None:
+        if event.startswith(b"data: {") and self.take is not None:
+            try:
+                content, usage, has_choices = self.take(event[6:])
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                pass  # another shape, or not JSON: the general way says which
+            else:
+                st = self.state
+                if usage is not None:
+                    st.usage = usage
+                    if not has_choices:
+                        return not self.include_usage
+                if content:
+                    st.content_events += 1
+                    if st.first_token is None:
+                        st.first_token = now
+                    st.last_token = now
+                return False
+        elif event.startswith(b"data: {") and self.sink is None:
             payload = event[6:]
             try:
                 if not payload.isascii():

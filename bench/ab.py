@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ttft", type=float, default=0.02)
     p.add_argument("--token-delay", type=float, default=0.01)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--no-stream", action="store_true", help='"stream": false requests (the gateway gathers the '
+                   "worker's stream into one answer)")
     p.add_argument("--count", choices=("remote", "local"), default="local",
                    help="local: the worker reports a generated tiny model the gateways count with; remote: /tokenize")
     p.add_argument("--workers", type=int, default=1,
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             for i, (wp, w) in enumerate(zip(wports, workers, strict=True)):
                 wait_http(wp, "/health", w, logdir / f"ab-worker{i}-{stamp}.log", 10)
             upstreams = [f"http://127.0.0.1:{wp}" for wp in wports]
-            body = chat_body(max_tokens=a.tokens, model="tiny")
+            body = chat_body(max_tokens=a.tokens, model="tiny", stream=not a.no_stream)
             targets = {"direct": Target.build(upstreams[0], body)}
             for k in ("A", "B"):
                 port, glog = free_port(), logdir / f"ab-gateway-{k}-{stamp}.log"
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     result = summary(arms)
     meta = {"timestamp": stamp, "old": a.old, "concurrency": a.concurrency, "rounds": a.rounds,
             "round_seconds": a.round_seconds, "lead_in": a.lead_in, "ttft": a.ttft, "token_delay": a.token_delay,
-            "tokens": a.tokens, "count": a.count, "workers": a.workers, "scrape_every": a.scrape_every}
+            "tokens": a.tokens, "stream": not a.no_stream, "count": a.count, "workers": a.workers,
+            "scrape_every": a.scrape_every}
     if a.scrape_every > 0:
         meta["scrapes"] = scrapes(scraper_log)
         if meta["scrapes"]["failed"]:

@@ -24,8 +24,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from app import sse
+from app.aggregate import StreamAggregator
 from app.caps import Caps, Decision, PromptSize, decide
-from app.errors import InvalidRequest
+from app.errors import GatewayError, InvalidRequest
 from app.policy import DANGEROUS_FIELDS, KNOWN_FIELDS, RequestPolicy, check, check_min_tokens
 from app.protocol import ParsedRequest, Route, parse_request, set_max_tokens, upstream_body
 from app.settings import Settings
@@ -241,6 +242,73 @@ def test_sse_typed_fast_path_agrees_with_the_general_path(events: list[bytes], i
                                st_.saw_error)
 
     assert run(SSEParser(include_usage)) == run(SSEParser(include_usage, sink=lambda obj: None))
+
+
+# The non-streaming aggregator's typed way (``StreamAggregator.take``) against its general way (``add``): events
+# near vLLM's shape, each field now and then of another type or value, unknown fields added.
+_maybe = st.one_of(st.none(), st.text(max_size=5), st.integers(-3, 3), st.just(2**63), st.just(2**64 - 1),
+                   st.just(1.5), st.just([]), st.just({}), st.just([1]), st.just({"a": None}), st.booleans())
+
+
+def _agg_events(odd: bool) -> st.SearchStrategy[dict[str, Any]]:
+    """Events as vLLM writes them; with ``odd``, any field now and then of another type or value, or unknown."""
+    def near(typical: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.one_of(*[typical] * 6, _maybe) if odd else typical
+
+    def plus(clean: st.SearchStrategy[dict[str, Any]], *keys: str, top: bool = False) -> st.SearchStrategy[Any]:
+        if not odd:
+            return clean
+        unknown = st.tuples(clean, st.sampled_from(keys), _maybe).map(lambda t: {**t[0], t[1]: t[2]})
+        return st.one_of(*[clean] * 6, unknown) if top else st.one_of(*[clean] * 6, unknown, _maybe)
+
+    delta = plus(st.fixed_dictionaries({"content": near(st.sampled_from(["", "a", " b"]))}, optional={
+        "role": near(st.sampled_from(["assistant", ""])),
+        "reasoning": near(st.text(max_size=3)), "reasoning_content": near(st.text(max_size=3)),
+        **({"tool_calls": st.lists(st.fixed_dictionaries({"index": st.integers(0, 2)}, optional={
+            "id": st.text(max_size=3), "type": st.just("function"),
+            "function": st.fixed_dictionaries({}, optional={"name": st.text(max_size=3),
+                                                            "arguments": st.text(max_size=3)})}), max_size=2)}
+           if odd else {})}), "other")
+    choice = plus(st.fixed_dictionaries({"index": near(st.integers(0, 1))}, optional={
+        "delta": near(delta), "text": near(st.sampled_from(["", "a", " b"])),
+        "logprobs": st.none() | st.fixed_dictionaries({"content": st.lists(st.integers(), max_size=2)})
+        if odd else st.none(),
+        "finish_reason": near(st.sampled_from([None, "stop", "length"])),
+        "stop_reason": near(st.one_of(st.none(), st.integers(0, 2), st.just("x"))),
+        "token_ids": near(st.none()), "prompt_token_ids": near(st.none())}), "matched_stop", "text")
+    usage = st.fixed_dictionaries({"prompt_tokens": near(st.integers(0, 99)), "completion_tokens": st.integers(0, 99)},
+                                  optional={"prompt_tokens_details": near(st.fixed_dictionaries(
+                                      {"cached_tokens": st.integers(0, 9)}))})
+    return plus(st.fixed_dictionaries({"choices": near(st.lists(choice, min_size=1, max_size=2) | st.just([]))},
+                                      optional={
+        "id": near(st.just("chatcmpl-1")), "object": near(st.just("chat.completion.chunk")),
+        "created": near(st.integers(0, 2**40)), "model": near(st.just("tiny")), "usage": near(st.none() | usage),
+        "system_fingerprint": near(st.none() | st.just("fp")), "prompt_token_ids": near(st.none()),
+        "prompt_text": near(st.none())}), "error", "service_tier", top=True)
+
+
+_agg_event = st.one_of(_agg_events(odd=False), _agg_events(odd=False), _agg_events(odd=True))
+
+
+@fuzz(400)
+@given(events=st.lists(_agg_event, min_size=1, max_size=6), route=st.sampled_from(["chat", "completion"]),
+       include_usage=st.booleans())
+def test_aggregator_typed_way_builds_what_the_general_way_does(events: list[dict[str, Any]], route: str,
+                                                               include_usage: bool) -> None:
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+    def run(typed: bool) -> Any:
+        agg = StreamAggregator(route)
+        parser = SSEParser(include_usage, sink=agg.add, take=agg.take if typed else None)
+        try:
+            out = parser.feed(raw, 1.0)
+            doc = agg.result()
+        except GatewayError as exc:
+            return type(exc), exc.status, str(exc)
+        st_ = parser.state
+        return out, orjson.dumps(doc), (st_.first_token, st_.usage, st_.content_events, st_.saw_error)
+
+    assert run(True) == run(False)
 
 
 @fuzz(100)
