@@ -24,7 +24,7 @@ from .clientwriter import ClientWriter
 from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout, status_of
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
-from .protocol import ParsedRequest
+from .protocol import ParsedRequest, usage_counts
 from .sse import SSEParser
 from .streaming import RelayBatch, Splice, collect, open_splice, relay
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
@@ -148,12 +148,11 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
     ex.done = True
     st = parser.state
     rec.first_token, rec.last_token = st.first_token, st.last_token
-    if st.usage is not None:
-        rec.prompt_tokens = st.usage.get("prompt_tokens")
-        rec.completion_tokens = st.usage.get("completion_tokens")
-    else:
+    rec.prompt_tokens, rec.completion_tokens = usage_counts(st.usage)
+    if rec.completion_tokens is None:
         rec.completion_tokens = st.content_events
-        rec.prompt_tokens = ex.decision.prompt_tokens if ex.decision else None
+    if rec.prompt_tokens is None and ex.decision is not None:
+        rec.prompt_tokens = ex.decision.prompt_tokens
     if st.chunks:
         metrics.observe_relay(st.relay_seconds / st.chunks)
     ex.resp = None
@@ -184,9 +183,8 @@ async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange
         raise
     rec.streamed = False
     rec.first_token, rec.last_token = st.first_token, st.last_token
-    usage = st.usage or {}
-    rec.prompt_tokens = usage.get("prompt_tokens")
-    rec.completion_tokens = usage.get("completion_tokens", st.content_events)
+    rec.prompt_tokens, completion = usage_counts(st.usage)
+    rec.completion_tokens = st.content_events if completion is None else completion
     ex.resp = None
     await _send_json(data, ex, rec, send)
     await finish(resp)
@@ -209,10 +207,7 @@ async def answer_unary(ex: Exchange, rec: RequestRecord, send: Any, *, metrics: 
         err = UpstreamProtocolError("worker answered with invalid JSON")
         _count_error(metrics, ex, err)
         raise err from None
-    usage = doc.get("usage") if isinstance(doc, dict) else None
-    if isinstance(usage, dict):
-        rec.prompt_tokens = usage.get("prompt_tokens")
-        rec.completion_tokens = usage.get("completion_tokens")
+    rec.prompt_tokens, rec.completion_tokens = usage_counts(doc.get("usage") if isinstance(doc, dict) else None)
     await _send_json(data, ex, rec, send)
 
 

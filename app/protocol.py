@@ -187,3 +187,13 @@ def upstream_body(req: ParsedRequest) -> bytes:
     elif "stream_options" in body:
         del body["stream_options"]  # vLLM rejects stream_options without stream
     return orjson.dumps(body)
+
+
+def usage_counts(usage: object) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens from a worker's ``usage`` object: each a non-negative integer, else None.
+    The counts go into Prometheus counters and a key's token budget, which a string, a negative number or a float
+    from a misbehaving worker would break (a counter refuses to go down) after the client has its answer."""
+    if not isinstance(usage, dict):
+        return None, None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (p if type(p) is int and p >= 0 else None), (c if type(c) is int and c >= 0 else None)

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from app.errors import InvalidRequest
-from app.protocol import parse_request, set_max_tokens, upstream_body
+from app.protocol import parse_request, set_max_tokens, upstream_body, usage_counts
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -115,3 +115,14 @@ def test_bodies_nested_too_deep_to_forward_are_400() -> None:
     assert err.value.error_code == "invalid_json" and "nested" in err.value.message
     many = {**CHAT, "logit_bias": {str(i): [1] for i in range(500)}}  # many openers, shallow: fine
     assert parse_request("chat", raw(many)).body["logit_bias"]["499"] == [1]
+
+
+@pytest.mark.parametrize(("usage", "counts"), [
+    ({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}, (5, 3)),
+    ({"prompt_tokens": 0, "completion_tokens": 0}, (0, 0)),
+    ({"prompt_tokens": "5", "completion_tokens": -3}, (None, None)),
+    ({"prompt_tokens": 5.0, "completion_tokens": True}, (None, None)),
+    ({"completion_tokens": 2}, (None, 2)), ({}, (None, None)), (None, (None, None)), ([5, 3], (None, None)),
+])
+def test_usage_counts_are_non_negative_integers_or_none(usage: object, counts: tuple[int | None, int | None]) -> None:
+    assert usage_counts(usage) == counts

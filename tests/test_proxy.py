@@ -397,6 +397,24 @@ def test_a_worker_stream_of_another_shape_is_a_502_for_a_non_streaming_client(ch
         assert events(httpx.post(gw.base + "/chat/completions", json=body, timeout=10).text)[-1] == "[DONE]"
 
 
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "5", "completion_tokens": -3},
+                                   {"prompt_tokens": 1e300, "completion_tokens": True}, {"completion_tokens": [5]}],
+                         ids=str)
+def test_a_worker_usage_of_another_shape_counts_what_was_streamed(usage: dict[str, Any]) -> None:
+    chunks = _stream_chunks()
+    chunks[-1] = {**chunks[-1], "usage": usage}
+    with _TrickleWorker(4096, chunks) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        assert events(httpx.post(gw.base + "/chat/completions", json=body, timeout=10).text)[-1] == "[DONE]"
+        doc = httpx.post(gw.base + "/chat/completions", json={**body, "stream": False}, timeout=10).json()
+        assert doc["usage"] == usage  # passed on as the worker sent it
+        samples = scrape(gw.url + "/metrics")
+        # the five content tokens of each answer, and no exception after the answer (a counter can't go down)
+        assert metric_sum(samples, "tokengate_completion_tokens_total") == 10
+        assert metric_sum(samples, "tokengate_requests_total", status="200") == 2
+        assert metric_sum(samples, "tokengate_requests_in_flight") == 0
+
+
 def test_unknown_model_is_404_and_bounded_labels(worker: ThreadedFakeWorker) -> None:
     with gateway(worker) as gw:
         for i in range(20):
