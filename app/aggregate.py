@@ -11,7 +11,8 @@ and any other field the worker sent (first non-null value wins).
 
 Most events are one token of one choice in the shape vLLM sends. ``take`` decodes those with a strict typed
 decoder (msgspec: every field known, of the type vLLM writes; any other field, type or value is a failure) and
-adds them without building a dict: a quarter of the cost of decoding the whole object and walking it (``add``).
+adds them without building a dict: a 16-token answer is gathered in ~0.55x the time of decoding every whole
+object and walking it (``add``).
 Whatever fails to decode that way goes through ``add`` with the same outcome (tests/test_aggregate.py checks it).
 A worker's answer of another shape than the OpenAI one (a choice index that is not an integer, ``choices`` that
 is not a list) is a protocol error (502), never an exception of ours.
