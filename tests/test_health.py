@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from prometheus_client import CollectorRegistry
 
 from app.metrics import GatewayMetrics
@@ -77,3 +78,69 @@ def test_late_health_answers_need_several_in_a_row_a_refusal_does_not() -> None:
     assert "unreachable" in slow[-1][1]
     assert seen[-2] == (True, "ready")
     assert seen[-1][0] is False and "unreachable" in seen[-1][1]
+
+
+class _ShapedWorker:
+    """A worker whose /v1/models and 1-token generation answer with whatever JSON the test sets."""
+
+    def __init__(self) -> None:
+        self.models: object = {"object": "list", "data": [{"id": "tiny", "max_model_len": 2048}]}
+        self.probe: object = {"choices": [{"text": "x"}], "usage": {"completion_tokens": 1}}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                path = head.split(b" ")[1]
+                doc = self.models if path == b"/v1/models" else self.probe if path == b"/v1/completions" else {}
+                body = orjson.dumps(doc)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+BAD_MODELS = [[], {"data": [1]}, {"data": "m"}, {"data": None}, {"data": [{"id": 5}]}, "x"]
+BAD_PROBES = [{"usage": 1}, {"usage": "n/a"}, [], {"usage": {"completion_tokens": "1"}}, {"usage": None}, 7]
+
+
+async def _shapes() -> list[tuple[str, bool, str]]:
+    front = _ShapedWorker()
+    server = await asyncio.start_server(front.handle, "127.0.0.1", 0)
+    registry = Registry()
+    worker = Worker(name="w", url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    registry.add(worker)
+    pool = UpstreamPool(idle_ttl=0.0)
+    checker = HealthChecker(registry, pool, GatewayMetrics(CollectorRegistry()), TokenizerStore(), timeout=2)
+    seen: list[tuple[str, bool, str]] = []
+    for models in BAD_MODELS:
+        front.models = models
+        await checker.check(worker)
+        seen.append((f"models {models}", worker.ready, worker.reason))
+    front.models = {"data": [{"id": "tiny", "max_model_len": 0}, 3]}
+    for probe in BAD_PROBES:
+        front.probe = probe
+        await checker.check(worker)
+        seen.append((f"probe {probe}", worker.ready, worker.reason))
+    front.probe = {"usage": {"completion_tokens": 1}}
+    await checker.check(worker)
+    seen.append(("good", worker.ready, str(registry.snapshot.models)))
+    await pool.close()
+    server.close()
+    await server.wait_closed()
+    return seen
+
+
+def test_worker_answers_of_another_shape_leave_it_not_ready_and_the_checks_going() -> None:
+    seen = asyncio.run(_shapes())
+    for what, ready, reason in seen[:-1]:
+        assert not ready, what
+        assert reason in ("/v1/models lists no model", "1-token generation produced no token"), (what, reason)
+    what, ready, models = seen[-1]
+    assert ready
+    assert "max_model_len=4096" in models  # a max_model_len of 0 counts as absent, not as "no prompt fits"

@@ -83,10 +83,12 @@ class HealthChecker:
         if resp.status != 200:
             return f"1-token generation answered HTTP {resp.status}"
         try:
-            usage = orjson.loads(data).get("usage") or {}
+            doc = orjson.loads(data)
         except orjson.JSONDecodeError:
             return "1-token generation answered invalid JSON"
-        if usage.get("completion_tokens", 0) < 1:
+        usage = doc.get("usage") if isinstance(doc, dict) else None
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        if type(tokens) is not int or tokens < 1:
             return "1-token generation produced no token"
         return None
 
@@ -126,6 +128,9 @@ class HealthChecker:
             self._set(worker, False, f"unreachable: {exc}")
         except (GatewayError, OSError, orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
             self._set(worker, False, f"unreachable: {exc}")
+        except Exception as exc:  # a bug of ours: that worker is not known good, and the other checks go on
+            log.exception("health check of worker %s failed", worker.name)
+            self._set(worker, False, f"health check failed: {type(exc).__name__}")
         else:
             worker.slow_checks = 0
 
@@ -143,13 +148,19 @@ class HealthChecker:
 
 
 def _parse_models(doc: Any) -> dict[str, ModelInfo]:
+    """The models of a ``/v1/models`` answer; entries of another shape are left out (a worker listing none is
+    not ready), and a ``max_model_len`` that is not a positive integer counts as absent: one worker's ``0`` would
+    otherwise make every prompt too long for that model on all workers (the registry keeps the smallest)."""
     out: dict[str, ModelInfo] = {}
-    for item in doc.get("data", []):
+    data = doc.get("data") if isinstance(doc, dict) else None
+    for item in data if isinstance(data, list) else ():
+        if not isinstance(item, dict):
+            continue
         mid = item.get("id")
         if not isinstance(mid, str):
             continue
         max_len = item.get("max_model_len")
         root = item.get("root")
-        out[mid] = ModelInfo(mid, int(max_len) if isinstance(max_len, int) else 4096,
+        out[mid] = ModelInfo(mid, max_len if type(max_len) is int and max_len > 0 else 4096,
                              root if isinstance(root, str) else None)
     return out
