@@ -98,7 +98,7 @@ class _TDelta(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _TChoice(msgspec.Struct, forbid_unknown_fields=True):
-    index: int = 0
+    index: _I64 = 0
     delta: _TDelta | None = None
     text: str | None = None
     logprobs: None = None
@@ -277,7 +277,11 @@ def _worker_error(err: Any) -> GatewayError:
     status = 500
     if isinstance(err, dict) and isinstance(err.get("code"), int) and 400 <= err["code"] < 600:
         status = err["code"]
-    return UpstreamStatus(status, orjson.dumps({"error": err}))
+    try:
+        body = orjson.dumps({"error": err})
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads 1 024 levels, writes 254)
+        body = b""
+    return UpstreamStatus(status, body)
 
 
 def events(data: bytes) -> list[dict[str, Any]]:

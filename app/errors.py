@@ -153,7 +153,9 @@ class UpstreamStatus(GatewayError):
     """A worker answered with an error before the first byte: its status and (OpenAI-shaped) body pass through."""
 
     def __init__(self, status: int, body: bytes) -> None:
-        self.passthrough_status = status
+        # only an error status passes through: a 1xx, 204, 3xx or 999 would break the client's HTTP framing (or
+        # uvicorn, which knows no reason phrase for 999); the message still names it
+        self.passthrough_status = status if 400 <= status <= 599 else 502
         self.raw = body
         message, param, code, type_ = _parse_worker_error(body, status)
         super().__init__(message, param=param, code=code)
@@ -180,7 +182,7 @@ def _parse_worker_error(body: bytes, status: int) -> tuple[str, str | None, str 
         return (
             err["message"],
             param if isinstance(param, str) else None,
-            str(code) if code is not None else None,
+            str(code) if isinstance(code, (str, int)) else None,  # (not the repr of anything: 1 000 nested lists)
             type_ if isinstance(type_, str) else fallback[3],
         )
     if isinstance(doc, dict) and isinstance(doc.get("detail"), str):  # plain FastAPI errors

@@ -176,7 +176,10 @@ async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange
     st = parser.state
     try:
         await collect(resp, first or b"", parser, idle_timeout=idle_timeout)
-        data = orjson.dumps(agg.result())
+        try:
+            data = orjson.dumps(agg.result())
+        except orjson.JSONEncodeError:  # a field nested deeper than orjson writes (it reads 1 024 levels, writes 254)
+            raise UpstreamProtocolError("worker sent an answer nested too deep to pass on") from None
     except GatewayError as exc:
         if not isinstance(exc, UpstreamStatus):
             _count_error(metrics, ex, exc)

@@ -189,11 +189,19 @@ def upstream_body(req: ParsedRequest) -> bytes:
     return orjson.dumps(body)
 
 
+MAX_TOKEN_COUNT = 10**8  # no prompt or answer is this long (the longest contexts are ~10 M tokens)
+
+
+def token_count(value: object) -> int | None:
+    """A token count a worker reported: an integer in 0..MAX_TOKEN_COUNT, else None."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT else None
+
+
 def usage_counts(usage: object) -> tuple[int | None, int | None]:
-    """(prompt, completion) tokens from a worker's ``usage`` object: each a non-negative integer, else None.
-    The counts go into Prometheus counters and a key's token budget, which a string, a negative number or a float
-    from a misbehaving worker would break (a counter refuses to go down) after the client has its answer."""
+    """(prompt, completion) tokens from a worker's ``usage`` object, each a ``token_count`` or None.
+    The counts go into Prometheus counters and a key's token budget, which a string, a negative number, a float
+    or a 400-digit integer from a misbehaving worker would break (a counter refuses to go down or to overflow)
+    after the client has its answer, and 10**15 would lock the key out for years."""
     if not isinstance(usage, dict):
         return None, None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (p if type(p) is int and p >= 0 else None), (c if type(c) is int and c >= 0 else None)
+    return token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))

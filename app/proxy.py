@@ -182,7 +182,10 @@ class Proxy:
             if ctx.slot is not None:
                 ctx.slot.release()
             rec.end = perf_counter()
-            self.metrics.observe_request(rec)
+            try:
+                self.metrics.observe_request(rec)
+            except Exception:  # a bug of ours must not keep the key's slot and budget too
+                log.exception("metrics of a request on %s", scope.get("path"))
             if ctx.ticket is not None:
                 await self._settle(ctx, rec)
 

@@ -9,6 +9,7 @@ non-streaming answer the same way. The relay never re-serialises a chunk.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from time import monotonic, perf_counter
 from typing import Any
@@ -19,6 +20,7 @@ from .sse import SSEParser
 from .upstream import UpstreamProtocolError, UpstreamResponse
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+log = logging.getLogger("tokengate.streaming")
 
 
 def _truncated() -> UpstreamProtocolError:
@@ -158,6 +160,11 @@ class _Reader:
             out = self.parser.feed(data, t0)
         except GatewayError as exc:
             self._finish(exc, sse_event(exc))
+            return
+        except Exception:  # a bug of ours, raised inside the worker connection's callback: end this stream in-band
+            log.exception("reading a worker's stream")
+            internal = GatewayError("internal error in the gateway")
+            self._finish(internal, sse_event(internal))
             return
         if self.parser.state.saw_done:
             self._finish(None, out)

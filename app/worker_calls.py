@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from .errors import GatewayError, UpstreamStatus
-from .protocol import Route
+from .protocol import Route, token_count
 from .upstream import UpstreamPool, UpstreamProtocolError
 from .workers.registry import Worker
 
@@ -45,9 +45,10 @@ class WorkerCalls:
             count = orjson.loads(data)["count"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             raise UpstreamProtocolError("worker's /tokenize answer has no count") from None
-        if not isinstance(count, int):
-            raise UpstreamProtocolError("worker's /tokenize answer has no count")
-        return count
+        n = token_count(count)
+        if n is None:
+            raise UpstreamProtocolError("worker's /tokenize answer has no count (a non-negative integer)")
+        return n
 
     def abort(self, worker: Worker, route: Route, request_id: str) -> None:
         """Fire and forget: tell the worker to drop ``request_id`` (vLLM names it chatcmpl-/cmpl-<id>)."""
@@ -63,9 +64,13 @@ class WorkerCalls:
         try:
             resp = await self.pool.request(worker.origin, "POST", "/inference/v1/abort_requests", body,
                                            headers=_headers(worker), timeout=2.0)
-            await resp.read(2.0, limit=65536)
-            resp.release()
         except GatewayError:
             return
+        try:
+            await resp.read(2.0, limit=65536)
+        except GatewayError:
+            resp.abort()  # its body is late or too long: that connection is not reused
+            return
+        resp.release()
         if resp.status in (403, 404, 405):  # not served (older vLLM, or started without --enable-scale-out)
             worker.explicit_abort = False

@@ -4,6 +4,7 @@ another shape must be a protocol error (a 502), never an exception of ours. test
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -11,7 +12,7 @@ import orjson
 import pytest
 
 from app.aggregate import StreamAggregator
-from app.errors import GatewayError
+from app.errors import GatewayError, status_of
 from app.sse import SSEParser
 from app.upstream import UpstreamProtocolError
 
@@ -29,8 +30,8 @@ def usage(**extra: Any) -> dict[str, Any]:
     return {**HEAD, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, **extra}}
 
 
-def sse(events: list[dict[str, Any]]) -> bytes:
-    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+def sse(events: list[dict[str, Any]]) -> bytes:  # (json: integers of any width, any depth)
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
 def build(route: str, events: list[dict[str, Any]], typed: bool) -> tuple[Any, int]:
@@ -49,7 +50,7 @@ def build(route: str, events: list[dict[str, Any]], typed: bool) -> tuple[Any, i
         parser.feed(sse(events), 1.0)
         doc: Any = agg.result()
     except GatewayError as exc:
-        doc = (type(exc).__name__, exc.status, str(exc))
+        doc = (type(exc).__name__, status_of(exc), str(exc))
     st = parser.state
     return (doc, st.usage, st.content_events, st.first_token), taken
 
@@ -135,6 +136,7 @@ def test_what_the_answer_holds() -> None:
     [tok({"content": "x"}, index=[1])],
     [tok({"content": "x"}, index="0")],
     [tok({"content": "x"}, index=None)],
+    [tok({"content": "x"}, index=2**100)],
     [tok({"content": "x"}), tok({"content": "y"}, index=1.0)],
     [tok({"tool_calls": [{"index": [], "function": {"name": "f"}}]})],
     [tok({"tool_calls": [{"index": 0}, {"index": "x"}]})],
@@ -170,3 +172,20 @@ def test_take_adds_nothing_when_it_declines(payload: bytes) -> None:
     assert agg.head == {} and agg.choices == {} and agg.usage is None and agg.extra == {}
     with pytest.raises(UpstreamProtocolError):
         agg.result()
+
+
+def _deep(levels: int) -> Any:
+    out: Any = 0
+    for _ in range(levels):
+        out = [out]
+    return out
+
+
+@pytest.mark.parametrize("typed", [True, False])
+def test_an_error_event_nested_deeper_than_can_be_written_is_still_the_workers_error(typed: bool) -> None:
+    (outcome, *_), _ = build("chat", [tok({"content": "x"}), {"error": {"message": "m", "code": _deep(300)}}],
+                             typed)
+    assert outcome == ("UpstreamStatus", 500, "worker answered HTTP 500")
+    (outcome, *_), _ = build("chat", [tok({"content": "x"}), {"error": {"message": "m", "code": 400,
+                                                                       "x": _deep(300)}}], typed)
+    assert outcome == ("UpstreamStatus", 400, "worker answered HTTP 400")

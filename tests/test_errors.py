@@ -15,6 +15,7 @@ from app.errors import (
     UpstreamTimeout,
     render,
     sse_event,
+    status_of,
 )
 
 
@@ -62,3 +63,15 @@ def test_sse_event_form() -> None:
     event = sse_event(UpstreamError("gone"))
     assert event.startswith(b"data: {") and event.endswith(b"\n\n")
     assert orjson.loads(event[6:])["error"]["code"] == "worker_unreachable"
+
+
+def test_a_worker_error_of_any_depth_or_status_is_read_without_raising() -> None:
+    # 1 000 nested lists: orjson reads them; Python's repr of them would hit the recursion limit
+    body = b'{"error": {"message": "m", "code": ' + b"[" * 1000 + b"0" + b"]" * 1000 + b"}}"
+    exc = UpstreamStatus(400, body)
+    assert (status_of(exc), exc.message) == (400, "m")
+    assert "[[" not in str(exc.error_code)  # a code that is not a string or number is left out
+    assert orjson.loads(exc.body())["error"]["message"] == "m"
+    for status in (999, 600, 301, 204, 101, 0):
+        assert status_of(UpstreamStatus(status, b"")) == 502
+        assert UpstreamStatus(status, b"").message == f"worker answered HTTP {status}"

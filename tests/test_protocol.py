@@ -123,6 +123,8 @@ def test_bodies_nested_too_deep_to_forward_are_400() -> None:
     ({"prompt_tokens": "5", "completion_tokens": -3}, (None, None)),
     ({"prompt_tokens": 5.0, "completion_tokens": True}, (None, None)),
     ({"completion_tokens": 2}, (None, 2)), ({}, (None, None)), (None, (None, None)), ([5, 3], (None, None)),
+    ({"prompt_tokens": 10**15, "completion_tokens": 10**400}, (None, None)),  # would lock a key out for years
+    ({"prompt_tokens": 10**8, "completion_tokens": 10**8 + 1}, (10**8, None)),
 ])
 def test_usage_counts_are_non_negative_integers_or_none(usage: object, counts: tuple[int | None, int | None]) -> None:
     assert usage_counts(usage) == counts

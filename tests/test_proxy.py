@@ -4,6 +4,7 @@ stall, answer garbage, split events across reads), plus routing and aborts measu
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -286,6 +287,8 @@ class _TrickleWorker:
     def __init__(self, piece: int, chunks: list[dict[str, Any]] | None = None) -> None:
         self.piece = piece
         self.chunks = _stream_chunks() if chunks is None else chunks
+        self.tokenize = b'{"count":5}'
+        self.chat_status = 200  # anything else: that status line, with an OpenAI-shaped error body
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -315,10 +318,14 @@ class _TrickleWorker:
                 payload = orjson.dumps({"id": "c", "choices": [{"text": "x"}], "usage": {"completion_tokens": 1}})
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
             elif path == b"/tokenize":
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"count\":5}")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(self.tokenize), self.tokenize))
+            elif path == b"/v1/chat/completions" and self.chat_status != 200:
+                err = orjson.dumps({"error": {"message": "odd", "type": "x", "param": None, "code": self.chat_status}})
+                writer.write(b"HTTP/1.1 %d Odd\r\ncontent-length: %d\r\n\r\n%b" % (self.chat_status, len(err), err))
             elif path == b"/v1/chat/completions":
                 assert orjson.loads(body)["stream"] is True
-                sse = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in self.chunks) + b"data: [DONE]\n\n"
+                sse = b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"  # (any depth)
+                               for c in self.chunks) + b"data: [DONE]\n\n"
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
                 for i in range(0, len(sse), self.piece):
@@ -413,6 +420,40 @@ def test_a_worker_usage_of_another_shape_counts_what_was_streamed(usage: dict[st
         assert metric_sum(samples, "tokengate_completion_tokens_total") == 10
         assert metric_sum(samples, "tokengate_requests_total", status="200") == 2
         assert metric_sum(samples, "tokengate_requests_in_flight") == 0
+
+
+@pytest.mark.parametrize("status", [999, 301, 201, 600])
+def test_a_worker_status_that_is_no_error_status_is_a_502(status: int) -> None:
+    with _TrickleWorker(4096) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        w.chat_status = status
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        assert r.status_code == 502, r.text  # not passed on: it would break the client's HTTP (or uvicorn's)
+        assert r.json()["error"]["message"] == "odd"
+        w.chat_status = 418
+        assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 418  # errors pass
+
+
+@pytest.mark.parametrize("count", [b"-100", b"1e3", b"true", b"10" * 200])
+def test_a_tokenize_count_that_is_no_count_is_a_502_before_any_generation(count: bytes) -> None:
+    with _TrickleWorker(4096) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        w.tokenize = b'{"count":%b}' % count
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["code"] == "bad_worker_response"
+        assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_prompt_tokens_total") == 0
+
+
+def test_an_answer_nested_deeper_than_can_be_written_is_a_502() -> None:
+    deep: Any = "x"
+    for _ in range(300):  # orjson reads 1 024 levels but writes 254
+        deep = [deep]
+    chunks = _stream_chunks()
+    chunks[1] = {**chunks[1], "trace": deep}
+    with _TrickleWorker(4096, chunks) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        r = httpx.post(gw.base + "/chat/completions", json={**body, "stream": False}, timeout=10)
+        assert r.status_code == 502, r.text
+        assert events(httpx.post(gw.base + "/chat/completions", json=body, timeout=10).text)[-1] == "[DONE]"
 
 
 def test_unknown_model_is_404_and_bounded_labels(worker: ThreadedFakeWorker) -> None:
