@@ -326,6 +326,25 @@ def test_crash_loop_backs_off_exponentially_and_the_others_keep_serving(log_dir:
         assert (log_dir / "crashy.log").read_text().count("==== tokengate: starting crashy") >= 4
 
 
+def test_a_crash_loop_of_thousands_of_exits_keeps_being_restarted(log_dir: Path) -> None:
+    spec = WorkerSpec("crashy", "local", "cpu", ("/bin/false",), {}, free_port(), "", log_dir / "crashy.log")
+
+    async def run() -> tuple[int, bool]:
+        sup = Supervisor([spec], Registry(), GatewayMetrics(CollectorRegistry(), version="test"),
+                         backoff_base=1e-9, backoff_max=1e-9)
+        await sup.start()
+        m = sup.managed[0]
+        m.failures_in_row = 1100  # ~17 h of crash loop at the default backoff: 2 ** 1100 overflowed a float
+        restarts = m.restarts
+        await asyncio.to_thread(wait_until, lambda: m.restarts >= restarts + 3, 10, "restarts go on")
+        alive = not any(t.done() for t in sup._tasks)
+        await sup.stop()
+        return m.failures_in_row, alive
+
+    failures, alive = asyncio.run(run())
+    assert failures > 1100 and alive
+
+
 def test_stop_terms_then_kills_a_worker_that_ignores_sigterm(log_dir: Path, tmp_path: Path) -> None:
     ready = tmp_path / "ignoring"
     script = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

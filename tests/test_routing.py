@@ -63,6 +63,13 @@ def test_repeated_failures_eject_for_a_backoff_but_never_the_last_one() -> None:
     assert a.routable(time.monotonic())
 
 
+def test_thousands_of_failures_in_a_row_keep_the_backoff_at_its_cap() -> None:
+    reg, (a, _) = registry_with(("a", "fr", 0), ("b", "fr", 0))
+    for _ in range(1100):  # e.g. a worker resetting 1 100 pending calls at once: 2 ** 1098 overflowed a float
+        reg.record_failure(a)
+    assert 0 < a.ejected_until - time.monotonic() <= reg.eject_max
+
+
 def test_snapshot_lists_only_ready_models_with_smallest_window() -> None:
     reg = Registry()
     w1 = Worker(name="a", url="http://127.0.0.1:1")

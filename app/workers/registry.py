@@ -109,7 +109,8 @@ class Registry:
         peers = [w for m in worker.models for w in self._snapshot.by_model.get(m, ()) if w is not worker]
         if not any(p.routable(now) for p in peers):
             return  # never eject the last one: a struggling worker beats none
-        backoff = min(self.eject_max, self.eject_base * 2 ** (worker.consecutive_failures - self.eject_after))
+        doublings = min(worker.consecutive_failures - self.eject_after, 64)  # 2.0 ** 1024 overflows a float
+        backoff = min(self.eject_max, self.eject_base * 2.0 ** doublings)
         worker.ejected_until = now + backoff
 
     def record_success(self, worker: Worker) -> None:
