@@ -4,7 +4,10 @@ It carries one response at a time. The body goes either to a task that awaits it
 ``next_chunk``) or, attached as a ``Sink``, straight from the connection's own callbacks. A reader that falls
 behind pauses the socket, which bounds the memory per stream; ``abort()`` closes the connection. Foreign errors
 are mapped here: a worker that closes early is ``UpstreamClosed``, malformed HTTP ``UpstreamProtocolError``, and
-silence past a deadline ``UpstreamTimeout``.
+silence past a deadline ``UpstreamTimeout``. A response's headers are bounded (``MAX_HEAD_BYTES``); bytes from the
+worker that belong to no request (a second response, or anything while the connection is idle) close the
+connection, so they can't be read as the answer to the next request on it; a response without a length or
+chunked framing ends when the worker closes the connection (RFC 9112 6.3).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from .errors import UpstreamError, UpstreamTimeout
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # a response's header names and values together (vLLM's: a few hundred bytes)
+MAX_HEADERS = 256
+_NO_BODY = frozenset({204, 304})
 
 
 class UpstreamClosed(UpstreamError):
@@ -80,7 +86,7 @@ class WorkerConnection(asyncio.Protocol):
 
     __slots__ = ("origin", "transport", "parser", "status", "headers", "_headers_done", "_buf", "_buffered",
                  "_paused", "_complete", "_closed", "_exc", "_waiter", "_keep_alive", "_got_bytes", "idle_since",
-                 "pool", "_sink")
+                 "pool", "_sink", "_sent", "_began", "_head_bytes", "_until_close")
 
     def __init__(self, origin: Origin, pool: Owner) -> None:
         self.origin = origin
@@ -105,6 +111,10 @@ class WorkerConnection(asyncio.Protocol):
         self._keep_alive = True
         self._got_bytes = False
         self._sink: Sink | None = None
+        self._sent = False  # a request went out: until then nothing may arrive
+        self._began = False  # its response began
+        self._head_bytes = 0
+        self._until_close = False  # no length, not chunked: the body ends with the connection
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,6 +122,9 @@ class WorkerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if not self._sent:
+            self._fail(UpstreamProtocolError("worker sent bytes while no request was waiting for them"))
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # pragma: no cover - workers never upgrade
@@ -124,6 +137,8 @@ class WorkerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.pool.forget(self)
+        if self._until_close and self._headers_done and self._exc is None:
+            self._complete = True  # the close is how such a response ends
         if not self._complete and self._exc is None:
             self._exc = UpstreamClosed("worker closed the connection before the response was complete")
         self._wake()
@@ -131,13 +146,28 @@ class WorkerConnection(asyncio.Protocol):
             self._feed_sink()
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._began:
+            self._fail(UpstreamProtocolError("worker sent more than one response to one request"))
+            raise _Stray
+        self._began = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES or len(self.headers) >= MAX_HEADERS:
+            self._fail(UpstreamProtocolError(f"worker sent response headers over {MAX_HEAD_BYTES // 1024} KiB "
+                                             f"or {MAX_HEADERS} fields"))
+            raise _Stray
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self._keep_alive = self.parser.should_keep_alive()
         self._headers_done = True
+        if self.status >= 200 and self.status not in _NO_BODY and not any(
+                n in (b"content-length", b"transfer-encoding") for n, _ in self.headers):
+            self._until_close = True
+            self._keep_alive = False
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -208,6 +238,7 @@ class WorkerConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed or transport.is_closing():
             raise UpstreamClosed("worker closed the connection before the request was sent")
+        self._sent = True
         try:
             transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
@@ -256,6 +287,10 @@ class WorkerConnection(asyncio.Protocol):
 
     def abort(self, exc: BaseException) -> None:
         self._fail(exc)
+
+
+class _Stray(Exception):
+    """Stops httptools in a callback (the connection has failed already)."""
 
 
 def _expire(waiter: asyncio.Future[None], what: str, timeout: float) -> None:

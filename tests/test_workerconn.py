@@ -44,10 +44,13 @@ class _Pool:
         pass
 
 
-def _conn() -> tuple[WorkerConnection, _Transport, _Pool]:
+def _conn(sent: bool = True) -> tuple[WorkerConnection, _Transport, _Pool]:
+    """A connection; with ``sent``, a request has gone out on it (what the worker sends answers it)."""
     pool, transport = _Pool(), _Transport()
     conn = WorkerConnection(Origin.parse("http://127.0.0.1:8001"), pool)
     conn.connection_made(transport)  # type: ignore[arg-type]
+    if sent:
+        conn.send(b"GET / HTTP/1.1\r\n\r\n", b"")
     return conn, transport, pool
 
 
@@ -61,7 +64,7 @@ def test_origin_parsing() -> None:
 
 def test_a_response_is_read_and_leaves_the_connection_reusable() -> None:
     async def go() -> None:
-        conn, transport, _ = _conn()
+        conn, transport, _ = _conn(sent=False)
         conn.send(b"POST / HTTP/1.1\r\n\r\n", b"{}")
         assert transport.written == [b"POST / HTTP/1.1\r\n\r\n{}"]
         conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 6\r\n\r\nda")
@@ -109,5 +112,56 @@ def test_a_reader_that_falls_behind_pauses_the_socket() -> None:
         assert transport.paused
         assert len(await conn.next_chunk(1.0) or b"") == 5 * 65536
         assert not transport.paused
+
+    asyncio.run(go())
+
+
+def test_a_second_response_to_one_request_closes_the_connection() -> None:
+    async def go() -> None:
+        conn, transport, _ = _conn()
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        await conn.wait_headers(1.0)
+        assert await conn.next_chunk(1.0) == b"ok"  # the answer itself is whole
+        assert await conn.next_chunk(1.0) is None
+        assert transport.closed and not conn.reusable()  # what followed can't be taken for the next answer
+
+    asyncio.run(go())
+
+
+def test_bytes_while_idle_close_the_connection() -> None:
+    conn, transport, _ = _conn()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert conn.reusable()
+    conn.reset()  # back in the pool (UpstreamPool.put)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEXTRA")
+    assert transport.closed and not conn.reusable()
+
+
+def test_response_headers_are_bounded() -> None:
+    async def go() -> None:
+        conn, transport, _ = _conn()
+        conn.data_received(b"HTTP/1.1 200 OK\r\n")
+        for i in range(100):
+            conn.data_received(b"x-filler-%d: %b\r\n" % (i, b"y" * 1000))
+            if transport.closed:
+                break
+        assert transport.closed and i < 70  # stopped at 64 KiB, not buffered for as long as the worker goes on
+        with pytest.raises(UpstreamProtocolError, match="headers over 64 KiB"):
+            await conn.wait_headers(1.0)
+
+    asyncio.run(go())
+
+
+def test_a_response_without_length_or_chunks_ends_with_the_connection() -> None:
+    async def go() -> None:
+        conn, transport, _ = _conn()
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\":")
+        await conn.wait_headers(1.0)
+        conn.data_received(b"1}")
+        conn.connection_lost(None)
+        assert await conn.next_chunk(1.0) == b'{"a":1}'
+        assert await conn.next_chunk(1.0) is None  # the end, not UpstreamClosed
+        assert not conn.reusable()
 
     asyncio.run(go())
