@@ -4,6 +4,7 @@ rotation at once; a refused connection does."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -86,6 +87,7 @@ class _ShapedWorker:
     def __init__(self) -> None:
         self.models: object = {"object": "list", "data": [{"id": "tiny", "max_model_len": 2048}]}
         self.probe: object = {"choices": [{"text": "x"}], "usage": {"completion_tokens": 1}}
+        self.hang = False  # the 1-token generation never answers
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -95,11 +97,13 @@ class _ShapedWorker:
                                if line.lower().startswith(b"content-length")), 0)
                 await reader.readexactly(length)
                 path = head.split(b" ")[1]
+                if path == b"/v1/completions" and self.hang:
+                    await asyncio.sleep(3600)
                 doc = self.models if path == b"/v1/models" else self.probe if path == b"/v1/completions" else {}
                 body = orjson.dumps(doc)
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
@@ -144,3 +148,41 @@ def test_worker_answers_of_another_shape_leave_it_not_ready_and_the_checks_going
     what, ready, models = seen[-1]
     assert ready
     assert "max_model_len=4096" in models  # a max_model_len of 0 counts as absent, not as "no prompt fits"
+
+
+async def _one_hangs() -> tuple[list[tuple[bool, bool]], float]:
+    hung, fine = _ShapedWorker(), _ShapedWorker()
+    hung.hang = True
+    servers = [await asyncio.start_server(w.handle, "127.0.0.1", 0) for w in (hung, fine)]
+    registry = Registry()
+    a, b = (Worker(name=n, url=f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}")
+            for n, s in zip("ab", servers, strict=True))
+    registry.add(a)
+    registry.add(b)
+    pool = UpstreamPool(idle_ttl=0.0)
+    checker = HealthChecker(registry, pool, GatewayMetrics(CollectorRegistry()), TokenizerStore(), timeout=0.5,
+                            probe_timeout=3600)
+    seen = []
+    t0 = time.monotonic()
+    await checker.check_all(wait=0.5)
+    seen.append((a.ready, b.ready))
+    servers[1].close()  # b goes away
+    await servers[1].wait_closed()
+    await checker.check_all(wait=0.5)  # a's probe still hangs: its check is skipped, b's runs
+    seen.append((a.ready, b.ready))
+    took = time.monotonic() - t0
+    run = asyncio.create_task(checker.run())
+    await asyncio.sleep(0.1)
+    run.cancel()  # and the checks under way with it
+    await asyncio.gather(run, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert all(t.done() for t in checker._checks.values())
+    await pool.close()
+    servers[0].close()
+    return seen, took
+
+
+def test_a_probe_that_hangs_holds_back_only_its_own_worker() -> None:
+    seen, took = asyncio.run(_one_hangs())
+    assert seen == [(False, True), (False, False)]
+    assert took < 3  # not the hung probe's timeout

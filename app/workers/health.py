@@ -2,8 +2,10 @@
 
 A worker is ready when ``/health`` answers 200, ``/v1/models`` lists what it serves, and — on every transition
 to ready — a real 1-token generation succeeds (a worker can answer /health while its engine cannot generate).
-Checks run concurrently every ``interval`` seconds; a worker that fails them leaves rotation at once — unless it
-was ready and only answered late (a busy worker): then after three late checks in a row.
+Checks run concurrently every ``interval`` seconds, each worker's in a task of its own: a probe that hangs (up to
+``probe_timeout``) holds back only its own worker's next check, not everyone's. A worker that fails them leaves
+rotation at once — unless it was ready and only answered late (a busy worker): then after three late checks in a
+row.
 """
 
 from __future__ import annotations
@@ -38,14 +40,22 @@ class HealthChecker:
         self.probe_timeout = probe_timeout
         self.on_change = on_change
         self._wake = asyncio.Event()
+        self._checks: dict[str, asyncio.Task[None]] = {}  # each worker's check under way
 
     def poke(self) -> None:
         """Check now (e.g. a managed worker just started)."""
         self._wake.set()
 
     async def run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            for task in self._checks.values():
+                task.cancel()
+
+    async def _loop(self) -> None:
         while True:
-            await self.check_all()
+            await self.check_all(wait=self.timeout)
             self._wake.clear()
             # a worker on its way up (starting, or back from a crash) is checked every second: it takes traffic
             # as soon as it can, not up to a whole interval later
@@ -55,10 +65,20 @@ class HealthChecker:
             except TimeoutError:
                 pass
 
-    async def check_all(self) -> None:
-        workers = self.registry.workers()
-        if workers:
-            await asyncio.gather(*(self.check(w) for w in workers))
+    async def check_all(self, wait: float | None = None) -> None:
+        """Check every worker whose previous check is over; wait for them (at most ``wait`` seconds: the ones
+        still running go on, and their workers are skipped until they are done)."""
+        tasks = []
+        for worker in self.registry.workers():
+            task = self._checks.get(worker.name)
+            if task is None or task.done():
+                task = self._checks[worker.name] = asyncio.create_task(self.check(worker),
+                                                                        name=f"tokengate-health-{worker.name}")
+            tasks.append(task)
+        for name in [n for n, t in self._checks.items() if t.done() and self.registry.get(n) is None]:
+            del self._checks[name]  # removed workers
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait)
 
     async def _get(self, worker: Worker, path: str) -> tuple[int, bytes]:
         headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
