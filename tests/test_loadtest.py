@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -30,10 +31,12 @@ from app.loadtest.report import (
 )
 from app.loadtest.shapes import (
     EstimateCounter,
+    ModelInfo,
     PromptSet,
     Shape,
     body_factory,
     build_prompts,
+    fetch_model_info,
     parse_int_list,
     shape_grid,
 )
@@ -158,6 +161,45 @@ def test_in_band_error_event_fails_the_request() -> None:
 
         rec = asyncio.run(go()).records[0]
     assert (rec.error, rec.detail, rec.ttft is not None) == ("stream_error", "engine died", True)
+
+
+def _one_reply(body: bytes) -> RequestResult:
+    """One request against a server that answers it with this SSE body."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%b" % (
+            len(body), body)
+
+        async def go() -> RunResult:
+            def serve() -> None:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+            server = asyncio.get_running_loop().run_in_executor(None, serve)
+            driver = Driver(Endpoint.parse(f"http://127.0.0.1:{port}"),
+                            body_factory(_prompts(), model="m", output_tokens=4, chat=True, ignore_eos=False))
+            result = await driver.run(concurrency=1, requests=1)
+            await server
+            return result
+
+        return asyncio.run(go()).records[0]
+
+
+@pytest.mark.parametrize("choices", [b'{"0": {"text": "a"}}', b"5", b'"abc"'])
+def test_events_of_another_shape_are_not_counted_and_break_nothing(choices: bytes) -> None:
+    rec = _one_reply(b'data: {"choices":%b}\n\ndata: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+                     b"data: [DONE]\n\n" % choices)
+    assert (rec.error, rec.chunks) == (None, 1)
+
+
+@pytest.mark.parametrize("answer", [b'{"data": 5}', b"null", b"[1]", b'{"data": [1, {"id": "m", "root": 3}]}'])
+def test_a_models_answer_of_another_shape_is_no_model_info(answer: bytes) -> None:
+    client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, content=answer)))
+    assert fetch_model_info(client, "http://x", "m") == ModelInfo()
 
 
 def test_connection_refused_is_counted() -> None:

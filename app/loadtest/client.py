@@ -178,7 +178,7 @@ class _Conn(asyncio.Protocol):
             rec.error = "stream_error"
             rec.detail = str(err.get("message", err) if isinstance(err, dict) else err)[:300]
         choices = obj.get("choices")
-        if choices and isinstance(choices[0], dict):
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             c = choices[0]
             delta = c.get("delta")
             piece = (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")

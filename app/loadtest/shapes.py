@@ -155,10 +155,11 @@ def fetch_model_info(client: httpx.Client, base_url: str, model: str) -> ModelIn
     """The model's card from ``GET /v1/models`` (empty when the server has no such route or model)."""
     try:
         r = client.get(base_url + "/v1/models")
-        cards = r.json().get("data", []) if r.status_code == 200 else []
-    except (httpx.HTTPError, ValueError, AttributeError):
+        doc = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
         return ModelInfo()
-    for card in cards:
+    cards = doc.get("data") if isinstance(doc, dict) else None
+    for card in cards if isinstance(cards, list) else ():
         if isinstance(card, dict) and card.get("id") == model:
             root, mml = card.get("root"), card.get("max_model_len")
             return ModelInfo(root if isinstance(root, str) else None, mml if isinstance(mml, int) else None)
