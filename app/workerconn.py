@@ -27,6 +27,7 @@ _LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # a response's header names and values together (vLLM's: a few hundred bytes)
 MAX_HEADERS = 256
 _NO_BODY = frozenset({204, 304})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class UpstreamClosed(UpstreamError):
@@ -86,7 +87,7 @@ class WorkerConnection(asyncio.Protocol):
 
     __slots__ = ("origin", "transport", "parser", "status", "headers", "_headers_done", "_buf", "_buffered",
                  "_paused", "_complete", "_closed", "_exc", "_waiter", "_keep_alive", "_got_bytes", "idle_since",
-                 "pool", "_sink", "_sent", "_began", "_head_bytes", "_until_close")
+                 "pool", "_sink", "_sent", "_head_bytes", "_framed")
 
     def __init__(self, origin: Origin, pool: Owner) -> None:
         self.origin = origin
@@ -112,9 +113,8 @@ class WorkerConnection(asyncio.Protocol):
         self._got_bytes = False
         self._sink: Sink | None = None
         self._sent = False  # a request went out: until then nothing may arrive
-        self._began = False  # its response began
         self._head_bytes = 0
-        self._until_close = False  # no length, not chunked: the body ends with the connection
+        self._framed = False  # a content-length or transfer-encoding: else the body ends with the connection
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -137,7 +137,7 @@ class WorkerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.pool.forget(self)
-        if self._until_close and self._headers_done and self._exc is None:
+        if self._headers_done and not self._framed and self._exc is None:
             self._complete = True  # the close is how such a response ends
         if not self._complete and self._exc is None:
             self._exc = UpstreamClosed("worker closed the connection before the response was complete")
@@ -146,27 +146,27 @@ class WorkerConnection(asyncio.Protocol):
             self._feed_sink()
 
     # httptools callbacks
-    def on_message_begin(self) -> None:
-        if self._began:
-            self._fail(UpstreamProtocolError("worker sent more than one response to one request"))
-            raise _Stray
-        self._began = True
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES or len(self.headers) >= MAX_HEADERS:
             self._fail(UpstreamProtocolError(f"worker sent response headers over {MAX_HEAD_BYTES // 1024} KiB "
                                              f"or {MAX_HEADERS} fields"))
             raise _Stray
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name in _FRAMING:
+            self._framed = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        if self._headers_done:  # a second response to one request
+            self._fail(UpstreamProtocolError("worker sent more than one response to one request"))
+            raise _Stray
+        self.status = status = self.parser.get_status_code()
         self._keep_alive = self.parser.should_keep_alive()
         self._headers_done = True
-        if self.status >= 200 and self.status not in _NO_BODY and not any(
-                n in (b"content-length", b"transfer-encoding") for n, _ in self.headers):
-            self._until_close = True
+        if status < 200 or status in _NO_BODY:
+            self._framed = True  # no body at all
+        elif not self._framed:
             self._keep_alive = False
         self._wake()
 
