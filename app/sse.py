@@ -7,8 +7,9 @@ client's behalf removed again when the client did not ask for it). Pure: no I/O 
 Each ``data: {...}`` event is decoded by a typed msgspec decoder that builds only the few fields read here
 (``choices[].text``/``delta``, ``usage``, ``error``) and skips the rest: about half the cost of building the
 whole object, on the path every token takes. An event of another shape (``choices`` not a list of objects, a
-``usage`` that is not an object, ...) goes the general way, through ``orjson``, with the same outcome; so does
-every event when a sink wants the whole objects (the non-streaming aggregator). Differences left on purpose, in
+``usage`` that is not an object, ...) goes the general way, through ``orjson``, with the same outcome. With a sink
+(the non-streaming aggregator) its own strict typed reader (``take``) goes first and every event it declines is
+built whole for the sink (``add``). Differences left on purpose, in
 events no engine sends: a number beyond a double's range in a field the relay does not read passes (orjson refused
 the event), an integer wider than 64 bits in ``usage`` stays an int (orjson made it a float), and nesting deeper than
 orjson's 1024 levels passes where Python's recursion limit allows it (shallower than that limit, a decoder that
