@@ -4,8 +4,10 @@ uvicorn has no limit on how long a client may take to send its request headers, 
 (its h11 backend has a size limit, httptools none). Here a protocol subclass adds, per connection:
 - a header deadline: from connection (or the end of the previous response on a keep-alive connection) to the end
   of the request headers; past it the connection gets ``408`` and is closed (slowloris);
-- a header size and count limit: past it ``431`` and close, before more is buffered.
-The body has its own deadline in the application (requestio.read_body), where it is an OpenAI-shaped 408.
+- a header size and count limit: past it ``431`` and close, before more is buffered;
+- a body deadline: a request whose body has not all arrived ``body_timeout`` (+1 s) after its headers gets ``408``
+  and the connection closes, also where the application is still waiting for the first byte of it.
+The application's own deadline (requestio.read_body) usually answers first, as an OpenAI-shaped 408.
 
 ``X-Forwarded-*`` headers are trusted only from the proxies listed in ``forwarded_allow_ips``; by default from
 nobody (uvicorn would trust loopback peers).
@@ -161,6 +163,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     by ``protocol_class``)."""
 
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
     eager_paths: frozenset[str] = EAGER_PATHS
@@ -174,6 +177,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._head_too_large = False
         self._in_head = True
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._links: list[ClientLink] = []  # of this connection's requests whose responses are not complete
         self._parsing = False  # inside data_received's parse
         self._deferred: tuple[RequestResponseCycle, Any] | None = None  # a request to start when the read is parsed
@@ -184,6 +188,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_body()
         super().connection_lost(exc)
         links, self._links = self._links, []
         for link in links:
@@ -208,6 +213,16 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self.transport.close()
 
+    def _disarm_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_expired(self, cycle: RequestResponseCycle) -> None:
+        self._body_timer = None
+        if cycle is self.cycle and cycle.more_body and not cycle.response_started and not self.transport.is_closing():
+            self._refuse(RequestTimeout(f"request body not received within {self.body_timeout:g} s"))
+
     def _refuse(self, exc: GatewayError) -> None:
         """Answer with an OpenAI-shaped error and close: the request never reaches the application."""
         self._disarm()
@@ -228,6 +243,9 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             if deferred is not None:  # started whatever happened in the parse: never left behind
                 self._deferred = None
                 self._start_deferred(*deferred)
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and self._body_timer is None and not self._in_head:
+                self._body_timer = self.loop.call_later(self.body_timeout + 1.0, self._body_expired, cycle)
         if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
             # all of it is still header bytes (a value not yet complete): refuse before buffering more
             self._head_too_large = True
@@ -260,6 +278,10 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(HeadersTooLarge(self._too_large_message()))
         else:
             super().send_400_response(msg)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm_body()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -310,6 +332,7 @@ def configure_protocol(settings: Settings) -> None:
     """Set the limits on the protocol class itself: a gateway process started by uvicorn's multiprocess
     supervisor imports the class by name (a class made per settings does not cross a process spawn)."""
     HardenedHttpToolsProtocol.header_timeout = settings.header_timeout
+    HardenedHttpToolsProtocol.body_timeout = settings.body_timeout
     HardenedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
     HardenedHttpToolsProtocol.max_headers = settings.max_headers
     HardenedHttpToolsProtocol.eager_budget = PassBudget(EAGER_PER_PASS)
@@ -321,6 +344,7 @@ PROTOCOL_PATH = "app.httpserver:HardenedHttpToolsProtocol"
 def protocol_class(settings: Settings) -> type[HardenedHttpToolsProtocol]:
     return type("TokengateHttpProtocol", (HardenedHttpToolsProtocol,), {
         "header_timeout": settings.header_timeout,
+        "body_timeout": settings.body_timeout,
         "max_header_bytes": settings.max_header_bytes,
         "max_headers": settings.max_headers,
         "eager_budget": PassBudget(EAGER_PER_PASS),

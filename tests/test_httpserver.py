@@ -121,6 +121,19 @@ def test_a_body_trickled_past_its_deadline_is_408(gw: Any, worker: ThreadedFakeW
     assert worker.stats.requests == before
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_that_never_starts_is_408_too(gw: Any, path: str) -> None:
+    sock = connect(gw)
+    sock.sendall(head(path, length=500))  # and then not one byte of the body
+    t0 = time.monotonic()
+    response = read_all(sock, 6)
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]  # it had hung for good
+    assert error_of(response)[1]["code"] == "request_timeout"
+    assert time.monotonic() - t0 < 4  # body_timeout is 1 s here
+    assert ok(gw)
+
+
 @pytest.mark.parametrize("extra", [
     "x-big: " + "a" * 20_000 + "\r\n",
     "".join(f"x-h{i}: v\r\n" for i in range(60)),
