@@ -63,6 +63,11 @@ class ClientLink:
         return True
 
     def lost(self) -> None:
+        """The connection is gone. uvicorn tells only its newest request; one ahead of it in a pipeline (a stream
+        still running) learns it here, or it would write to a closed transport."""
+        c = self._cycle
+        c.disconnected = True
+        c.message_event.set()  # a receive() waiting for more of the body returns http.disconnect
         on_lost = self._on_lost
         self.release()
         if on_lost is not None and not self._cycle.response_complete:

@@ -4,6 +4,7 @@ forwarding headers), and what the gateway sends on to workers — over real sock
 from __future__ import annotations
 
 import gc
+import logging
 import select
 import socket
 import threading
@@ -207,6 +208,34 @@ def test_pipelined_generation_requests_are_answered_in_order(gw: Any) -> None:
         "chat.completion"
     status, err = error_of(b"HTTP/1.1 " + parts[2])  # OpenAI-shaped
     assert status == 400 and err["param"] == "messages"
+
+
+def test_pipelined_streams_whose_client_leaves_end_quietly(gw: Any, worker: ThreadedFakeWorker,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    body = orjson.dumps({**CHAT, "max_tokens": 50})
+    caplog.set_level(logging.INFO)
+    worker.options.token_delay = 0.02
+    try:
+        _pipeline_and_leave(gw, body)
+    finally:
+        worker.options.token_delay = 0.0
+    assert ok(gw)
+    samples = scrape(gw.url + "/metrics")
+    assert sum(v for (name, _), v in samples.items() if name == "tokengate_requests_in_flight") == 0
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert messages == []  # "ASGI callable returned without completing response", a write to a closed transport
+
+
+def _pipeline_and_leave(gw: Any, body: bytes) -> None:
+    for _ in range(3):
+        sock = connect(gw)
+        sock.sendall(head(length=len(body)) + body + head(length=len(body)) + body)
+        data = b""
+        while b"data:" not in data:
+            data += sock.recv(4096)
+        time.sleep(0.1)
+        sock.close()  # while the first streams, the second waiting behind it
+        time.sleep(0.5)
 
 
 def test_hop_by_hop_and_client_headers_are_not_forwarded(gw: Any, worker: ThreadedFakeWorker) -> None:
