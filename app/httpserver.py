@@ -26,13 +26,13 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from .clientwriter import CLIENT_WRITER
 from .eager import PassBudget, start_eager
-from .errors import GatewayError, HeadersTooLarge, RequestTimeout, render
+from .errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout, render
 from .protocol import ROUTES
 from .settings import Settings
 
 EAGER_PATHS = frozenset(ROUTES)  # the generation routes start eagerly (see _start_asgi_task)
 EAGER_PER_PASS = 4  # eager starts per loop pass (app.eager): a light or bursty load's requests, not saturation's
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class _HeadTooLarge(Exception):
@@ -279,10 +279,12 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
                 f"{self.max_headers} fields")
 
     def send_400_response(self, msg: str) -> None:
+        """What httptools refuses (two Content-Lengths, a control byte in a header, an unknown method, ...):
+        uvicorn answers in plain text; here in OpenAI's shape, like every other error."""
         if self._head_too_large:
             self._refuse(HeadersTooLarge(self._too_large_message()))
-        else:
-            super().send_400_response(msg)
+        elif not self.transport.is_closing():
+            self._refuse(InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1", param=None))
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

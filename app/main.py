@@ -136,7 +136,7 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
 
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # live gauges go
 
-    app = GatewayApp(title="tokengate", version=__version__, lifespan=lifespan,
+    app = GatewayApp(title="tokengate", version=__version__, lifespan=lifespan, redirect_slashes=False,
                      docs_url="/docs", redoc_url=None)
     app.state.tokengate = state
     app.include_router(router)

@@ -238,6 +238,28 @@ def _pipeline_and_leave(gw: Any, body: bytes) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.parametrize("raw", [
+    head(extra=f"content-length: {len(BODY)}\r\n") + BODY,  # two Content-Lengths
+    head(extra="transfer-encoding: chunked\r\n") + BODY,
+    head(extra="x-request-id: a\x01b\r\n") + BODY,
+    b"BREW /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n",
+    head(length=-1) + BODY,
+], ids=["two-lengths", "length-and-chunked", "control-byte", "unknown-method", "negative-length"])
+def test_what_the_http_parser_refuses_is_an_openai_shaped_400(gw: Any, raw: bytes) -> None:
+    sock = connect(gw)
+    sock.sendall(raw)
+    response = read_all(sock, 5)
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 400"), response[:200]
+    assert error_of(response)[1]["code"] == "invalid_request"  # uvicorn's own: "Invalid HTTP request received."
+    assert ok(gw)
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(gw: Any) -> None:
+    r = httpx.post(gw.base + "/chat/completions/", json=CHAT, timeout=5)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_hop_by_hop_and_client_headers_are_not_forwarded(gw: Any, worker: ThreadedFakeWorker) -> None:
     sock = connect(gw)
     extra = ("connection: keep-alive, x-private\r\nkeep-alive: timeout=5\r\nte: trailers\r\nx-private: 1\r\n"
