@@ -243,7 +243,12 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     def on_ready(state: AppState) -> None:
         print(_examples(state), flush=True)
 
-    app = create_app(settings, worker_specs=specs, preset_caps=caps, regions=regions or set(), on_ready=on_ready)
+    try:
+        app = create_app(settings, worker_specs=specs, preset_caps=caps, regions=regions or set(),
+                         on_ready=on_ready)
+    except ValueError as exc:  # a keys file or --redis URL that can't be used (KeysError is a ValueError)
+        print(f"tokengate serve: {exc}", file=sys.stderr)
+        return 2
     state: AppState = app.state.tokengate
     server = DrainingServer(server_config(app, settings), state)
     try:
@@ -311,7 +316,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    log_dir = (args.state_dir or Settings().state_dir) / "logs"
+    if args.state_dir is None:
+        try:
+            args.state_dir = Settings().state_dir
+        except ValidationError as exc:
+            print(f"tokengate logs: invalid settings:\n{exc}", file=sys.stderr)
+            return 2
+    log_dir = args.state_dir / "logs"
     files = sorted(log_dir.glob(f"{args.worker}.log" if args.worker else "*.log"))
     if not files:
         print(f"no worker logs in {log_dir}", file=sys.stderr)

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -46,6 +47,13 @@ class UpstreamSpec:
             url = text
         if not url.startswith(("http://", "https://")):
             url = "http://" + url
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018  # (raises on a port out of range or not a number)
+        except ValueError as exc:
+            raise ValueError(f"bad port in upstream {text!r}: {exc}") from None
+        if not parts.hostname:
+            raise ValueError(f"no host in upstream {text!r}")
         return cls(url.rstrip("/"), region, preset)
 
 
@@ -86,7 +94,8 @@ class Settings(BaseSettings):
     worker_extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_env: Annotated[list[str], NoDecode] = Field(default_factory=list, description="KEY=VALUE for workers")
     state_dir: Path = Field(default_factory=default_state_dir)
-    drain_timeout: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+    drain_timeout: float = Field(30.0, ge=0, allow_inf_nan=False,
+                                 description="SIGTERM: how long in-flight requests may finish")
 
     # routing
     prefix_affinity_bytes: int = Field(0, ge=0, description="hash this many leading prompt bytes to pick a "
@@ -156,6 +165,13 @@ class Settings(BaseSettings):
         for url in urls:
             UpstreamSpec.parse(url)
         return urls
+
+    @field_validator("upstream_api_key")
+    @classmethod
+    def _api_key(cls, key: str | None) -> str | None:
+        if key is not None and not (key.isascii() and key.isprintable()):
+            raise ValueError("must be printable ASCII (it goes into an HTTP header)")
+        return key
 
     @field_validator("worker_env")
     @classmethod

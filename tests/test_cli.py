@@ -60,6 +60,29 @@ def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "max_tokens_cap" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["--drain-timeout", "inf"], ["--upstream", "http://127.0.0.1:99999"], ["--upstream", "http://:80"],
+    ["--upstream-api-key", "k\u00e9y"], ["--upstream-api-key", "a\r\nx-evil: 1"],
+    ["--redis", "notaurl"], ["--keys", "/nonexistent/keys.yaml"], ["--keys", "BADKEYS"],
+], ids=str)
+def test_settings_that_cannot_work_exit_2_with_one_clear_message(args: list[str], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("keys:\n  - name: a\n    hash: sha256:xx\n")
+    args = [str(bad) if a == "BADKEYS" else a for a in args]
+    upstream = [] if "--upstream" in args else ["--upstream", "http://127.0.0.1:1"]
+    assert main(["serve", "--port", "0", *upstream, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokengate serve: ") and "Traceback" not in err, err
+
+
+def test_logs_with_a_bad_environment_exits_2(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TOKENGATE_PORT", "abc")
+    assert main(["logs"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
+
+
 def test_dry_run_prints_exact_worker_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code = main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-4x", "--model", "/models/m",
                  "--gpus", "0,1,2,3,4,5,6,7", "--state-dir", str(tmp_path)])
