@@ -217,6 +217,8 @@ class LocalTokenizer:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template failed: {exc}") from exc
+        except Exception as exc:  # the template's own Python on the request's values: '+' on a null content, ...
+            raise TemplateError(f"chat template failed on these messages: {type(exc).__name__}: {exc}") from exc
         if continue_final_message and messages:
             last = messages[-1].get("content")
             if isinstance(last, str) and last and last in text:

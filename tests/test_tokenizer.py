@@ -125,3 +125,22 @@ def test_a_truncation_or_padding_in_tokenizer_json_is_not_applied(models_dir: di
     for pieces in (1, 4):
         tok = LocalTokenizer(tmp_path, piece_chars=1, max_pieces=pieces)
         assert tok.count(text, add_special_tokens=False) == expected
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}],
+    [{"role": "user", "content": 5}],
+])
+def test_a_template_that_fails_on_the_messages_is_a_template_error(tmp_path: Path,
+                                                                    messages: list[dict[str, Any]]) -> None:
+    from app.tinymodel import build_tiny_model
+    from app.tokenizer import TemplateError
+
+    root = build_tiny_model(tmp_path / "m")
+    # Qwen/ChatML-style string concatenation: a TypeError in the template's own Python (was a 500)
+    (root / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}")
+    tok = LocalTokenizer(root)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|user|>hi"
+    with pytest.raises(TemplateError, match="TypeError"):
+        tok.render_chat(messages)
