@@ -70,6 +70,16 @@ def test_thousands_of_failures_in_a_row_keep_the_backoff_at_its_cap() -> None:
     assert 0 < a.ejected_until - time.monotonic() <= reg.eject_max
 
 
+def test_a_worker_back_in_rotation_is_asked_for_explicit_aborts_again() -> None:
+    reg, (a, _) = registry_with(("a", "fr", 0), ("b", "fr", 0))
+    a.explicit_abort = False  # its abort endpoint answered 404 once (maybe while it restarted)
+    reg.update(a, ready=True, reason="ready")
+    assert not a.explicit_abort  # still the same run of it
+    reg.update(a, ready=False, reason="down")
+    reg.update(a, ready=True, reason="ready")
+    assert a.explicit_abort
+
+
 def test_snapshot_lists_only_ready_models_with_smallest_window() -> None:
     reg = Registry()
     w1 = Worker(name="a", url="http://127.0.0.1:1")

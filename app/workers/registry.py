@@ -33,7 +33,7 @@ class Worker:
     in_flight: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
-    explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (until it says otherwise)
+    explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (until it says otherwise, till next ready)
     process_down: bool = False  # a managed worker whose process is not running: its supervisor gives the reason
     expected_models: frozenset[str] = frozenset()  # what a managed worker will serve once ready
     slow_checks: int = 0  # health checks in a row that timed out
@@ -92,6 +92,8 @@ class Registry:
     def update(self, worker: Worker, *, ready: bool, reason: str = "", models: dict[str, ModelInfo] | None = None
                ) -> None:
         changed = worker.ready != ready or (models is not None and models != worker.models)
+        if ready and not worker.ready:
+            worker.explicit_abort = True  # back (maybe restarted, maybe upgraded): its abort endpoint is asked again
         worker.ready = ready
         worker.reason = reason
         if models is not None:
