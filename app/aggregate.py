@@ -26,6 +26,7 @@ import msgspec
 import orjson
 
 from .errors import GatewayError, UpstreamStatus
+from .sse import Seen
 from .upstream import UpstreamProtocolError
 
 _CHUNK_KEYS = {"id", "object", "created", "model", "choices", "usage"}
@@ -121,7 +122,6 @@ class _TChunk(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _decode_chunk = msgspec.json.Decoder(_TChunk).decode
-Seen = tuple[bool, dict[str, Any] | None, bool]  # (has content, usage, has choices): what the SSE parser reads
 
 
 class StreamAggregator:

@@ -25,7 +25,7 @@ from .errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from .limits import Ticket
 from .metrics import GatewayMetrics, RequestRecord
 from .protocol import ParsedRequest, usage_counts
-from .sse import SSEParser
+from .sse import SSEParser, SSEState
 from .streaming import RelayBatch, Splice, collect, open_splice, relay
 from .upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
 from .workers.registry import Worker
@@ -147,12 +147,7 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
         err = await relay(resp, first or b"", parser, tracked, idle_timeout=idle_timeout)
     ex.done = True
     st = parser.state
-    rec.first_token, rec.last_token = st.first_token, st.last_token
-    rec.prompt_tokens, rec.completion_tokens = usage_counts(st.usage)
-    if rec.completion_tokens is None:
-        rec.completion_tokens = st.content_events
-    if rec.prompt_tokens is None and ex.decision is not None:
-        rec.prompt_tokens = ex.decision.prompt_tokens
+    record_tokens(rec, st, ex.decision)
     if st.chunks:
         metrics.observe_relay(st.relay_seconds / st.chunks)
     ex.resp = None
@@ -164,6 +159,15 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
     rec.status = 200
     await finish(resp)
     return None
+
+
+def record_tokens(rec: RequestRecord, st: SSEState, decision: Decision | None) -> None:
+    """What a worker stream cost: its usage where it gave a count, else the content events relayed and the
+    gateway's own prompt count (a stream cut short, a worker that sends no usage or no valid one)."""
+    rec.first_token, rec.last_token = st.first_token, st.last_token
+    prompt, completion = usage_counts(st.usage)
+    rec.completion_tokens = st.content_events if completion is None else completion
+    rec.prompt_tokens = decision.prompt_tokens if prompt is None and decision is not None else prompt
 
 
 async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange, rec: RequestRecord, send: Any,
@@ -185,9 +189,7 @@ async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange
             _count_error(metrics, ex, exc)
         raise
     rec.streamed = False
-    rec.first_token, rec.last_token = st.first_token, st.last_token
-    rec.prompt_tokens, completion = usage_counts(st.usage)
-    rec.completion_tokens = st.content_events if completion is None else completion
+    record_tokens(rec, st, ex.decision)
     ex.resp = None
     await _send_json(data, ex, rec, send)
     await finish(resp)

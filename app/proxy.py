@@ -38,12 +38,13 @@ from .exchange import (
     answer_collected,
     answer_stream,
     answer_unary,
+    record_tokens,
 )
 from .limits import Limiter, MemoryLimiter
 from .metrics import UNKNOWN, GatewayMetrics, RequestRecord
 from .policy import RequestPolicy, check_min_tokens
 from .policy import check as check_policy
-from .protocol import ROUTES, Route, parse_request, set_max_tokens, upstream_body, usage_counts
+from .protocol import ROUTES, Route, parse_request, set_max_tokens, upstream_body
 from .requestio import ClientGone, read_body, read_headers
 from .routing import candidates, placements
 from .settings import Settings
@@ -203,12 +204,9 @@ class Proxy:
     def _client_gone(self, route: Route, ctx: Exchange, rec: RequestRecord) -> None:
         rec.status = 499
         rec.streamed = ctx.stream
-        st = ctx.parser.state if ctx.parser is not None else None
-        if st is not None:
-            rec.first_token, rec.last_token = st.first_token, st.last_token
-            rec.prompt_tokens, completion = usage_counts(st.usage)
-            rec.completion_tokens = st.content_events if completion is None else completion
-        if rec.prompt_tokens is None and ctx.decision is not None:
+        if ctx.parser is not None:
+            record_tokens(rec, ctx.parser.state, ctx.decision)
+        elif ctx.decision is not None:
             rec.prompt_tokens = ctx.decision.prompt_tokens
         if ctx.worker is None and ctx.resp is None:
             phase = "before_dispatch"

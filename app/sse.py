@@ -29,9 +29,10 @@ from .upstream import UpstreamProtocolError
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
-# A sink's typed reader (``aggregate.StreamAggregator.take``): takes an event's JSON whole and returns (has content,
-# usage, has choices); raises msgspec's errors, having taken nothing, on an event for the general way.
-Take = Callable[[bytes], tuple[bool, dict[str, Any] | None, bool]]
+# A sink's typed reader (``aggregate.StreamAggregator.take``): takes an event's JSON whole and returns what the parser
+# learns of it; raises msgspec's errors, having taken nothing, on an event for the general way.
+Seen = tuple[bool, dict[str, Any] | None, bool]  # (has content, usage, has choices)
+Take = Callable[[bytes], Seen]
 
 
 def _has_content(obj: dict[str, Any]) -> bool:
@@ -154,17 +155,7 @@ class SSEParser:
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 pass  # another shape, or not JSON: the general way says which
             else:
-                st = self.state
-                if usage is not None:
-                    st.usage = usage
-                    if not has_choices:
-                        return not self.include_usage
-                if content:
-                    st.content_events += 1
-                    if st.first_token is None:
-                        st.first_token = now
-                    st.last_token = now
-                return False
+                return self._learn(usage, has_choices, content, now)
         elif event.startswith(b"data: {") and self.sink is None:
             payload = event[6:]
             try:
@@ -174,22 +165,27 @@ class SSEParser:
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # (ValidationError is a DecodeError)
                 pass  # another shape, not JSON, or nested past the typed decoder's depth: the general way says which
             else:
-                st = self.state
                 if ev.error is not msgspec.UNSET:
-                    st.saw_error = True
+                    self.state.saw_error = True
                     return False
                 choices = ev.choices
-                if ev.usage is not None:
-                    st.usage = ev.usage
-                    if not choices:
-                        return not self.include_usage
-                if choices and _event_has_content(choices):
-                    st.content_events += 1
-                    if st.first_token is None:
-                        st.first_token = now
-                    st.last_token = now
-                return False
+                return self._learn(ev.usage, bool(choices), _event_has_content(choices) if choices else False, now)
         return self._drop_general(event, now)
+
+    def _learn(self, usage: dict[str, Any] | None, has_choices: bool, content: bool, now: float) -> bool:
+        """Note an event's usage and content (the three ways of reading one agree on these); True for the usage
+        event the client did not ask for."""
+        st = self.state
+        if usage is not None:
+            st.usage = usage
+            if not has_choices:
+                return not self.include_usage
+        if content:
+            st.content_events += 1
+            if st.first_token is None:
+                st.first_token = now
+            st.last_token = now
+        return False
 
     def _drop_general(self, event: bytes, now: float) -> bool:
         st = self.state
@@ -215,16 +211,8 @@ class SSEParser:
             st.saw_error = True
             return False
         usage = obj.get("usage")
-        if isinstance(usage, dict):
-            st.usage = usage
-            if not obj.get("choices"):
-                return not self.include_usage
-        if _has_content(obj):
-            st.content_events += 1
-            if st.first_token is None:
-                st.first_token = now
-            st.last_token = now
-        return False
+        return self._learn(usage if isinstance(usage, dict) else None, bool(obj.get("choices")), _has_content(obj),
+                           now)
 
     @property
     def pending(self) -> bytes:

@@ -33,7 +33,7 @@ class Worker:
     in_flight: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
-    explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (until it says otherwise, till next ready)
+    explicit_abort: bool = True  # POST /inference/v1/abort_requests answers (unless it said no since it was ready)
     process_down: bool = False  # a managed worker whose process is not running: its supervisor gives the reason
     expected_models: frozenset[str] = frozenset()  # what a managed worker will serve once ready
     slow_checks: int = 0  # health checks in a row that timed out
@@ -57,6 +57,12 @@ class Snapshot:
     by_region: dict[tuple[str, str], tuple[Worker, ...]] = field(default_factory=dict, compare=False, repr=False)
     placements: dict[int, tuple[tuple[Worker, ...], tuple[str, ...]]] = field(default_factory=dict, compare=False,
                                                                               repr=False)
+
+
+def doubling(base: float, cap: float, n: int) -> float:
+    """``base`` doubled ``n`` times, at most ``cap`` (the exponent stops at 64: 2.0 ** 1024 overflows a float, which
+    ~1 100 failures in a row reached)."""
+    return min(cap, base * 2.0 ** min(n, 64))
 
 
 class Registry:
@@ -111,9 +117,8 @@ class Registry:
         peers = [w for m in worker.models for w in self._snapshot.by_model.get(m, ()) if w is not worker]
         if not any(p.routable(now) for p in peers):
             return  # never eject the last one: a struggling worker beats none
-        doublings = min(worker.consecutive_failures - self.eject_after, 64)  # 2.0 ** 1024 overflows a float
-        backoff = min(self.eject_max, self.eject_base * 2.0 ** doublings)
-        worker.ejected_until = now + backoff
+        worker.ejected_until = now + doubling(self.eject_base, self.eject_max,
+                                              worker.consecutive_failures - self.eject_after)
 
     def record_success(self, worker: Worker) -> None:
         if worker.consecutive_failures:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..metrics import GatewayMetrics
-from .registry import Registry, Worker
+from .registry import Registry, Worker, doubling
 
 log = logging.getLogger("tokengate.supervisor")
 _PR_SET_PDEATHSIG = 1
@@ -176,7 +176,7 @@ class Supervisor:
                 self._tell_janitor(f"-{m.proc.pid}")
             up_for = time.monotonic() - m.started_at
             m.failures_in_row = 1 if up_for >= self.healthy_after else m.failures_in_row + 1
-            delay = min(self.backoff_max, self.backoff_base * 2.0 ** min(m.failures_in_row - 1, 64))  # (no overflow)
+            delay = doubling(self.backoff_base, self.backoff_max, m.failures_in_row - 1)
             if m.failures_in_row > 1:
                 m.worker.reason = f"crash loop: {m.failures_in_row} exits in a row, next start in {delay:g} s"
             self.registry.update(m.worker, ready=False, reason=m.worker.reason)
