@@ -232,6 +232,16 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     from .httpserver import server_config
     from .main import create_app
 
+    if settings.redis_url:  # one line and exit 2 when Redis can't be reached, before anything starts
+        from .limits import unreachable
+
+        try:
+            problem = unreachable(settings.redis_url)
+        except ValueError as exc:  # not a Redis URL
+            problem = str(exc)
+        if problem:
+            print(f"tokengate serve: --redis: {problem}", file=sys.stderr)
+            return 2
     if settings.workers > 1:
         if specs:
             print("tokengate serve: --workers needs --upstream: managed workers are supervised by one gateway "

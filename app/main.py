@@ -98,6 +98,8 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(limiter, RedisLimiter):
+            await limiter.ping()  # fail at start, before any worker is launched, not on the first request
         for worker in external_workers(settings):
             registry.add(worker)
         if supervisor is not None:
@@ -107,8 +109,6 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         health_task = asyncio.create_task(health.run(), name="tokengate-health")
         sampler_task = asyncio.create_task(sampler.run(), name="tokengate-status")
         ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
-        if isinstance(limiter, RedisLimiter):
-            await limiter.ping()  # fail at start, not on the first request
         if settings.workers > 1 and not settings.redis_url and not keys.is_open:
             log.warning("--workers %d without --redis: each gateway process enforces the per-key limits on its own "
                         "(a key gets up to %d times its rpm/tpm/concurrency)", settings.workers, settings.workers)

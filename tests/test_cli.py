@@ -63,7 +63,8 @@ def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("args", [
     ["--drain-timeout", "inf"], ["--upstream", "http://127.0.0.1:99999"], ["--upstream", "http://:80"],
     ["--upstream-api-key", "k\u00e9y"], ["--upstream-api-key", "a\r\nx-evil: 1"],
-    ["--redis", "notaurl"], ["--keys", "/nonexistent/keys.yaml"], ["--keys", "BADKEYS"],
+    ["--redis", "notaurl"], ["--redis", "redis://:secret@127.0.0.1:1/0"],
+    ["--keys", "/nonexistent/keys.yaml"], ["--keys", "BADKEYS"],
 ], ids=str)
 def test_settings_that_cannot_work_exit_2_with_one_clear_message(args: list[str], tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,6 +75,7 @@ def test_settings_that_cannot_work_exit_2_with_one_clear_message(args: list[str]
     assert main(["serve", "--port", "0", *upstream, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tokengate serve: ") and "Traceback" not in err, err
+    assert "secret" not in err
 
 
 def test_logs_with_a_bad_environment_exits_2(monkeypatch: pytest.MonkeyPatch,

@@ -27,6 +27,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client import CollectorRegistry
 
 from app.cli import main as cli_main
+from app.errors import NoWorkerAvailable
+from app.main import create_app
 from app.metrics import GatewayMetrics
 from app.settings import Settings
 from app.state import AppState
@@ -267,6 +269,21 @@ def test_a_model_whose_worker_is_still_starting_is_503_not_404(log_dir: Path) ->
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
         assert "is ready yet" in r.json()["error"]["message"]
         assert chat(gw.url, model="never-configured").status_code == 404
+
+
+def test_an_unreachable_redis_fails_the_start_before_any_worker_is_launched(log_dir: Path, tmp_path: Path) -> None:
+    stamps = tmp_path / "started"
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", connect_timeout=0.5),
+                     worker_specs=[crashing_spec("w", log_dir, stamps)])
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pytest.fail("the gateway started without its Redis")
+
+    with pytest.raises(NoWorkerAvailable, match="rate limiter unavailable"):
+        asyncio.run(start())
+    time.sleep(0.5)  # a worker launched would have written its stamp by now
+    assert not stamps.exists()
 
 
 # --- restarts -----------------------------------------------------------------------------------------------------
