@@ -11,6 +11,7 @@ worker instead.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -24,6 +25,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+log = logging.getLogger("tokengate.tokenizer")
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
@@ -257,15 +260,30 @@ def has_local_tokenizer(path: str | None) -> bool:
 
 TokenizerLoader = Callable[[str], LocalTokenizer]
 
+# what a LocalTokenizer reads: two model directories with the same bytes in these count alike
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+_KEEP_LOADED = 4  # tokenizers kept for fingerprints no model uses right now (a rollback, workers that disagree)
+
 
 class TokenizerStore:
     """Model id → its local tokenizer, loaded once (in a thread) when a worker reports a local model path, or
-    from the path configured for the model (``--tokenizer MODEL=PATH``: workers on other machines)."""
+    from the path configured for the model (``--tokenizer MODEL=PATH``: workers on other machines).
 
-    def __init__(self, paths: dict[str, str] | None = None) -> None:
+    Tokenizers are known by a fingerprint of their files, not by path: workers that serve one model from two
+    copies share one load, and a worker restarted on another version of the model (another path, other files)
+    brings its tokenizer in. Workers that report different tokenizers under one model name are logged once; the
+    count then follows the worker checked last, from tokenizers loaded once each."""
+
+    def __init__(self, paths: dict[str, str] | None = None, *, loader: TokenizerLoader = LocalTokenizer) -> None:
         self._by_model: dict[str, LocalTokenizer | None] = {}
-        self._roots: dict[str, str | None] = {}
+        self._prints: dict[str, str] = {}  # model → fingerprint of the tokenizer it counts with
+        self._seen: dict[str, dict[str, str]] = {}  # model → every fingerprint reported for it → one path of it
+        self._loaded: dict[str, LocalTokenizer] = {}  # fingerprint → tokenizer, least recently used first
+        self._stats: dict[str, tuple[tuple[tuple[int, int] | None, ...], str]] = {}  # path → (file stats, print)
+        self._warned: set[str] = set()
+        self._failed: set[str] = set()  # fingerprints whose files did not load
         self._paths = dict(paths or {})
+        self._loader = loader
 
     def get(self, model: str) -> LocalTokenizer | None:
         return self._by_model.get(model)
@@ -277,14 +295,70 @@ class TokenizerStore:
         import asyncio
 
         root = self._paths.get(model, root)
-        if model in self._roots and self._roots[model] == root:
-            return
-        self._roots[model] = root
-        if root is None or not has_local_tokenizer(root):
+        fingerprint = None
+        if has_local_tokenizer(root):
+            assert root is not None
+            paths = [Path(root, name) for name in _TOKENIZER_FILES]
+            stats = tuple(_stat(path) for path in paths)  # a few stats per health check: on the loop
+            cached = self._stats.get(root)
+            if cached is not None and cached[0] == stats:
+                fingerprint = cached[1]
+            else:  # new or changed files: hashed off the loop
+                fingerprint = await asyncio.to_thread(_hash_files, paths, stats)
+                if fingerprint is not None:
+                    self._stats[root] = (stats, fingerprint)
+        if fingerprint is None:  # a path on another machine: keep what counts now (maybe another worker's)
             self._by_model.setdefault(model, None)
             return
-        try:
-            tok = await asyncio.to_thread(LocalTokenizer, root)
-        except Exception:  # an unreadable tokenizer: fall back to the worker's /tokenize
-            tok = None
+        assert root is not None
+        if fingerprint == self._prints.get(model):
+            return
+        if fingerprint in self._failed:  # tried once: the worker counts
+            self._by_model[model] = None
+            self._prints.pop(model, None)
+            return
+        seen = self._seen.setdefault(model, {})
+        if fingerprint in seen and model not in self._warned:  # back to one it left: workers that disagree
+            log.warning("workers report different tokenizers for model %s (%s): prompts are counted with the "
+                        "tokenizer of the worker checked last, which may not be the one a request reaches; serve "
+                        "different models under different names", model, ", ".join(sorted(seen.values())))
+            self._warned.add(model)
+        seen.setdefault(fingerprint, root)
+        tok = self._loaded.pop(fingerprint, None)
+        if tok is None:
+            try:
+                tok = await asyncio.to_thread(self._loader, root)
+            except Exception:  # an unreadable tokenizer: fall back to the worker's /tokenize
+                log.warning("model %s: could not load the tokenizer in %s; prompts are counted by the worker",
+                            model, root, exc_info=True)
+                self._failed.add(fingerprint)
+                self._by_model[model] = None
+                self._prints.pop(model, None)
+                return
+        self._loaded[fingerprint] = tok
+        self._prints[model] = fingerprint
         self._by_model[model] = tok
+        in_use = set(self._prints.values())
+        for old in [fp for fp in self._loaded if fp not in in_use][:max(0, len(self._loaded) - _KEEP_LOADED)]:
+            del self._loaded[old]
+
+
+def _hash_files(paths: list[Path], stats: tuple[tuple[int, int] | None, ...]) -> str | None:
+    """sha256 of a tokenizer's files (a missing one counts too), or None when one can't be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        for path, stat in zip(paths, stats, strict=True):
+            digest.update(b"\0" if stat is None else b"\1" + path.read_bytes() + b"\0")
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

@@ -144,3 +144,114 @@ def test_a_template_that_fails_on_the_messages_is_a_template_error(tmp_path: Pat
     assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|user|>hi"
     with pytest.raises(TemplateError, match="TypeError"):
         tok.render_chat(messages)
+
+
+# --- the store: one load per tokenizer, whatever the paths ------------------------------------------------------------
+
+class _CountingLoader:
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+
+    def __call__(self, root: str) -> LocalTokenizer:
+        self.loads.append(root)
+        return LocalTokenizer(root)
+
+
+def _models(tmp_path: Path) -> tuple[str, str, str]:
+    """Two copies of one tokenizer (other paths, other mtimes) and a third whose chat template differs."""
+    import shutil
+
+    from app.tinymodel import build_tiny_model
+
+    a = build_tiny_model(tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    (c / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    return str(a), str(b), str(c)
+
+
+def test_workers_serving_one_model_from_two_copies_share_one_load(tmp_path: Path) -> None:
+    import asyncio
+
+    from app.tokenizer import TokenizerStore
+
+    a, b, _ = _models(tmp_path)
+    loader = _CountingLoader()
+    store = TokenizerStore(loader=loader)
+
+    async def checks() -> None:  # two workers' health checks, one after the other, again and again
+        for _ in range(5):
+            await store.ensure("m", a)
+            await store.ensure("m", b)
+            await store.ensure("m", "/on/another/machine")  # a remote worker: not readable here
+
+    asyncio.run(checks())
+    assert loader.loads == [a]  # it had been reloaded on every check whose path differed from the one before
+    tok = store.get("m")
+    assert tok is not None and tok.render_chat([{"role": "user", "content": "hi"}]).startswith("<|")
+
+
+def test_a_worker_on_another_version_of_the_model_brings_its_tokenizer(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from app.tokenizer import TokenizerStore
+
+    a, _, c = _models(tmp_path)
+    loader = _CountingLoader()
+    store = TokenizerStore(loader=loader)
+    hi = [{"role": "user", "content": "hi"}]
+
+    asyncio.run(store.ensure("m", a))
+    first = store.get("m")
+    assert first is not None and first.render_chat(hi).startswith("<|")
+    asyncio.run(store.ensure("m", c))  # restarted on a new version: its template counts from now on
+    second = store.get("m")
+    assert second is not None and second.render_chat(hi) == "[hi]"
+    assert loader.loads == [a, c] and not caplog.records
+
+    for _ in range(3):  # two workers that disagree: each tokenizer loaded once, and one warning
+        asyncio.run(store.ensure("m", a))
+        asyncio.run(store.ensure("m", c))
+    assert loader.loads == [a, c]
+    assert store.get("m") is second
+    warnings = [r for r in caplog.records if "different tokenizers for model m" in r.getMessage()]
+    assert len(warnings) == 1 and a in warnings[0].getMessage() and c in warnings[0].getMessage()
+
+
+def test_a_tokenizer_whose_files_change_in_place_is_loaded_again(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    from app.tokenizer import TokenizerStore
+
+    a, _, _ = _models(tmp_path)
+    loader = _CountingLoader()
+    store = TokenizerStore(loader=loader)
+    asyncio.run(store.ensure("m", a))
+    asyncio.run(store.ensure("m", a))
+    assert loader.loads == [a]
+    (Path(a) / "chat_template.jinja").write_text("{% for m in messages %}({{ m['content'] }}){% endfor %}")
+    os.utime(Path(a) / "chat_template.jinja", ns=(1, 1))  # another mtime, whatever the clock's resolution
+    asyncio.run(store.ensure("m", a))  # the worker restarted on the updated model, same path
+    tok = store.get("m")
+    assert tok is not None and tok.render_chat([{"role": "user", "content": "hi"}]) == "(hi)"
+    assert loader.loads == [a, a]
+
+
+def test_a_tokenizer_that_does_not_load_is_tried_once_and_the_worker_counts(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from app.tokenizer import TokenizerStore
+
+    a, _, _ = _models(tmp_path)
+    (Path(a) / "tokenizer.json").write_text("{not json")
+    loader = _CountingLoader()
+    store = TokenizerStore(loader=loader)
+    for _ in range(3):
+        asyncio.run(store.ensure("m", a))
+    assert store.get("m") is None and loader.loads == [a]
+    assert len([r for r in caplog.records if "could not load the tokenizer" in r.getMessage()]) == 1
