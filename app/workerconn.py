@@ -87,7 +87,7 @@ class WorkerConnection(asyncio.Protocol):
 
     __slots__ = ("origin", "transport", "parser", "status", "headers", "_headers_done", "_buf", "_buffered",
                  "_paused", "_complete", "_closed", "_exc", "_waiter", "_keep_alive", "_got_bytes", "idle_since",
-                 "pool", "_sink", "_sent", "_head_bytes", "_framed")
+                 "pool", "_sink", "_sent", "_head_bytes", "_framed", "_interim")
 
     def __init__(self, origin: Origin, pool: Owner) -> None:
         self.origin = origin
@@ -115,6 +115,7 @@ class WorkerConnection(asyncio.Protocol):
         self._sent = False  # a request went out: until then nothing may arrive
         self._head_bytes = 0
         self._framed = False  # a content-length or transfer-encoding: else the body ends with the connection
+        self._interim = False  # parsing a 1xx response: skipped, the final one follows
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -161,10 +162,17 @@ class WorkerConnection(asyncio.Protocol):
         if self._headers_done:  # a second response to one request
             self._fail(UpstreamProtocolError("worker sent more than one response to one request"))
             raise _Stray
-        self.status = status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints (101 is an upgrade, refused): the final response follows
+            self._interim = True
+            self.headers = []
+            self._head_bytes = 0
+            self._framed = False
+            return
+        self.status = status
         self._keep_alive = self.parser.should_keep_alive()
         self._headers_done = True
-        if status < 200 or status in _NO_BODY:
+        if status in _NO_BODY:
             self._framed = True  # no body at all
         elif not self._framed:
             self._keep_alive = False
@@ -181,6 +189,9 @@ class WorkerConnection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         self._wake()
 

@@ -165,3 +165,20 @@ def test_a_response_without_length_or_chunks_ends_with_the_connection() -> None:
         assert not conn.reusable()
 
     asyncio.run(go())
+
+
+def test_interim_1xx_responses_are_skipped_and_the_final_one_is_read() -> None:
+    async def go() -> None:
+        conn, transport, _ = _conn()
+        # RFC 9110 15.2: a client must accept 1xx responses before the final one (a proxy in front of a worker
+        # may send 103 Early Hints or an unsolicited 100 Continue), in one read or split
+        conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 2\r\n\r\nok")
+        await conn.wait_headers(1.0)
+        assert conn.status == 200 and conn.headers == [(b"content-type", b"text/event-stream"),
+                                                       (b"content-length", b"2")]
+        assert await conn.next_chunk(1.0) == b"ok"
+        assert await conn.next_chunk(1.0) is None
+        assert conn.complete and conn.reusable() and not transport.closed
+
+    asyncio.run(go())
