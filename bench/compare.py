@@ -45,7 +45,7 @@ from typing import Any
 
 from bench import peers
 from bench.compare_report import ArmRun, RawWriter, analyse_cell, judge, machine, open_summary, write_outputs
-from bench.compare_stack import REGIMES, Regime, Stack, client_cpu, cpu_probe, launch, sanity
+from bench.compare_stack import REGIMES, Stack, client_cpu, cpu_probe, launch, sanity
 from bench.loadclient import (
     Connection,
     LoadResult,
@@ -55,7 +55,7 @@ from bench.loadclient import (
     run_closed,
     run_open,
 )
-from bench.overhead import raise_nofile
+from bench.overhead import Regime, raise_nofile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("direct", "tokengate", "vllm-router", "litellm")
@@ -129,9 +129,12 @@ class Bench:
             order = arms[i % len(arms):] + arms[: i % len(arms)]
             for arm in order:
                 cap = self._cap(arm, conc)
-                res, cpu = await self._measured(stack, arm, lambda hooks, arm=arm, cap=cap: run_closed(
-                    targets[arm], concurrency=conc, duration=seconds, requests=cap, pool=pools[arm],
-                    timeout=a.timeout, lead_in=0.0 if cap else lead_in, on_window=hooks[0], on_close=hooks[1]))
+                def start(hooks: Hooks, arm: str = arm, cap: int | None = cap) -> Awaitable[LoadResult]:
+                    return run_closed(targets[arm], concurrency=conc, duration=seconds, requests=cap,
+                                      pool=pools[arm], timeout=a.timeout, lead_in=0.0 if cap else lead_in,
+                                      on_window=hooks[0], on_close=hooks[1])
+
+                res, cpu = await self._measured(stack, arm, start)
                 runs[arm].add(res, cpu)
                 self.raw.write(*label, arm, i, res.records)
             self.say(f"    round {i + 1}/{a.rounds}: " + "  ".join(
@@ -169,7 +172,7 @@ class Bench:
         refs: dict[float, dict[str, Any]] = {}
 
         def noisy(step: dict[str, Any]) -> bool:  # the rest of the machine took a big share of a benchmark CPU
-            return max(step["foreign_gateway_cpu_util"], step["foreign_client_cpu_util"]) > a.max_foreign
+            return bool(max(step["foreign_gateway_cpu_util"], step["foreign_client_cpu_util"]) > a.max_foreign)
 
         async def reference(rate: float, fresh: bool = False) -> tuple[dict[str, Any], str | None]:
             """Direct at ``rate``.  The client falling behind its schedule (send lag p50) is the ceiling; a stall

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -22,7 +23,7 @@ LABEL = {"direct": "direct", "tokengate": "tokengate", "vllm-router": "vllm-rout
 COLOR = {"direct": "#555555", "tokengate": "#1f77b4", "vllm-router": "#d62728", "litellm": "#2ca02c"}
 
 
-def _ttft(res: dict, path: Path) -> bool:
+def _ttft(res: dict[str, Any], path: Path) -> bool:
     cells = res["fixed"]
     modes = [m for m in ("stream", "nonstream") if any(c["mode"] == m for c in cells)]
     if not modes:
@@ -62,7 +63,7 @@ def _ttft(res: dict, path: Path) -> bool:
     return True
 
 
-def _rate(res: dict, path: Path) -> bool:
+def _rate(res: dict[str, Any], path: Path) -> bool:
     sweeps, sats = res["sweep"], res["saturation"]
     if not sweeps and not sats:
         return False

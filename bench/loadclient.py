@@ -284,6 +284,7 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
     loop = asyncio.get_running_loop()
     opening = closing = None
     if windowed:
+        assert duration is not None  # checked above
         opening = loop.call_later(lead_in, open_window)
         closing = loop.call_later(lead_in + duration, close_window)
     elif on_window is not None:

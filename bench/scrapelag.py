@@ -158,7 +158,7 @@ def arms(kind: str, n: int, processes: int = 4,
         path.mkdir()
         multiprocess_files(path, processes, n)
         reg = CollectorRegistry()
-        MultiProcessCollector(reg, path=str(path))
+        MultiProcessCollector(reg, path=str(path))  # type: ignore[no-untyped-call]
 
         async def old_mp() -> object:
             return await ex.render_stepwise(reg)  # the collector's collect(): one call, then the stepwise render
