@@ -10,6 +10,7 @@ worker instead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -282,6 +283,7 @@ class TokenizerStore:
         self._stats: dict[str, tuple[tuple[tuple[int, int] | None, ...], str]] = {}  # path → (file stats, print)
         self._warned: set[str] = set()
         self._failed: set[str] = set()  # fingerprints whose files did not load
+        self._loading: dict[str, asyncio.Future[LocalTokenizer]] = {}
         self._paths = dict(paths or {})
         self._loader = loader
 
@@ -292,8 +294,6 @@ class TokenizerStore:
         self._by_model[model] = tokenizer
 
     async def ensure(self, model: str, root: str | None) -> None:
-        import asyncio
-
         root = self._paths.get(model, root)
         fingerprint = None
         if has_local_tokenizer(root):
@@ -327,11 +327,8 @@ class TokenizerStore:
         tok = self._loaded.pop(fingerprint, None)
         if tok is None:
             try:
-                tok = await asyncio.to_thread(self._loader, root)
-            except Exception:  # an unreadable tokenizer: fall back to the worker's /tokenize
-                log.warning("model %s: could not load the tokenizer in %s; prompts are counted by the worker",
-                            model, root, exc_info=True)
-                self._failed.add(fingerprint)
+                tok = await asyncio.shield(self._load(fingerprint, root))
+            except Exception:  # an unreadable tokenizer (logged once): the worker's /tokenize counts
                 self._by_model[model] = None
                 self._prints.pop(model, None)
                 return
@@ -341,6 +338,26 @@ class TokenizerStore:
         in_use = set(self._prints.values())
         for old in [fp for fp in self._loaded if fp not in in_use][:max(0, len(self._loaded) - _KEEP_LOADED)]:
             del self._loaded[old]
+
+
+    def _load(self, fingerprint: str, root: str) -> asyncio.Future[LocalTokenizer]:
+        """One load per fingerprint at a time, in a thread: workers checked at once share it, and a check cancelled
+        meanwhile (a timeout) does not cancel it for the others."""
+        fut = self._loading.get(fingerprint)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self._loader, root))
+            self._loading[fingerprint] = fut
+
+            def done(f: asyncio.Future[LocalTokenizer]) -> None:
+                self._loading.pop(fingerprint, None)
+                exc = None if f.cancelled() else f.exception()
+                if exc is not None:
+                    self._failed.add(fingerprint)
+                    log.warning("could not load the tokenizer in %s; prompts are counted by the worker", root,
+                                exc_info=exc)
+
+            fut.add_done_callback(done)
+        return fut
 
 
 def _hash_files(paths: list[Path], stats: tuple[tuple[int, int] | None, ...]) -> str | None:

@@ -255,3 +255,29 @@ def test_a_tokenizer_that_does_not_load_is_tried_once_and_the_worker_counts(tmp_
         asyncio.run(store.ensure("m", a))
     assert store.get("m") is None and loader.loads == [a]
     assert len([r for r in caplog.records if "could not load the tokenizer" in r.getMessage()]) == 1
+
+
+def test_workers_checked_at_once_share_one_load(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from app.tokenizer import TokenizerStore
+
+    a, b, _ = _models(tmp_path)
+    loads: list[str] = []
+
+    def slow(root: str) -> LocalTokenizer:
+        loads.append(root)
+        time.sleep(0.2)  # a big tokenizer.json: the other worker's check arrives meanwhile
+        return LocalTokenizer(root)
+
+    store = TokenizerStore(loader=slow)
+
+    async def checks() -> None:
+        first = asyncio.ensure_future(store.ensure("m", a))
+        await asyncio.sleep(0.05)
+        first.cancel()  # the first check timed out: the load goes on for the second
+        await asyncio.gather(store.ensure("m", b), return_exceptions=True)
+
+    asyncio.run(checks())
+    assert len(loads) == 1 and store.get("m") is not None
