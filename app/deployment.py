@@ -87,6 +87,7 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
         return Deployment(settings.model_copy(update={"region": region}), specs, None, notes)
     assert settings.region is not None and settings.preset is not None
     preset = catalog.get(settings.region, settings.preset)
+    _check_parallelism(model.path, preset, catalog)
     if preset.nodes > 1:
         if not dry_run:
             raise PlanError(
@@ -104,3 +105,26 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
         notes.append(f"{len(found) % preset.gpus} GPU(s) left idle: {len(found)} is not a multiple of "
                      f"{preset.gpus}")
     return Deployment(settings, specs, preset, notes)
+
+
+def _check_parallelism(model: str, preset: Preset, catalog: Catalog) -> None:
+    """A model in a local directory whose heads or layers can't be split the preset's way fails at start (vLLM would
+    fail later, on every worker): a ``PresetError`` naming the preset's file, the preset and the field. A model
+    vLLM fetches by name, or whose config can't be read here, is left to vLLM."""
+    from .modelshape import ModelConfigError, load_model_shape
+    from .picker import check_model_fits_parallelism
+    from .presets import PresetError
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        shape = load_model_shape(config)
+    except ModelConfigError:
+        return
+    try:
+        check_model_fits_parallelism(shape, preset)
+    except PresetError as exc:
+        raise PresetError(f"{exc.detail} (model {model}); choose a preset this model divides into",
+                          path=catalog.sources.get((preset.region, preset.name)), region=preset.region,
+                          preset=preset.name, field=exc.field) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,34 @@ def test_dry_run_prints_exact_worker_commands(capsys: pytest.CaptureFixture[str]
     assert out.count("--tensor-parallel-size 4") == 2
     assert "VLLM_API_KEY='<internal key, generated at start>'" in out
     assert "tg-internal-" not in out  # the real key is never printed
+
+
+@pytest.mark.parametrize("preset,tp", [("h100-1x", 1), ("h100-2x", 2), ("h100-4x", 4), ("h100-8x", 8)])
+def test_dry_run_states_both_parallel_sizes_of_the_preset(preset: str, tp: int,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--dry-run", "--region", "fr", "--preset", preset, "--model", "/models/m",
+                 "--gpus", "0,1,2,3,4,5,6,7"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--model" in line]
+    assert len(lines) == 8 // tp
+    assert all(f"--tensor-parallel-size {tp} " in line and "--pipeline-parallel-size 1 " in line for line in lines)
+
+
+def test_a_model_whose_heads_the_preset_cannot_split_fails_at_start(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "m12"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
+        "num_hidden_layers": 4, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}))
+    for dry in (["--dry-run"], []):
+        assert main(["serve", *dry, "--region", "fr", "--preset", "h100-8x", "--model", str(model),
+                     "--gpus", "0,1,2,3,4,5,6,7", "--state-dir", str(tmp_path / "state")]) == 2
+        err = capsys.readouterr().err
+        assert "fr.yaml" in err and "preset fr/h100-8x" in err and "field tensor_parallel_size" in err, err
+        assert "12 attention heads" in err
+    assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-4x", "--model", str(model),
+                 "--gpus", "0,1,2,3,4,5,6,7"]) == 0  # 12 heads and 4 KV heads split 4 ways
 
 
 def test_dry_run_unknown_preset_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,7 +90,7 @@ def vllm_argv(args: EngineArgs, *, port: int, python: str = sys.executable, cpu:
     ]
     if args.tensor_parallel_size > 1 or not cpu:
         argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
-    if args.pipeline_parallel_size > 1:
+    if args.pipeline_parallel_size > 1 or not cpu:
         argv += ["--pipeline-parallel-size", str(args.pipeline_parallel_size)]
     if args.gpu_memory_utilization is not None and not cpu:
         argv += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization:g}"]
