@@ -28,6 +28,7 @@ from .errors import (
     MaxTokensExceeded,
     ModelNotFound,
     NoWorkerAvailable,
+    UpstreamError,
     render,
     sse_event,
     status_of,
@@ -228,6 +229,11 @@ class Proxy:
         if info is None:
             if any(req.model in w.models or req.model in w.expected_models for w in snapshot.workers):
                 rec.model = req.model
+                raise NoWorkerAvailable(f"no worker serving '{req.model}' is ready yet", retry_after=5)
+            unlisted = [w for w in snapshot.workers if not w.models and not w.expected_models]
+            if unlisted:  # workers that never listed their models: it may be theirs, so no 404
+                if all(w.reason.startswith("unreachable") for w in unlisted):
+                    raise UpstreamError(f"no worker that could serve '{req.model}' can be reached")
                 raise NoWorkerAvailable(f"no worker serving '{req.model}' is ready yet", retry_after=5)
             raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
         rec.model = req.model

@@ -474,12 +474,24 @@ def test_readyz_and_models(worker: ThreadedFakeWorker) -> None:
         assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_is_503_without_a_ready_worker() -> None:
+def test_readyz_is_503_and_requests_502_while_the_only_worker_is_unreachable() -> None:
     with run_gateway(Settings(upstream=["http://127.0.0.1:9"]), wait_ready=False) as gw:
         r = httpx.get(gw.url + "/readyz")
         assert r.status_code == 503 and r.json()["not_ready"] == ["127.0.0.1:9"]
-        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
-        assert r.status_code == 404  # no worker has ever served a model by that name
+        for body in (CHAT, {**CHAT, "model": "anything"}):  # it never said which models it serves: no 404
+            r = httpx.post(gw.base + "/chat/completions", json=body, timeout=10)
+            assert r.status_code == 502 and r.json()["error"]["code"] == "worker_unreachable", r.text
+            assert "127.0.0.1" not in r.text  # no internal address in what a client sees
+
+
+def test_an_unknown_model_is_404_once_every_worker_has_listed_its_models(worker: ThreadedFakeWorker) -> None:
+    with run_gateway(Settings(upstream=[worker.url, "http://127.0.0.1:9"]), wait_ready=False) as gw:
+        wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 200, 10, "the live worker ready")
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "model": "nope"}, timeout=10)
+        assert r.status_code == 502  # the unreachable one may serve it
+    with run_gateway(Settings(upstream=[worker.url])) as gw:
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "model": "nope"}, timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_clamp_header_with_remote_counting(worker: ThreadedFakeWorker) -> None:
