@@ -103,9 +103,9 @@ async def decide(caps: Caps, requested: int | None, param: str, prompt: PromptSi
         max_tokens = caps.default_max_tokens
     elif requested > caps.max_tokens_cap:
         if caps.policy == "reject":
-            raise MaxTokensExceeded(
+            raise MaxTokensExceeded(  # param "max_tokens" for either field (the contract); the message names it
                 f"'{param}' is {requested}, above this gateway's cap of {caps.max_tokens_cap} for model '{model}'",
-                param=param,
+                param="max_tokens",
             )
         max_tokens, clamped_from, reason = caps.max_tokens_cap, requested, "max_tokens_cap"
     else:

@@ -54,6 +54,9 @@ def test_reject_policy() -> None:
         run(caps, 301, prompt)
     assert err.value.param == "max_tokens" and err.value.status == 400
     assert run(caps, 300, prompt).max_tokens == 300
+    with pytest.raises(MaxTokensExceeded) as err:  # the newer field: the same param, its own name in the message
+        asyncio.run(decide(caps, 301, "max_completion_tokens", prompt, prompt_param="messages", model="m"))
+    assert err.value.param == "max_tokens" and "'max_completion_tokens' is 301" in err.value.message
 
 
 def test_bound_that_proves_fit_skips_the_exact_count() -> None:
