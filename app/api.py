@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import multiproc
 from .errors import AuthenticationFailed, ModelNotFound, PermissionDenied
+from .routing import placement_names
 from .state import AppState
 from .workers.logs import tail
 
@@ -77,7 +78,10 @@ async def list_models(request: Request, state: State,
         regions = sorted(r for r in {w.region for w in workers} if principal.allows_region(r))
         if not regions or (region is not None and region not in regions):
             continue
-        caps = principal.caps.apply(state.proxy.caps_for(mid, snapshot.models[mid]))
+        # the caps of the presets a request would meet: the region's, or the tightest of every allowed region's
+        pool = [w for w in workers if w.region == region] if region is not None else \
+            [w for w in workers if w.region in regions]
+        caps = principal.caps.apply(state.proxy.caps_for(mid, snapshot.models[mid], placement_names(pool)))
         data.append({
             "id": mid,
             "object": "model",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from .protocol import ParsedRequest
 from .workers.registry import Snapshot, Worker
@@ -38,9 +38,13 @@ def placements(snapshot: Snapshot, pool: tuple[Worker, ...]) -> tuple[str, ...]:
     hit = snapshot.placements.get(id(pool))
     if hit is not None and hit[0] is pool:
         return hit[1]
-    names = tuple(sorted({f"{w.region}/{w.preset}" for w in pool}))
+    names = placement_names(pool)
     snapshot.placements[id(pool)] = (pool, names)
     return names
+
+
+def placement_names(workers: Iterable[Worker]) -> tuple[str, ...]:
+    return tuple(sorted({f"{w.region}/{w.preset}" for w in workers}))
 
 
 def affinity_key(prefix: bytes) -> int:

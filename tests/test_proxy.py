@@ -474,6 +474,25 @@ def test_readyz_and_models(worker: ThreadedFakeWorker) -> None:
         assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
 
 
+def test_models_show_the_context_cap_of_the_presets_a_request_meets() -> None:
+    from app.deployment import preset_caps
+    from app.presets import builtin_presets_dir, load_catalog
+
+    caps = preset_caps(load_catalog([builtin_presets_dir()]))  # fr/h100-1x: context cap 32768, fr/h100-2x: 65536
+    with ThreadedFakeWorker(max_model_len=100_000) as one, ThreadedFakeWorker(max_model_len=100_000) as two:
+        for upstream, region_cap in (([f"fr/h100-2x={two.url}"], 65536),
+                                     ([f"fr/h100-1x={one.url}", f"fr/h100-2x={two.url}"], 32768)):
+            with run_gateway(Settings(upstream=upstream, region="fr", discovery_interval=60.0), preset_caps=caps,
+                             ready_timeout=20) as gw:
+                for query in ("", "?region=fr"):
+                    models = httpx.get(gw.base + "/models" + query).json()["data"]
+                    assert [(m["id"], m["max_model_len"]) for m in models] == [("tiny", region_cap)], upstream
+                text = "abcd" * (region_cap + 10)  # the fake worker counts 4 bytes a token
+                long = {**CHAT, "messages": [{"role": "user", "content": text}], "stream": False}
+                r = httpx.post(gw.base + "/chat/completions", json=long, timeout=30)
+                assert r.status_code == 400 and f"maximum context length is {region_cap}" in r.text  # what it said
+
+
 def test_readyz_is_503_and_requests_502_while_the_only_worker_is_unreachable() -> None:
     with run_gateway(Settings(upstream=["http://127.0.0.1:9"]), wait_ready=False) as gw:
         r = httpx.get(gw.url + "/readyz")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import redis
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.caps import CapConfig
 from app.httpserver import server_config
 from app.main import create_app
 from app.settings import Settings
@@ -46,11 +47,12 @@ class RunningGateway:
 @contextlib.contextmanager
 def run_gateway(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (), wait_ready: bool = True,
                 ready_timeout: float = 240.0, before_start: Callable[[AppState], None] | None = None,
-                **server_overrides: Any) -> Iterator[RunningGateway]:
+                preset_caps: Mapping[str, CapConfig] | None = None, **server_overrides: Any
+                ) -> Iterator[RunningGateway]:
     """create_app(settings) served by uvicorn on 127.0.0.1:<free port> in a background thread. ``before_start``
     may tune the app's state (e.g. the supervisor's backoff) before the lifespan starts anything;
     ``server_overrides`` go to uvicorn's Config (e.g. ``http="httptools"``: uvicorn's own protocol)."""
-    app = create_app(settings.model_copy(update={"port": 0}), worker_specs=worker_specs)
+    app = create_app(settings.model_copy(update={"port": 0}), worker_specs=worker_specs, preset_caps=preset_caps)
     if before_start is not None:
         before_start(app.state.tokengate)
     config = server_config(app, settings.model_copy(update={"host": "127.0.0.1", "port": 0}),
