@@ -203,7 +203,14 @@ class Settings(BaseSettings):
 
     @property
     def default_region(self) -> str:
-        return self.region or "local"
+        """``--region``; without it, the one region every ``--upstream`` names (``fr=URL``, ``fr/h100-1x=URL``),
+        else ``local`` (where unlabelled upstreams are)."""
+        if self.region is not None:
+            return self.region
+        named = {u.region for u in self.upstreams()}
+        if len(named) == 1 and None not in named:
+            return named.pop() or "local"
+        return "local"
 
     def upstreams(self) -> list[UpstreamSpec]:
         return [UpstreamSpec.parse(u) for u in self.upstream]

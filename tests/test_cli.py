@@ -11,6 +11,7 @@ import pytest
 
 from app import __version__
 from app.cli import build_parser, main, settings_from_args
+from app.settings import Settings
 
 
 def settings(argv: list[str]):  # type: ignore[no-untyped-def]
@@ -51,6 +52,14 @@ def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch)
     # flags win over the environment
     assert settings(["--port", "9002", "--cap-policy", "clamp"]).port == 9002
     assert settings(["--cap-policy", "clamp"]).cap_policy == "clamp"
+
+
+def test_the_default_region_is_the_one_every_upstream_names() -> None:
+    assert Settings(upstream=["fr/h100-1x=http://a:1", "fr=http://b:2"]).default_region == "fr"
+    assert Settings(upstream=["fr/h100-1x=http://a:1"], region="uae").default_region == "uae"
+    assert Settings(upstream=["fr=http://a:1", "uae=http://b:2"]).default_region == "local"  # no guess between two
+    assert Settings(upstream=["fr=http://a:1", "http://b:2"]).default_region == "local"
+    assert Settings().default_region == "local"
 
 
 def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -493,6 +493,16 @@ def test_models_show_the_context_cap_of_the_presets_a_request_meets() -> None:
                 assert r.status_code == 400 and f"maximum context length is {region_cap}" in r.text  # what it said
 
 
+def test_without_region_requests_go_to_the_one_region_the_upstreams_name(worker: ThreadedFakeWorker) -> None:
+    with run_gateway(Settings(upstream=[f"fr/h100-1x={worker.url}"], discovery_interval=60.0),
+                     ready_timeout=20) as gw:
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        assert r.status_code == 200, r.text  # it had been a 503: requests went to region "local"
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10,
+                       headers={"x-tokengate-region": "uae"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region"
+
+
 def test_readyz_is_503_and_requests_502_while_the_only_worker_is_unreachable() -> None:
     with run_gateway(Settings(upstream=["http://127.0.0.1:9"]), wait_ready=False) as gw:
         r = httpx.get(gw.url + "/readyz")
