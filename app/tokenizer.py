@@ -339,7 +339,6 @@ class TokenizerStore:
         for old in [fp for fp in self._loaded if fp not in in_use][:max(0, len(self._loaded) - _KEEP_LOADED)]:
             del self._loaded[old]
 
-
     def _load(self, fingerprint: str, root: str) -> asyncio.Future[LocalTokenizer]:
         """One load per fingerprint at a time, in a thread: workers checked at once share it, and a check cancelled
         meanwhile (a timeout) does not cancel it for the others."""
