@@ -81,7 +81,8 @@ async def list_models(request: Request, state: State,
         # the caps of the presets a request would meet: the region's, or the tightest of every allowed region's
         pool = [w for w in workers if w.region == region] if region is not None else \
             [w for w in workers if w.region in regions]
-        caps = principal.caps.apply(state.proxy.caps_for(mid, snapshot.models[mid], placement_names(pool)))
+        caps = principal.caps.apply(state.proxy.caps_for(mid, snapshot.models[mid], placement_names(pool),
+                                                         series=False))
         data.append({
             "id": mid,
             "object": "model",

@@ -125,7 +125,7 @@ class Dispatcher:
         be tried — the worker's own refusal of this request, or a timeout after the request was sent (the worker
         may still be working on it: never send the same request twice). With ``generating`` (an unstreamed
         answer, whose head comes only at its end) a timeout is a long generation, not a failing worker."""
-        self.metrics.upstream_errors.labels(worker.name, error_kind(exc)).inc()
+        self.metrics.upstream_errors.labels(worker.region, worker.preset, worker.name, error_kind(exc)).inc()
         if isinstance(exc, UpstreamStatus) and exc.passthrough_status not in _RETRIABLE_STATUS:
             raise exc
         sent = _after_send(exc)

@@ -97,7 +97,9 @@ def error_kind(exc: GatewayError) -> str:
 
 
 def _count_error(metrics: GatewayMetrics, ex: Exchange, exc: GatewayError) -> None:
-    metrics.upstream_errors.labels(ex.worker.name if ex.worker else "", error_kind(exc)).inc()
+    w = ex.worker
+    metrics.upstream_errors.labels(w.region if w else "", w.preset if w else "", w.name if w else "",
+                                   error_kind(exc)).inc()
 
 
 def can_open_relay(req: ParsedRequest, ex: Exchange) -> bool:

@@ -29,6 +29,9 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 
 WORKER_LABELS = ("model", "region", "preset", "worker")
 ROUTE_LABELS = ("route", *WORKER_LABELS)
+# a cap is decided per pool (model x region) before a worker is chosen: its preset, or "mixed" when the pool's
+# workers run several (routing.pool_labels)
+CAP_LABELS = ("model", "region", "preset", "reason")
 
 UNKNOWN = "unknown"
 
@@ -94,15 +97,15 @@ class GatewayMetrics:
         )
         self.cap_clamps = Counter(
             "tokengate_cap_clamps", "Requests whose max_tokens the gateway lowered, by reason.",
-            ["model", "reason"], registry=registry,
+            CAP_LABELS, registry=registry,
         )
         self.cap_rejections = Counter(
-            "tokengate_cap_rejections", "Requests refused by a cap, by reason.", ["model", "reason"],
+            "tokengate_cap_rejections", "Requests refused by a cap, by reason.", CAP_LABELS,
             registry=registry,
         )
         self.upstream_errors = Counter(
-            "tokengate_upstream_errors", "Failures talking to workers, by kind.", ["worker", "kind"],
-            registry=registry,
+            "tokengate_upstream_errors", "Failures talking to workers, by kind.",
+            ["region", "preset", "worker", "kind"], registry=registry,
         )
         self.client_disconnects = Counter(
             "tokengate_client_disconnects", "Clients gone before the answer ended; the worker request is aborted.",

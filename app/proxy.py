@@ -47,7 +47,7 @@ from .policy import RequestPolicy, check_min_tokens
 from .policy import check as check_policy
 from .protocol import ROUTES, Route, parse_request, set_max_tokens, upstream_body
 from .requestio import ClientGone, read_body, read_headers
-from .routing import candidates, placements
+from .routing import candidates, placements, pool_labels
 from .settings import Settings
 from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
@@ -93,8 +93,9 @@ class Proxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self.handle(ROUTES[scope["path"]], scope, receive, send)
 
-    def caps_for(self, model: str, info: ModelInfo, presets: tuple[str, ...] = ()) -> Caps:
-        """The caps of ``model`` on workers of these ``region/preset`` placements (``routing.placements``)."""
+    def caps_for(self, model: str, info: ModelInfo, presets: tuple[str, ...] = (), *, series: bool = True) -> Caps:
+        """The caps of ``model`` on workers of these ``region/preset`` placements (``routing.placements``); with
+        ``series``, the pool's cap counters are created (at 0) the first time."""
         key = (model, info.max_model_len, presets)
         caps = self._caps.get(key)
         if caps is None:
@@ -104,12 +105,14 @@ class Proxy:
             for cfg in configs[1:]:
                 caps = caps.tighten(cfg.build(info.max_model_len))
             self._caps[key] = caps
-            # the cap counters exist from 0 as soon as the model does: rate() over a series that first appears
-            # mid-window extrapolates oddly (a clamp ratio of 0.32 for 6 clamps in 24 requests)
-            for reason in ("max_tokens_cap", "context_cap"):
-                self.metrics.cap_clamps.labels(model, reason)
-            for reason in ("max_tokens_cap", "context_length"):
-                self.metrics.cap_rejections.labels(model, reason)
+            if series and presets:
+                # the cap counters exist from 0 as soon as the pool does: rate() over a series that first appears
+                # mid-window extrapolates oddly (a clamp ratio of 0.32 for 6 clamps in 24 requests)
+                region, preset = pool_labels(presets)
+                for reason in ("max_tokens_cap", "context_cap"):
+                    self.metrics.cap_clamps.labels(model, region, preset, reason)
+                for reason in ("max_tokens_cap", "context_length"):
+                    self.metrics.cap_rejections.labels(model, region, preset, reason)
         return caps
 
     async def handle(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -249,7 +252,8 @@ class Proxy:
                 f"no ready worker serves '{req.model}' in region '{regions[0]}'", retry_after=5,
                 code="no_worker_in_region",
             )
-        caps = ctx.principal.caps.apply(self.caps_for(req.model, info, placements(snapshot, pool)))
+        names = placements(snapshot, pool)
+        caps = ctx.principal.caps.apply(self.caps_for(req.model, info, names))
         size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self.dispatcher.remote_count(pool, p))
         try:
             ctx.decision = decision = await decide(
@@ -258,10 +262,10 @@ class Proxy:
             )
         except (MaxTokensExceeded, ContextLengthExceeded) as exc:
             reason = "max_tokens_cap" if isinstance(exc, MaxTokensExceeded) else "context_length"
-            self.metrics.cap_rejections.labels(req.model, reason).inc()
+            self.metrics.cap_rejections.labels(req.model, *pool_labels(names), reason).inc()
             raise
         if decision.clamped_from is not None:
-            self.metrics.cap_clamps.labels(req.model, decision.reason or "").inc()
+            self.metrics.cap_clamps.labels(req.model, *pool_labels(names), decision.reason or "").inc()
             ctx.headers.append((CLAMP_HEADER, str(decision.clamped_from).encode()))
         set_max_tokens(req, decision.max_tokens)
         check_min_tokens(req, decision.max_tokens)

@@ -47,6 +47,13 @@ def placement_names(workers: Iterable[Worker]) -> tuple[str, ...]:
     return tuple(sorted({f"{w.region}/{w.preset}" for w in workers}))
 
 
+def pool_labels(names: tuple[str, ...]) -> tuple[str, str]:
+    """The (region, preset) labels of a pool from its placement names: each one's, or "mixed" for several."""
+    regions = {n.partition("/")[0] for n in names}
+    presets = {n.partition("/")[2] for n in names}
+    return (regions.pop() if len(regions) == 1 else "mixed", presets.pop() if len(presets) == 1 else "mixed")
+
+
 def affinity_key(prefix: bytes) -> int:
     return zlib.crc32(prefix)
 

@@ -197,7 +197,7 @@ def test_signals_from_two_scrapes_of_the_gateway() -> None:
                                 last_token=ttft + 100 / tps, completion_tokens=101)
             metrics.observe_request(rec)
             if max_tokens_clamped:
-                metrics.cap_clamps.labels("llama", "max_tokens_cap").inc()
+                metrics.cap_clamps.labels("llama", "fr", "h100-1x", "max_tokens_cap").inc()
 
     vllm = ('# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name="llama",region="fr",'
             'preset="h100-1x",worker="fr-0"}} {kv}\n# TYPE vllm:num_requests_waiting gauge\n'

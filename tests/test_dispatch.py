@@ -26,7 +26,7 @@ def _dispatcher() -> tuple[Dispatcher, GatewayMetrics, Registry]:
 
 
 def _errors(metrics: GatewayMetrics, worker: str, kind: str) -> float:
-    return metrics.upstream_errors.labels(worker, kind)._value.get()
+    return metrics.upstream_errors.labels("local", "external", worker, kind)._value.get()
 
 
 def test_entering_another_worker_leaves_the_first() -> None:

@@ -503,6 +503,27 @@ def test_without_region_requests_go_to_the_one_region_the_upstreams_name(worker:
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region"
 
 
+def test_cap_and_upstream_error_counters_carry_region_and_preset(worker: ThreadedFakeWorker) -> None:
+    for policy, metric in (("clamp", "tokengate_cap_clamps_total"), ("reject", "tokengate_cap_rejections_total")):
+        with run_gateway(Settings(upstream=[f"fr/h100-1x={worker.url}"], max_tokens_cap=16, cap_policy=policy,
+                                  discovery_interval=60.0), ready_timeout=20) as gw:
+            r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "max_tokens": 100, "stream": False},
+                           timeout=10)
+            assert r.status_code == (200 if policy == "clamp" else 400), r.text
+            samples = scrape(gw.url + "/metrics")
+            assert metric_sum(samples, metric, model="tiny", region="fr", preset="h100-1x",
+                              reason="max_tokens_cap") == 1
+            if policy == "clamp":
+                worker.options.fail_after_chunks = 2
+                try:
+                    httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+                finally:
+                    worker.options.fail_after_chunks = None
+                samples = scrape(gw.url + "/metrics")
+                assert metric_sum(samples, "tokengate_upstream_errors_total", region="fr", preset="h100-1x",
+                                  kind="closed") == 1
+
+
 def test_readyz_is_503_and_requests_502_while_the_only_worker_is_unreachable() -> None:
     with run_gateway(Settings(upstream=["http://127.0.0.1:9"]), wait_ready=False) as gw:
         r = httpx.get(gw.url + "/readyz")

@@ -80,8 +80,8 @@ def test_snapshot_sums_each_worker_over_routes_models_and_statuses() -> None:
     metrics.worker_in_flight("m", "fr", "h100-1x", "w0").inc(3)
     metrics.worker_up.labels("fr", "h100-1x", "w0").set(1)
     metrics.worker_restarts.labels("fr", "h100-1x", "w0").inc(2)
-    metrics.cap_clamps.labels("m", "max_tokens_cap").inc(4)
-    metrics.cap_rejections.labels("m", "context_length").inc()
+    metrics.cap_clamps.labels("m", "fr", "h100-1x", "max_tokens_cap").inc(4)
+    metrics.cap_rejections.labels("m", "fr", "h100-1x", "context_length").inc()
     snap = take_snapshot(metrics.registry, 5.0)
     p = snap.workers[("fr", "h100-1x", "w0")]
     assert (p.requests, p.errors, p.in_flight, p.up, p.restarts, p.completion_tokens) == (2, 1, 3, 1, 2, 10)
@@ -96,7 +96,7 @@ def test_a_snapshot_is_read_in_steps_from_only_the_families_it_needs() -> None:
             _request(metrics, route=route, status=status, worker=f"w{w}")
     metrics.worker_in_flight("m", "fr", "h100-1x", "w0").inc(2)
     metrics.worker_up.labels("fr", "h100-1x", "w0").set(1)
-    metrics.cap_clamps.labels("m", "max_tokens_cap").inc(4)
+    metrics.cap_clamps.labels("m", "fr", "h100-1x", "max_tokens_cap").inc(4)
     sampler = StatusSampler(metrics.registry, clock=lambda: 7.0)
     expected = take_snapshot(metrics.registry, 7.0)
     assert sampler.sample() == expected and len(expected.workers) == 16
