@@ -109,7 +109,7 @@ class GatewayMetrics:
         )
         self.client_disconnects = Counter(
             "tokengate_client_disconnects", "Clients gone before the answer ended; the worker request is aborted.",
-            ["route", "model", "phase"], registry=registry,
+            ["route", "model", "region", "preset", "phase"], registry=registry,
         )
         self.overhead = Histogram(
             "tokengate_gateway_overhead_seconds",

@@ -218,7 +218,7 @@ class Proxy:
             phase = "non_stream"
         else:
             phase = "streaming" if rec.first_token is not None else "before_first_token"
-        self.metrics.client_disconnects.labels(route, rec.model, phase).inc()
+        self.metrics.client_disconnects.labels(route, rec.model, rec.region, rec.preset, phase).inc()
 
     async def _serve(self, route: Route, raw: bytes, region: str | None, request_id: str | None, ctx: Exchange,
                      rec: RequestRecord, send: Any) -> None:

@@ -252,7 +252,7 @@ def test_client_disconnect_aborts_the_worker_request_within_a_second(worker: Thr
         assert time.monotonic() - gone < 1.0
         phase = "streaming" if stream else "non_stream"
         wait_until(lambda: metric_sum(scrape(gw.url + "/metrics"), "tokengate_client_disconnects_total",
-                                      phase=phase) == 1, 5, "the disconnect metric")
+                                      phase=phase, region="local", preset="external") == 1, 5, "the disconnect metric")
 
 
 def test_under_a_plain_asgi_server_the_relay_works_through_send(worker: ThreadedFakeWorker) -> None:
