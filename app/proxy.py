@@ -86,6 +86,7 @@ class Proxy:
         self.dispatcher = Dispatcher(settings=settings, registry=registry, pool=pool, metrics=metrics,
                                      calls=self.calls)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
+        self._series: set[tuple[str, int, tuple[str, ...]]] = set()  # pools whose cap counters exist
         self.draining = False
         self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
 
@@ -105,14 +106,15 @@ class Proxy:
             for cfg in configs[1:]:
                 caps = caps.tighten(cfg.build(info.max_model_len))
             self._caps[key] = caps
-            if series and presets:
-                # the cap counters exist from 0 as soon as the pool does: rate() over a series that first appears
-                # mid-window extrapolates oddly (a clamp ratio of 0.32 for 6 clamps in 24 requests)
-                region, preset = pool_labels(presets)
-                for reason in ("max_tokens_cap", "context_cap"):
-                    self.metrics.cap_clamps.labels(model, region, preset, reason)
-                for reason in ("max_tokens_cap", "context_length"):
-                    self.metrics.cap_rejections.labels(model, region, preset, reason)
+        if series and presets and key not in self._series:
+            # the cap counters exist from 0 as soon as the pool does: rate() over a series that first appears
+            # mid-window extrapolates oddly (a clamp ratio of 0.32 for 6 clamps in 24 requests)
+            self._series.add(key)
+            region, preset = pool_labels(presets)
+            for reason in ("max_tokens_cap", "context_cap"):
+                self.metrics.cap_clamps.labels(model, region, preset, reason)
+            for reason in ("max_tokens_cap", "context_length"):
+                self.metrics.cap_rejections.labels(model, region, preset, reason)
         return caps
 
     async def handle(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -507,6 +507,10 @@ def test_cap_and_upstream_error_counters_carry_region_and_preset(worker: Threade
     for policy, metric in (("clamp", "tokengate_cap_clamps_total"), ("reject", "tokengate_cap_rejections_total")):
         with run_gateway(Settings(upstream=[f"fr/h100-1x={worker.url}"], max_tokens_cap=16, cap_policy=policy,
                                   discovery_interval=60.0), ready_timeout=20) as gw:
+            httpx.get(gw.base + "/models")  # the same caps, looked up first here: the counters are still made at 0
+            r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+            samples = scrape(gw.url + "/metrics")
+            assert any(n == metric and ("region", "fr") in labels for n, labels in samples), "no series at 0"
             r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "max_tokens": 100, "stream": False},
                            timeout=10)
             assert r.status_code == (200 if policy == "clamp" else 400), r.text
