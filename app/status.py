@@ -36,6 +36,7 @@ from .workers.registry import Registry
 log = logging.getLogger("tokengate.status")
 
 WorkerKey = tuple[str, str, str]  # region, preset, worker
+CapKey = tuple[str, str, str, str]  # model, region, preset, reason
 _BOUNDS = (*TTFT_BUCKETS, math.inf)
 _LE_INDEX = {b: i for i, b in enumerate(_BOUNDS)}
 _PLACEHOLDER = "/*STATUS_JSON*/null"
@@ -58,7 +59,7 @@ class WorkerPoint:
 class Snapshot:
     t: float
     workers: dict[WorkerKey, WorkerPoint]
-    caps: dict[tuple[str, str], tuple[float, float]]  # (model, reason) -> (clamps, rejections)
+    caps: dict[CapKey, tuple[float, float]]  # (model, region, preset, reason) -> (clamps, rejections)
     unrouted: float  # requests answered before any worker was chosen (bad requests, caps, no worker)
 
 
@@ -81,7 +82,7 @@ def snapshot_steps(registry: Collector, now: float, out: list[Snapshot]) -> Iter
     """A snapshot of ``registry`` appended to ``out``, pausing (a bare ``yield``) every ``STEP`` samples read: with
     16 workers a snapshot reads ~5 000 samples, and it is taken on the event loop every ``interval``."""
     workers: dict[WorkerKey, WorkerPoint] = {}
-    caps: dict[tuple[str, str], tuple[float, float]] = {}
+    caps: dict[CapKey, tuple[float, float]] = {}
     unrouted = 0.0
     done = 0
 
@@ -121,7 +122,8 @@ def snapshot_steps(registry: Collector, now: float, out: list[Snapshot]) -> Iter
             elif name == "tokengate_worker_restarts_total":
                 point(labels).restarts += value
             elif name in ("tokengate_cap_clamps_total", "tokengate_cap_rejections_total"):
-                ckey = (labels.get("model", ""), labels.get("reason", ""))
+                ckey = (labels.get("model", ""), labels.get("region", ""), labels.get("preset", ""),
+                        labels.get("reason", ""))
                 clamps, rejections = caps.get(ckey, (0.0, 0.0))
                 if name == "tokengate_cap_clamps_total":
                     clamps += value
@@ -257,10 +259,10 @@ def build_report(history: Sequence[Snapshot], registry: Registry, *, draining: b
         })
     base_caps = base.caps if base is not now else {}
     caps = [
-        {"model": model, "reason": reason, "clamps": c, "rejections": r,
-         "clamps_window": _since(c, base_caps.get((model, reason), (0.0, 0.0))[0]),
-         "rejections_window": _since(r, base_caps.get((model, reason), (0.0, 0.0))[1])}
-        for (model, reason), (c, r) in sorted(now.caps.items())
+        {"model": ck[0], "region": ck[1], "preset": ck[2], "reason": ck[3], "clamps": c, "rejections": r,
+         "clamps_window": _since(c, base_caps.get(ck, (0.0, 0.0))[0]),
+         "rejections_window": _since(r, base_caps.get(ck, (0.0, 0.0))[1])}
+        for ck, (c, r) in sorted(now.caps.items())
     ]
     return {
         "now": round(now.t, 3),

@@ -86,7 +86,8 @@ def test_snapshot_sums_each_worker_over_routes_models_and_statuses() -> None:
     p = snap.workers[("fr", "h100-1x", "w0")]
     assert (p.requests, p.errors, p.in_flight, p.up, p.restarts, p.completion_tokens) == (2, 1, 3, 1, 2, 10)
     assert p.ttft[-1] == 1 and snap.unrouted == 1
-    assert snap.caps == {("m", "max_tokens_cap"): (4, 0), ("m", "context_length"): (0, 1)}
+    assert snap.caps == {("m", "fr", "h100-1x", "max_tokens_cap"): (4, 0),
+                         ("m", "fr", "h100-1x", "context_length"): (0, 1)}
 
 
 def test_a_snapshot_is_read_in_steps_from_only_the_families_it_needs() -> None:
@@ -206,7 +207,7 @@ class _Cells(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.workers: dict[str, dict[str, str]] = {}
-        self.caps: dict[tuple[str, str], dict[str, str]] = {}
+        self.caps: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self.polylines: dict[str, int] = {}
         self.ids: dict[str, str] = {}
         self.refreshes = 0
@@ -222,7 +223,8 @@ class _Cells(HTMLParser):
             self._worker = a["data-worker"]
             self._row = self.workers.setdefault(self._worker, {})
         elif tag == "tr" and "data-model" in a:
-            self._row = self.caps.setdefault((a["data-model"], a["data-reason"]), {})
+            self._row = self.caps.setdefault((a["data-model"], a["data-region"], a["data-preset"], a["data-reason"]),
+                                             {})
         elif tag == "td" and self._row is not None and "data-field" in a:
             self._row[a["data-field"]] = a["data-value"]
         elif tag == "polyline" and self._worker is not None:
@@ -323,7 +325,9 @@ def test_status_page_in_chromium_shows_what_metrics_says(engine: Engine) -> None
     assert float(row["tokens_per_s"]) > 0
     assert page.ids["requests"] == str(int(metric_sum(metrics, "tokengate_requests_total"))) == "10"
     assert page.ids["in-flight"] == "1" and page.ids["workers-up"] == "1/1" and page.ids["unrouted"] == "1"
-    clamps = page.caps[(engine.model, "max_tokens_cap")]
+    (clamped,) = [dict(labels) for (n, labels), v in metrics.items() if n == "tokengate_cap_clamps_total" and v == 1]
+    clamps = page.caps[(engine.model, clamped["region"], clamped["preset"], "max_tokens_cap")]  # the pool's row
     assert float(clamps["clamps"]) == metric_sum(metrics, "tokengate_cap_clamps_total", model=engine.model) == 1
+    assert clamped["region"] and clamped["preset"]
     assert page.polylines.get(name, 0) >= 2, "sparklines drew nothing"
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
