@@ -232,16 +232,9 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     from .httpserver import server_config
     from .main import create_app
 
-    if settings.redis_url:  # one line and exit 2 when Redis can't be reached, before anything starts
-        from .limits import unreachable
-
-        try:
-            problem = unreachable(settings.redis_url)
-        except ValueError as exc:  # not a Redis URL
-            problem = str(exc)
-        if problem:
-            print(f"tokengate serve: --redis: {problem}", file=sys.stderr)
-            return 2
+    if settings.redis_url and (problem := _redis_problem(settings.redis_url)):
+        print(f"tokengate serve: --redis: {problem}", file=sys.stderr)  # before anything starts
+        return 2
     if settings.workers > 1:
         if specs:
             print("tokengate serve: --workers needs --upstream: managed workers are supervised by one gateway "
@@ -293,6 +286,32 @@ def _run_processes(settings: Settings) -> int:
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _redis_problem(url: str) -> str | None:
+    """Why the limits' Redis can't be used, in one line (its password left out), or None when it answers a PING."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from .errors import GatewayError
+    from .limits import RedisLimiter
+
+    async def ping() -> None:
+        limiter = RedisLimiter.from_url(url)
+        try:
+            await limiter.ping()
+        finally:
+            await limiter.aclose()
+
+    try:
+        asyncio.run(ping())
+    except ValueError as exc:  # not a Redis URL
+        return str(exc)
+    except GatewayError as exc:  # RedisLimiter.ping's "unavailable", raised from what Redis said
+        parts = urlsplit(url)
+        where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return f"Redis at {where} does not answer: {exc.__cause__ or exc}"
+    return None
 
 
 class DrainingServer(uvicorn.Server):

@@ -113,7 +113,6 @@ def _check_parallelism(model: str, preset: Preset, catalog: Catalog) -> None:
     vLLM fetches by name, or whose config can't be read here, is left to vLLM."""
     from .modelshape import ModelConfigError, load_model_shape
     from .picker import check_model_fits_parallelism
-    from .presets import PresetError
 
     config = Path(model) / "config.json"
     if not config.is_file():
@@ -122,9 +121,4 @@ def _check_parallelism(model: str, preset: Preset, catalog: Catalog) -> None:
         shape = load_model_shape(config)
     except ModelConfigError:
         return
-    try:
-        check_model_fits_parallelism(shape, preset)
-    except PresetError as exc:
-        raise PresetError(f"{exc.detail} (model {model}); choose a preset this model divides into",
-                          path=catalog.sources.get((preset.region, preset.name)), region=preset.region,
-                          preset=preset.name, field=exc.field) from None
+    check_model_fits_parallelism(shape, preset, catalog.sources.get((preset.region, preset.name)))

@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -388,25 +387,6 @@ class RedisLimiter:
             await self.settle(ticket, ticket.reserved)
         if self._owns:
             await self.client.aclose()
-
-
-def unreachable(url: str, *, timeout: float = 2.0) -> str | None:
-    """Why Redis at ``url`` can't be used, in one line for the operator (password left out), or None when it
-    answers a PING. The start-up check, run before anything else starts."""
-    async def ping() -> None:
-        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            await client.ping()
-        finally:
-            await client.aclose()
-
-    try:
-        asyncio.run(ping())
-    except (RedisError, OSError) as exc:
-        parts = urlsplit(url)
-        where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-        return f"Redis at {where} does not answer: {exc or type(exc).__name__}"
-    return None
 
 
 def _unavailable(exc: BaseException) -> NoWorkerAvailable:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from pathlib import Path
 from typing import Literal
 
 from .modelshape import ModelShape, dtype_bits
@@ -85,12 +86,13 @@ class PickResult:
         return self.chosen or (self.candidates[-1] if self.candidates else None)
 
 
-def check_model_fits_parallelism(shape: ModelShape, preset: Preset) -> None:
-    """Raise ``PresetError`` (naming the preset and field) when the model's heads or layers cannot split this way."""
+def check_model_fits_parallelism(shape: ModelShape, preset: Preset, path: Path | None = None) -> None:
+    """Raise ``PresetError`` (naming the preset's file when given, the preset and the field) when the model's heads
+    or layers cannot split this way."""
     problem = _parallelism_problem(shape, preset)
     if problem is not None:
         field_name, message = problem
-        raise PresetError(message, region=preset.region, preset=preset.name, field=field_name)
+        raise PresetError(message, path=path, region=preset.region, preset=preset.name, field=field_name)
 
 
 def evaluate(

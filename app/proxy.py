@@ -86,7 +86,6 @@ class Proxy:
         self.dispatcher = Dispatcher(settings=settings, registry=registry, pool=pool, metrics=metrics,
                                      calls=self.calls)
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
-        self._series: set[tuple[str, int, tuple[str, ...]]] = set()  # pools whose cap counters exist
         self.draining = False
         self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
 
@@ -94,9 +93,9 @@ class Proxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self.handle(ROUTES[scope["path"]], scope, receive, send)
 
-    def caps_for(self, model: str, info: ModelInfo, presets: tuple[str, ...] = (), *, series: bool = True) -> Caps:
-        """The caps of ``model`` on workers of these ``region/preset`` placements (``routing.placements``); with
-        ``series``, the pool's cap counters are created (at 0) the first time."""
+    def caps_for(self, model: str, info: ModelInfo, presets: tuple[str, ...], *, series: bool = True) -> Caps:
+        """The caps of ``model`` on workers of these ``region/preset`` placements (``routing.placements``), memoized
+        with the pool's cap counters created at 0; ``series=False`` (a look-up for ``/v1/models``) does neither."""
         key = (model, info.max_model_len, presets)
         caps = self._caps.get(key)
         if caps is None:
@@ -105,11 +104,11 @@ class Proxy:
             caps = configs[0].build(info.max_model_len)
             for cfg in configs[1:]:
                 caps = caps.tighten(cfg.build(info.max_model_len))
+            if not series:
+                return caps  # not memoized, so the pool's first request still creates its counters
             self._caps[key] = caps
-        if series and presets and key not in self._series:
             # the cap counters exist from 0 as soon as the pool does: rate() over a series that first appears
             # mid-window extrapolates oddly (a clamp ratio of 0.32 for 6 clamps in 24 requests)
-            self._series.add(key)
             region, preset = pool_labels(presets)
             for reason in ("max_tokens_cap", "context_cap"):
                 self.metrics.cap_clamps.labels(model, region, preset, reason)

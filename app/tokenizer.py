@@ -11,6 +11,7 @@ worker instead.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -296,8 +297,7 @@ class TokenizerStore:
     async def ensure(self, model: str, root: str | None) -> None:
         root = self._paths.get(model, root)
         fingerprint = None
-        if has_local_tokenizer(root):
-            assert root is not None
+        if root is not None and has_local_tokenizer(root):
             paths = [Path(root, name) for name in _TOKENIZER_FILES]
             stats = tuple(_stat(path) for path in paths)  # a few stats per health check: on the loop
             cached = self._stats.get(root)
@@ -307,10 +307,9 @@ class TokenizerStore:
                 fingerprint = await asyncio.to_thread(_hash_files, paths, stats)
                 if fingerprint is not None:
                     self._stats[root] = (stats, fingerprint)
-        if fingerprint is None:  # a path on another machine: keep what counts now (maybe another worker's)
+        if root is None or fingerprint is None:  # a path on another machine: keep what counts (maybe another worker's)
             self._by_model.setdefault(model, None)
             return
-        assert root is not None
         if fingerprint == self._prints.get(model):
             return
         if fingerprint in self._failed:  # tried once: the worker counts
@@ -361,8 +360,6 @@ class TokenizerStore:
 
 def _hash_files(paths: list[Path], stats: tuple[tuple[int, int] | None, ...]) -> str | None:
     """sha256 of a tokenizer's files (a missing one counts too), or None when one can't be read."""
-    import hashlib
-
     digest = hashlib.sha256()
     try:
         for path, stat in zip(paths, stats, strict=True):
