@@ -10,7 +10,9 @@ TTFT p50/p99 (send -> first content event), e2e p50, per-request decode rate ((t
 aggregate output tokens/s (ok requests x tokens / round wall time, median over rounds) and errors; then the
 gateway/direct ratios against the issue's targets (TTFT p50 ratio <= 1.02, output tokens/s ratio >= 0.98: reported,
 never failed on).  Writes OUT/gpu_compare_LABEL.json (every round's summary and per-request timings) and
-OUT/gpu_compare_LABEL.md (the table).  Exit status 1 if any request failed (warm-up included), 2 if the
+OUT/gpu_compare_LABEL.md (the table).  ``--also NAME=URL`` adds more gateway arms to the same rotation (another
+configuration of tokengate in front of the same vLLM, e.g. ``poll=http://127.0.0.1:8081`` with --busy-poll), each
+with its own ratios to direct.  Exit status 1 if any request failed (warm-up included), 2 if the
 one-request sanity check fails (wrong model name, ignore_eos not honoured, ...).
 """
 
@@ -32,7 +34,6 @@ from typing import Any
 
 from bench.loadclient import Connection, RequestRecord, Target, chat_body, close_pool, percentile, run_closed, summarize
 
-ARMS = ("direct", "gateway")
 TTFT_P50_MAX = 1.02  # gateway/direct
 TOKS_MIN = 0.98  # gateway/direct, per-request and aggregate output tokens/s
 POOL_IDLE_S = 2.0  # drop an arm's keep-alive connections idle longer than this (uvicorn closes idle ones at 5 s)
@@ -120,15 +121,16 @@ async def run_concurrency(a: argparse.Namespace, arms: dict[str, ArmState], c: i
     warm = a.warmup_requests or max(16, 2 * c)
     cell: dict[str, Any] = {"concurrency": c, "requests_per_round": n, "warmup_requests": warm,
                             "warmup": {}, "rounds": []}
-    for name in ARMS:
+    names = tuple(arms)
+    for name in names:
         recs, elapsed = await arms[name].run(c, warm, a.timeout)
         s = summarize(recs, elapsed)
         cell["warmup"][name] = s
         say(f"  c={c} warm-up {name}: {s['ok']}/{s['requests']} ok, TTFT p50 {s['ttft_ms']['p50']:.1f} ms")
-    pooled: dict[str, list[RequestRecord]] = {name: [] for name in ARMS}
-    agg: dict[str, list[float]] = {name: [] for name in ARMS}
+    pooled: dict[str, list[RequestRecord]] = {name: [] for name in names}
+    agg: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(a.rounds):
-        order = ARMS if rnd % 2 == 0 else ARMS[::-1]
+        order = names if rnd % 2 == 0 else names[::-1]
         for pos, name in enumerate(order):
             recs, elapsed = await arms[name].run(c, n, a.timeout)
             s = summarize(recs, elapsed)
@@ -144,7 +146,7 @@ async def run_concurrency(a: argparse.Namespace, arms: dict[str, ArmState], c: i
             say(f"  c={c} round {rnd + 1}/{a.rounds} {name:7s}: {ok}/{s['requests']} ok, "
                 f"TTFT p50 {s['ttft_ms']['p50']:.1f} ms, {agg_tps:.0f} tok/s, {s['elapsed_s']:.2f} s")
     stats: dict[str, Any] = {}
-    for name in ARMS:
+    for name in names:
         recs = pooled[name]
         ok = [r for r in recs if r.ok]
         ttft = sorted(r.ttft for r in ok if r.ttft is not None)
@@ -160,22 +162,40 @@ async def run_concurrency(a: argparse.Namespace, arms: dict[str, ArmState], c: i
             "agg_tok_s_rounds": [round(x, 3) for x in agg[name]],
             "sse_events_mean": round(sum(r.chunks for r in ok) / len(ok), 2) if ok else 0.0,
         }
-    d, g = stats["direct"], stats["gateway"]
-    ratios = {
-        "ttft_p50": ratio(g["ttft_p50_ms"], d["ttft_p50_ms"]),
-        "ttft_p99": ratio(g["ttft_p99_ms"], d["ttft_p99_ms"]),
-        "e2e_p50": ratio(g["e2e_p50_ms"], d["e2e_p50_ms"]),
-        "decode_tok_s": ratio(g["decode_tok_s_p50"], d["decode_tok_s_p50"]),
-        "agg_tok_s": ratio(g["agg_tok_s_median"], d["agg_tok_s_median"]),
-    }
     cell["stats"] = stats
-    cell["ratios"] = {k: round(v, 4) for k, v in ratios.items()}
-    cell["targets"] = {
-        "ttft_p50_ratio_le_1.02": ratios["ttft_p50"] <= TTFT_P50_MAX,
-        "decode_tok_s_ratio_ge_0.98": ratios["decode_tok_s"] >= TOKS_MIN,
-        "agg_tok_s_ratio_ge_0.98": ratios["agg_tok_s"] >= TOKS_MIN,
-    }
+    cell["by_arm"] = {}
+    for name in names[1:]:
+        d, g = stats["direct"], stats[name]
+        ratios = {
+            "ttft_p50": ratio(g["ttft_p50_ms"], d["ttft_p50_ms"]),
+            "ttft_p99": ratio(g["ttft_p99_ms"], d["ttft_p99_ms"]),
+            "e2e_p50": ratio(g["e2e_p50_ms"], d["e2e_p50_ms"]),
+            "decode_tok_s": ratio(g["decode_tok_s_p50"], d["decode_tok_s_p50"]),
+            "agg_tok_s": ratio(g["agg_tok_s_median"], d["agg_tok_s_median"]),
+        }
+        cell["by_arm"][name] = {
+            "ratios": {k: round(v, 4) for k, v in ratios.items()},
+            "targets": {
+                "ttft_p50_ratio_le_1.02": ratios["ttft_p50"] <= TTFT_P50_MAX,
+                "decode_tok_s_ratio_ge_0.98": ratios["decode_tok_s"] >= TOKS_MIN,
+                "agg_tok_s_ratio_ge_0.98": ratios["agg_tok_s"] >= TOKS_MIN,
+            },
+            "paired_ttft_p50_ms_median": paired_median(cell["rounds"], name),
+        }
+    cell["ratios"] = cell["by_arm"]["gateway"]["ratios"]  # the main gateway arm, as before --also
+    cell["targets"] = cell["by_arm"]["gateway"]["targets"]
     return cell
+
+
+def paired_median(rounds: list[dict[str, Any]], name: str) -> float | None:
+    """Median over rounds of (this arm's TTFT p50 - the direct arm's in the same round), ms: the drift of the engine
+    between rounds cancels out."""
+    by_round: dict[int, dict[str, float]] = {}
+    for s in rounds:
+        by_round.setdefault(s["round"], {})[s["arm"]] = s["ttft_ms"]["p50"]
+    diffs = [r[name] - r["direct"] for r in by_round.values() if name in r and "direct" in r
+             and r[name] == r[name] and r["direct"] == r["direct"]]
+    return round(statistics.median(diffs), 3) if diffs else None
 
 
 def finite(x: Any) -> Any:
@@ -194,22 +214,25 @@ def met(ok: bool) -> str:
 
 
 def table(cells: list[dict[str, Any]], a: argparse.Namespace) -> str:
-    head = ("| c | TTFT p50 direct / gw (ms) | ratio | TTFT p99 direct / gw (ms) | ratio "
+    names = list(cells[0]["by_arm"]) if cells else ["gateway"]
+    head = ("| c | arm | TTFT p50 direct / gw (ms) | ratio | paired Δ p50 (ms) | TTFT p99 direct / gw (ms) | ratio "
             "| tok/s per req direct / gw | ratio | tok/s aggregate direct / gw | ratio | errors direct / gw |")
-    lines = [head, "|" + "---|" * 10]
-    for cell in cells:
-        d, g, r = cell["stats"]["direct"], cell["stats"]["gateway"], cell["ratios"]
+    lines = [head, "|" + "---|" * 12]
+    for cell, name in ((cell, name) for cell in cells for name in names):
+        d, g = cell["stats"]["direct"], cell["stats"][name]
+        r, paired = cell["by_arm"][name]["ratios"], cell["by_arm"][name]["paired_ttft_p50_ms_median"]
         lines.append(
-            f"| {cell['concurrency']} | {d['ttft_p50_ms']:.1f} / {g['ttft_p50_ms']:.1f} | {r['ttft_p50']:.3f} "
+            f"| {cell['concurrency']} | {name} | {d['ttft_p50_ms']:.1f} / {g['ttft_p50_ms']:.1f} | {r['ttft_p50']:.3f} "
+            f"| {'' if paired is None else f'{paired:+.2f}'} "
             f"| {d['ttft_p99_ms']:.1f} / {g['ttft_p99_ms']:.1f} | {r['ttft_p99']:.3f} "
             f"| {d['decode_tok_s_p50']:.1f} / {g['decode_tok_s_p50']:.1f} | {r['decode_tok_s']:.3f} "
             f"| {d['agg_tok_s_median']:.0f} / {g['agg_tok_s_median']:.0f} | {r['agg_tok_s']:.3f} "
             f"| {d['errors'] + d['warmup_errors']} / {g['errors'] + g['warmup_errors']} |")
     lines += ["", f"Targets (issue): TTFT p50 ratio <= {TTFT_P50_MAX}, output tokens/s ratio >= {TOKS_MIN} "
               "(per request and aggregate).", ""]
-    for cell in cells:
-        r, t = cell["ratios"], cell["targets"]
-        lines.append(f"- c={cell['concurrency']}: TTFT p50 ratio {r['ttft_p50']:.3f} "
+    for cell, name in ((cell, name) for cell in cells for name in names):
+        r, t = cell["by_arm"][name]["ratios"], cell["by_arm"][name]["targets"]
+        lines.append(f"- c={cell['concurrency']} {name}: TTFT p50 ratio {r['ttft_p50']:.3f} "
                      f"{met(t['ttft_p50_ratio_le_1.02'])}; tok/s per request ratio {r['decode_tok_s']:.3f} "
                      f"{met(t['decode_tok_s_ratio_ge_0.98'])}; tok/s aggregate ratio {r['agg_tok_s']:.3f} "
                      f"{met(t['agg_tok_s_ratio_ge_0.98'])}")
@@ -225,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--direct", required=True, help="vLLM base URL, e.g. http://127.0.0.1:8001")
     p.add_argument("--gateway", required=True, help="tokengate base URL in front of the same vLLM")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=URL",
+                   help="another gateway arm in the same rotation (repeatable), e.g. poll=http://127.0.0.1:8081")
     p.add_argument("--model", required=True, help="served model name")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated closed-loop concurrencies")
     p.add_argument("--rounds", type=int, default=3)
@@ -247,14 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     raise_nofile()
     urls = {"direct": a.direct, "gateway": a.gateway}
+    for item in a.also:
+        name, sep, url = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in urls or not url:
+            p.error(f"--also {item!r}: want NAME=URL with a new NAME of letters, digits, - and _")
+        urls[name] = url
 
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    say(f"gpu_compare {label}: direct {a.direct}, gateway {a.gateway}, model {a.model}, c={concs}, "
+    say(f"gpu_compare {label}: {', '.join(f'{k} {v}' for k, v in urls.items())}, model {a.model}, c={concs}, "
         f"{a.rounds} rounds, max_tokens {a.max_tokens}, think 0..{a.think_ms:g} ms")
     checked = sanity(a, urls)
-    say(f"sanity ok: {a.max_tokens} completion tokens on both arms")
+    say(f"sanity ok: {a.max_tokens} completion tokens on every arm")
     body = body_for(a)
     arms = {name: ArmState(name, url, body, a.think_ms / 1000) for name, url in urls.items()}
 
@@ -283,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"gpu_compare_{label}.json").write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n")
     (out / f"gpu_compare_{label}.md").write_text(f"# gateway vs direct vLLM: {label}\n\n" + md)
     say(f"wrote {out / f'gpu_compare_{label}.json'} and .md")
-    failed = sum(cell["stats"][n]["errors"] + cell["stats"][n]["warmup_errors"] for cell in cells for n in ARMS)
+    failed = sum(s["errors"] + s["warmup_errors"] for cell in cells for s in cell["stats"].values())
     if failed:
         kinds: dict[str, int] = {}
         for cell in cells:

@@ -10,6 +10,12 @@
 # Test overrides: SITE, TGSITE, TINY, VLLM_PORT, GW_PORT, EXTRA_VLLM_ARGS (word-split), LABEL.
 # CPU pinning (taskset lists; default none): PIN_VLLM, PIN_GATEWAY, PIN_CLIENT. EAGER= (empty): CUDA graphs on.
 # GW_ARGS: more `tokengate serve` flags, e.g. GW_ARGS="--workers 4".
+# GW2_ARGS (set, even empty): a second gateway in front of the same vLLM with these flags, on GW2_PORT (8081),
+# pinned to PIN_GATEWAY2, measured in the same rotation as arm GW2_NAME (default "gateway2"), e.g.
+# GW2_ARGS="--busy-poll 0.1" GW2_NAME=poll. Its log and metrics go next to the first one's (…_GW2_NAME.*).
+# ROUTER=DIR: also the Rust vllm-router (arm "router", round robin, on ROUTER_PORT 8082, pinned to PIN_ROUTER) from
+# DIR/router.tar.xz (its package, its abi3 library and their .libs) and DIR/wheels/*.whl (aiohttp & co. for the
+# machine's Python), unpacked into /tmp/rsite once per machine.
 # SHAPE=8b: the tiny model's tokenizer with a Llama-3-8B-shaped config and random weights (vLLM --load-format dummy):
 # decode steps as long as a real 8B model's, so the engine, not its Python front end, sets the pace.
 set -u
@@ -45,7 +51,9 @@ LABEL=${LABEL:-$(echo "${GPU_NAME:-gpu}" | sed 's/^NVIDIA //' | awk '{print tolo
 LABEL=${LABEL:-gpu}
 SETSID=$(command -v setsid || true)   # own process group: the fallback SIGKILL also reaches vLLM's engine process
 
-VL=""; GW=""
+VL=""; GW=""; GW2=""; RT=""
+ROUTER_PORT=${ROUTER_PORT:-8082}
+GW2_PORT=${GW2_PORT:-8081}; GW2_NAME=${GW2_NAME:-gateway2}
 stop() {  # stop PID NAME SECONDS: SIGTERM, wait, then SIGKILL its process group
   local pid=$1 name=$2 t=$3 end rc
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
@@ -58,7 +66,9 @@ stop() {  # stop PID NAME SECONDS: SIGTERM, wait, then SIGKILL its process group
   wait "$pid" 2>/dev/null; rc=$?
   echo "$name exited ($rc)"
 }
-cleanup() { stop "$GW" gateway 30; GW=""; stop "$VL" vllm 60; VL=""; }
+cleanup() {
+  stop "$GW" gateway 30; GW=""; stop "$GW2" "$GW2_NAME" 30; GW2=""; stop "$RT" router 30; RT=""; stop "$VL" vllm 60; VL=""
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -86,13 +96,38 @@ $SETSID ${PIN_GATEWAY:+taskset -c "$PIN_GATEWAY"} python3 -m app.cli serve --hos
   > "$OUT/gateway_compare.log" 2>&1 &
 GW=$!
 wait_http "http://127.0.0.1:$GW_PORT/readyz" "$GW" 60 "$OUT/gateway_compare.log" || exit 6
+ALSO=()
+if [ -n "${GW2_ARGS+set}" ]; then
+  # shellcheck disable=SC2086  # GW2_ARGS is word-split on purpose
+  $SETSID ${PIN_GATEWAY2:+taskset -c "$PIN_GATEWAY2"} python3 -m app.cli serve --host 127.0.0.1 --port "$GW2_PORT" \
+    --upstream "http://127.0.0.1:$VLLM_PORT" $GW2_ARGS > "$OUT/gateway_compare_$GW2_NAME.log" 2>&1 &
+  GW2=$!
+  wait_http "http://127.0.0.1:$GW2_PORT/readyz" "$GW2" 60 "$OUT/gateway_compare_$GW2_NAME.log" || exit 6
+  ALSO=(--also "$GW2_NAME=http://127.0.0.1:$GW2_PORT")
+fi
+if [ -n "${ROUTER:-}" ]; then
+  if [ ! -f /tmp/rsite/.ok ]; then
+    mkdir -p /tmp/rsite && tar -xJf "$ROUTER/router.tar.xz" -C /tmp/rsite \
+      && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/rsite "$ROUTER"/wheels/*.whl \
+      && touch /tmp/rsite/.ok || exit 7
+  fi
+  PYTHONPATH=/tmp/rsite:$PYTHONPATH $SETSID ${PIN_ROUTER:+taskset -c "$PIN_ROUTER"} python3 -c \
+    'import sys; from vllm_router.launch_router import main; sys.argv[0] = "vllm-router"; sys.exit(main())' \
+    --host 127.0.0.1 --port "$ROUTER_PORT" --worker-urls "http://127.0.0.1:$VLLM_PORT" --policy round_robin \
+    --prometheus-port 29000 > "$OUT/router_compare.log" 2>&1 &
+  RT=$!
+  wait_http "http://127.0.0.1:$ROUTER_PORT/health" "$RT" 60 "$OUT/router_compare.log" || exit 7
+  ALSO+=(--also "router=http://127.0.0.1:$ROUTER_PORT")
+fi
 echo "gateway ready; label $LABEL"
 ${PIN_CLIENT:+taskset -c "$PIN_CLIENT"} python3 scripts/gpu_compare.py --direct "http://127.0.0.1:$VLLM_PORT" --gateway "http://127.0.0.1:$GW_PORT" \
-  --model tiny-llama --label "$LABEL" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_compare_$LABEL.log"
+  "${ALSO[@]}" --model tiny-llama --label "$LABEL" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_compare_$LABEL.log"
 RC=${PIPESTATUS[0]}
 # the gateway's own view of the run (queueing before dispatch, relay time per chunk, TTFT as it measured it)
 python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
   "http://127.0.0.1:$GW_PORT/metrics" > "$OUT/gateway_metrics_$LABEL.txt" 2>/dev/null
+[ -n "$GW2" ] && python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+  "http://127.0.0.1:$GW2_PORT/metrics" > "$OUT/gateway_metrics_${LABEL}_$GW2_NAME.txt" 2>/dev/null
 cleanup
 grep -v "Warning\|warn(" "$OUT/gateway_compare.log" | grep -i "error\|traceback" | tail -5
 echo "gpu_compare rc=$RC, total $((SECONDS - t0)) s"
