@@ -24,6 +24,7 @@ from . import __version__
 from .api import router
 from .asgi import GatewayApp
 from .auth import KeyStore, load_keys
+from .busypoll import BusyPoll
 from .caps import BUILTIN_CAPS, CapConfig
 from .counting import PromptCounter
 from .errors import GatewayError, InvalidRequest, render
@@ -84,8 +85,10 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
                            allow_fields=frozenset(settings.allow_fields),
                            allow_unknown_fields=settings.allow_unknown_fields,
                            allow_remote_media=settings.allow_remote_media)
+    busy_poll = BusyPoll(settings.busy_poll, lambda: sum(w.in_flight for w in registry.workers()),
+                         metrics.busy_poll.inc) if settings.busy_poll > 0 else None
     proxy = Proxy(settings=settings, registry=registry, pool=pool, metrics=metrics, tokenizers=tokenizers,
-                  keys=keys, limiter=limiter, policy=policy,
+                  keys=keys, limiter=limiter, policy=policy, busy_poll=busy_poll,
                   counter=PromptCounter(executor, offloop_bytes=settings.tokenize_offloop_bytes),
                   default_caps=explicit.resolve(BUILTIN_CAPS), preset_caps=caps_by_preset,
                   regions={*regions, *(s.region for s in worker_specs),
@@ -123,6 +126,8 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
             proxy.draining = True
             proxy.close_admission()
             proxy.watchdog.stop()
+            if busy_poll is not None:
+                busy_poll.stop()
             for task in (health_task, sampler_task, ready_task):
                 if task is not None:
                     task.cancel()

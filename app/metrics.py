@@ -124,6 +124,10 @@ class GatewayMetrics:
             "tokengate_write_stalls", "Streams dropped because the client stopped reading for longer than "
             "write_timeout (the worker request is aborted).", registry=registry,
         )
+        self.busy_poll = Counter(
+            "tokengate_busy_poll_seconds", "Seconds the event loop spent polling instead of sleeping (--busy-poll): "
+            "about the CPU time busy polling costs.", registry=registry,
+        )
         self.queue_depth = Gauge(
             "tokengate_queue_depth", "Requests waiting for admission to a worker pool.", ["model", "region"],
             registry=registry, multiprocess_mode="livesum",

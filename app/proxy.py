@@ -17,6 +17,7 @@ from typing import Any
 
 from .admission import PoolGates
 from .auth import KeyStore, check_access
+from .busypoll import BusyPoll
 from .caps import CapConfig, Caps, decide
 from .clientwriter import CLIENT_WRITER
 from .counting import PromptCounter
@@ -64,7 +65,7 @@ class Proxy:
                  tokenizers: TokenizerStore, counter: PromptCounter, default_caps: CapConfig,
                  preset_caps: dict[str, CapConfig] | None = None, regions: set[str] | None = None,
                  keys: KeyStore | None = None, limiter: Limiter | None = None,
-                 policy: RequestPolicy | None = None) -> None:
+                 policy: RequestPolicy | None = None, busy_poll: BusyPoll | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.pool = pool
@@ -88,6 +89,7 @@ class Proxy:
         self._caps: dict[tuple[str, int, tuple[str, ...]], Caps] = {}
         self.draining = False
         self.watchdog = WriteWatchdog(settings.write_timeout, metrics.write_stalls)
+        self.busy_poll = busy_poll  # polls instead of sleeping while requests are in flight (--busy-poll)
 
     # ASGI entry point for both generation routes
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -118,6 +120,8 @@ class Proxy:
 
     async def handle(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
         arrival = perf_counter()
+        if self.busy_poll is not None:
+            self.busy_poll.wake()
         ctx = Exchange(asyncio.current_task())
         extensions = scope.get("extensions")
         if extensions:

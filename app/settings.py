@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     allow_remote_media: bool = False
 
     workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the port (external workers only)")
+    busy_poll: float = Field(0.0, ge=0, le=60, description="at light load (1-4 requests in flight), poll instead "
+                                                           "of sleeping, and this many seconds after the last: a "
+                                                           "CPU core per process for the wake-up latency of an "
+                                                           "idle one; 0 = off")
     gc_freeze: bool = Field(True, description="move start-up objects out of the garbage collector's reach")
     admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
