@@ -8,9 +8,10 @@ a callback re-arms itself on every loop pass, so the loop polls with a zero time
 and the next request of a client that sends one right after the last, are picked up at once.
 
 Only at light load: with more than ``max_in_flight`` requests in flight polling stops (the next arrival checks
-again). Measured on one H200 (bench/NOTES.md, "Same run, same H200"), polling took 0.1–0.2 ms off the gateway's share of
-the time to first token at one stream in three runs out of three, and made 16 and 64 streams slower in both runs
-that polled there: a busy loop has events to wake for anyway, and a spinning core takes from its neighbours.
+again). Measured on one H200 (bench/NOTES.md, "Same run, same H200"), polling took 0.05–0.2 ms off the gateway's
+share of the time to first token at one stream in three runs out of three, and made 16 and 64 streams slower in
+both runs that polled there: a busy loop has events to wake for anyway, and a spinning core takes from its
+neighbours.
 
 The price is a CPU core per gateway process, kept busy while it polls: off by default (``--busy-poll SECONDS``),
 for machines where a core is cheaper than the latency (a GPU host serving a few streams at a time). Seconds spent
