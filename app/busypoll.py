@@ -9,9 +9,9 @@ and the next request of a client that sends one right after the last, are picked
 
 Only at light load: with more than ``max_in_flight`` requests in flight polling stops (the next arrival checks
 again). Measured on one H200 (bench/NOTES.md, "Same run, same H200"), polling took 0.05–0.2 ms off the gateway's
-share of the time to first token at one stream in three runs out of three, and made 16 and 64 streams slower in
-both runs that polled there: a busy loop has events to wake for anyway, and a spinning core takes from its
-neighbours.
+share of the time to first token at one stream in three runs out of three; at 16 and 64 streams both runs that
+polled there measured slower (by no more than two identical arms differ in one run), and a loop that busy has
+events to wake for anyway, while a spinning core may take from its neighbours.
 
 The price is a CPU core per gateway process, kept busy while it polls: off by default (``--busy-poll SECONDS``),
 for machines where a core is cheaper than the latency (a GPU host serving a few streams at a time). Seconds spent
