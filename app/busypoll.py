@@ -7,11 +7,11 @@ step of the path). Here, from a request's arrival until ``linger`` seconds after
 a callback re-arms itself on every loop pass, so the loop polls with a zero timeout: the request's upstream answer,
 and the next request of a client that sends one right after the last, are picked up at once.
 
-Only at light load: with more than ``max_in_flight`` requests in flight polling stops (the next arrival checks
-again). Measured on one H200 (bench/NOTES.md, "Same run, same H200"), polling took 0.05–0.2 ms off the gateway's
-share of the time to first token at one stream in three runs out of three; at 16 and 64 streams both runs that
-polled there measured slower (by no more than two identical arms differ in one run), and a loop that busy has
-events to wake for anyway, while a spinning core may take from its neighbours.
+Only at light load: an arrival that finds ``max_in_flight`` requests in flight already does not start polling, and
+polling stops while more are in flight. Measured on one H200 (bench/NOTES.md, "Same run, same H200"), polling
+took 0.05–0.2 ms off the gateway's share of the time to first token at one stream in three runs out of three; at 16
+and 64 streams both runs that polled there measured slower (by no more than two identical arms differ in one run),
+and a loop that busy has events to wake for anyway, while a spinning core may take from its neighbours.
 
 The price is a CPU core per gateway process, kept busy while it polls: off by default (``--busy-poll SECONDS``),
 for machines where a core is cheaper than the latency (a GPU host serving a few streams at a time). Seconds spent
@@ -55,8 +55,8 @@ class BusyPoll:
 
     def wake(self) -> None:
         """A request arrived: poll from now until ``linger`` after the last request in flight is done, unless (or
-        until) more than ``max_in_flight`` are."""
-        if not self.active:
+        until) more than ``max_in_flight`` are. Under load an arrival costs this one count, no loop callback."""
+        if not self.active and self._in_flight() < self.max_in_flight:
             now = self._clock()
             self._until = now + self.linger
             self.active = True

@@ -124,10 +124,12 @@ ${PIN_CLIENT:+taskset -c "$PIN_CLIENT"} python3 scripts/gpu_compare.py --direct 
   "${ALSO[@]}" --model tiny-llama --label "$LABEL" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_compare_$LABEL.log"
 RC=${PIPESTATUS[0]}
 # the gateway's own view of the run (queueing before dispatch, relay time per chunk, TTFT as it measured it)
-python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
-  "http://127.0.0.1:$GW_PORT/metrics" > "$OUT/gateway_metrics_$LABEL.txt" 2>/dev/null
-[ -n "$GW2" ] && python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
-  "http://127.0.0.1:$GW2_PORT/metrics" > "$OUT/gateway_metrics_${LABEL}_$GW2_NAME.txt" 2>/dev/null
+save_metrics() {  # save_metrics PORT FILE
+  python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+    "http://127.0.0.1:$1/metrics" > "$2" 2>/dev/null
+}
+save_metrics "$GW_PORT" "$OUT/gateway_metrics_$LABEL.txt"
+[ -n "$GW2" ] && save_metrics "$GW2_PORT" "$OUT/gateway_metrics_${LABEL}_$GW2_NAME.txt"
 cleanup
 grep -v "Warning\|warn(" "$OUT/gateway_compare.log" | grep -i "error\|traceback" | tail -5
 echo "gpu_compare rc=$RC, total $((SECONDS - t0)) s"

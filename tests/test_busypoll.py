@@ -38,109 +38,105 @@ async def _passes_during(poll: BusyPoll, seconds: float) -> int:
 
 
 def test_polls_while_busy_and_for_linger_after_then_sleeps() -> None:
-    asyncio.run(_test_polls_while_busy_and_for_linger_after_then_sleeps())
+    async def main() -> None:
+        in_flight = [1]
+        spent = Spent()
+        poll = BusyPoll(0.2, lambda: in_flight[0], spent)
+        poll.wake()
+        # a sleeping loop makes one or two passes in 30 ms; a polling one thousands
+        assert await _passes_during(poll, 0.03) > 50
+        assert poll.active
+        in_flight[0] = 0
+        t0 = time.monotonic()
+        await asyncio.sleep(0.03)
+        assert poll.active, "stopped before linger ran out"
+        while poll.active:
+            await asyncio.sleep(0.005)
+            assert time.monotonic() - t0 < 2, "still polling long after linger"
+        assert await _passes_during(poll, 0.05) == 0
+        assert 0.2 <= spent.seconds < 3
 
-
-async def _test_polls_while_busy_and_for_linger_after_then_sleeps() -> None:
-    in_flight = [1]
-    spent = Spent()
-    poll = BusyPoll(0.2, lambda: in_flight[0], spent)
-    poll.wake()
-    # a sleeping loop makes one or two passes in 30 ms; a polling one thousands
-    assert await _passes_during(poll, 0.03) > 50
-    assert poll.active
-    in_flight[0] = 0
-    t0 = time.monotonic()
-    await asyncio.sleep(0.03)
-    assert poll.active, "stopped before linger ran out"
-    while poll.active:
-        await asyncio.sleep(0.005)
-        assert time.monotonic() - t0 < 2, "still polling long after linger"
-    assert await _passes_during(poll, 0.05) == 0
-    assert 0.2 <= spent.seconds < 3
+    asyncio.run(main())
 
 
 def test_a_wake_without_requests_in_flight_polls_for_linger() -> None:
-    asyncio.run(_test_a_wake_without_requests_in_flight_polls_for_linger())
+    async def main() -> None:
+        spent = Spent()
+        poll = BusyPoll(0.04, lambda: 0, spent)
+        poll.wake()
+        assert poll.active
+        await asyncio.sleep(0.2)
+        assert not poll.active
+        assert 0.04 <= spent.seconds < 0.2
+        poll.wake()  # the next request starts it again
+        assert await _passes_during(poll, 0.01) > 5
 
-
-async def _test_a_wake_without_requests_in_flight_polls_for_linger() -> None:
-    spent = Spent()
-    poll = BusyPoll(0.04, lambda: 0, spent)
-    poll.wake()
-    assert poll.active
-    await asyncio.sleep(0.2)
-    assert not poll.active
-    assert 0.04 <= spent.seconds < 0.2
-    poll.wake()  # the next request starts it again
-    assert await _passes_during(poll, 0.01) > 5
+    asyncio.run(main())
 
 
 def test_stop_ends_polling_and_a_later_wake_runs_one_chain() -> None:
-    asyncio.run(_test_stop_ends_polling_and_a_later_wake_runs_one_chain())
+    async def main() -> None:
+        spent = Spent()
+        poll = BusyPoll(10.0, lambda: 1, spent)
+        poll.wake()
+        await asyncio.sleep(0.01)
+        poll.stop()
+        assert not poll.active and spent.calls == 1
+        assert await _passes_during(poll, 0.03) == 0
+        poll.stop()  # idempotent
+        assert spent.calls == 1
+        poll.wake()
+        poll.stop()
+        poll.wake()
+        # one chain: each loop pass advances ``passes`` by one (two chains: two per pass)
+        loop_passes = 0
+        before = poll.passes
+        for _ in range(50):
+            await asyncio.sleep(0)
+            loop_passes += 1
+        assert poll.passes - before <= loop_passes + 1
+        poll.stop()
 
-
-async def _test_stop_ends_polling_and_a_later_wake_runs_one_chain() -> None:
-    spent = Spent()
-    poll = BusyPoll(10.0, lambda: 1, spent)
-    poll.wake()
-    await asyncio.sleep(0.01)
-    poll.stop()
-    assert not poll.active and spent.calls == 1
-    assert await _passes_during(poll, 0.03) == 0
-    poll.stop()  # idempotent
-    assert spent.calls == 1
-    poll.wake()
-    poll.stop()
-    poll.wake()
-    # one chain: each loop pass advances ``passes`` by one (two chains: two per pass)
-    loop_passes = 0
-    before = poll.passes
-    for _ in range(50):
-        await asyncio.sleep(0)
-        loop_passes += 1
-    assert poll.passes - before <= loop_passes + 1
-    poll.stop()
+    asyncio.run(main())
 
 
 def test_polling_time_is_reported_while_polling_goes_on() -> None:
-    asyncio.run(_test_polling_time_is_reported_while_polling_goes_on())
+    async def main() -> None:
+        now = [0.0]
+        spent = Spent()
+        poll = BusyPoll(1.0, lambda: 1, spent, clock=lambda: now[0])
+        poll.wake()
+        for _ in range(5):
+            now[0] += 0.5
+            await asyncio.sleep(0)
+        assert spent.seconds >= 2.0, "a poll that never stops must still be counted"
+        poll.stop()
+        assert spent.seconds == pytest.approx(now[0])
 
-
-async def _test_polling_time_is_reported_while_polling_goes_on() -> None:
-    now = [0.0]
-    spent = Spent()
-    poll = BusyPoll(1.0, lambda: 1, spent, clock=lambda: now[0])
-    poll.wake()
-    for _ in range(5):
-        now[0] += 0.5
-        await asyncio.sleep(0)
-    assert spent.seconds >= 2.0, "a poll that never stops must still be counted"
-    poll.stop()
-    assert spent.seconds == pytest.approx(now[0])
+    asyncio.run(main())
 
 
 def test_no_polling_under_load() -> None:
-    asyncio.run(_test_no_polling_under_load())
+    async def main() -> None:
+        in_flight = [1]
+        spent = Spent()
+        poll = BusyPoll(10.0, lambda: in_flight[0], spent, max_in_flight=2)
+        poll.wake()
+        assert await _passes_during(poll, 0.02) > 10
+        in_flight[0] = 3  # more than max_in_flight: the loop sleeps between events again
+        await asyncio.sleep(0.01)
+        assert not poll.active and spent.calls == 1
+        assert await _passes_during(poll, 0.03) == 0
+        in_flight[0] = 2  # an arrival that makes it more than max_in_flight does not start polling at all
+        poll.wake()
+        assert not poll.active
+        assert await _passes_during(poll, 0.01) == 0 and spent.calls == 1
+        in_flight[0] = 1  # light again: the next arrival polls
+        poll.wake()
+        assert await _passes_during(poll, 0.02) > 10
+        poll.stop()
 
-
-async def _test_no_polling_under_load() -> None:
-    in_flight = [2]
-    spent = Spent()
-    poll = BusyPoll(10.0, lambda: in_flight[0], spent, max_in_flight=2)
-    poll.wake()
-    assert await _passes_during(poll, 0.02) > 10
-    in_flight[0] = 3  # more than max_in_flight: the loop sleeps between events again
-    await asyncio.sleep(0.01)
-    assert not poll.active and spent.calls == 1
-    assert await _passes_during(poll, 0.03) == 0
-    poll.wake()  # an arrival at that load checks, and stops at once
-    await asyncio.sleep(0.01)
-    assert not poll.active
-    in_flight[0] = 1  # light again: the next arrival polls
-    poll.wake()
-    assert await _passes_during(poll, 0.02) > 10
-    poll.stop()
+    asyncio.run(main())
 
 
 def test_linger_and_bound_must_be_positive() -> None:
