@@ -316,11 +316,3 @@ class Proxy:
         if chosen not in self.configured_regions and not any(w.region == chosen for w in workers):
             raise InvalidRequest(f"unknown region '{chosen[:64]}'", param="x-tokengate-region", code="unknown_region")
         return [chosen, *self.fallback_regions.get(chosen, ())]
-
-    def _enter(self, worker: Worker, ctx: Exchange, rec: RequestRecord) -> None:
-        self.dispatcher.leave(ctx)
-        worker.in_flight += 1
-        ctx.worker = worker
-        rec.worker, rec.region, rec.preset = worker.name, worker.region, worker.preset
-        ctx.gauge = self.metrics.worker_in_flight(rec.model, worker.region, worker.preset, worker.name)
-        ctx.gauge.inc()
