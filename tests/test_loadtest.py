@@ -17,7 +17,7 @@ import pytest
 
 from app.cli_bench import add_bench_parser
 from app.loadtest.charts import ChartSpec, svg_chart
-from app.loadtest.client import Driver, Endpoint, RequestResult, RunResult
+from app.loadtest.client import Driver, Endpoint, RequestResult, RunResult, _Conn
 from app.loadtest.report import (
     distribution_ms,
     meets,
@@ -75,7 +75,58 @@ def test_stats_match_the_fake_workers_delays() -> None:
     assert set(s["ttft_ms"]) == {"mean", "p50", "p90", "p95", "p99"}
     assert s["request_throughput"] == pytest.approx(6 / s["duration_s"], rel=0.01)
     assert s["output_throughput"] == pytest.approx(60 / s["duration_s"], rel=0.01)
-    assert len([g for r in run.records for g in r.itl]) == 6 * 9  # every gap pooled
+    # every gap pooled: the role chunk and the 10 content chunks are 11 chunks with choices (vLLM's count)
+    assert len([g for r in run.records for g in r.itl]) == 6 * 10
+
+
+class _Sink:
+    """A transport that keeps what is written (the request) and nothing else."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_timing_follows_vllm_bench_serve() -> None:
+    """TTFT at the first chunk with choices (the role chunk), ITL between chunks with choices, E2E at the last
+    of them: the usage chunk and [DONE] that follow don't stretch it."""
+    def event(obj: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    async def main() -> RequestResult:
+        conn = _Conn()
+        conn.connection_made(_Sink())  # type: ignore[arg-type]
+        fut = conn.send(b"POST / HTTP/1.1\r\n\r\n", start=100.0)
+        steps = [
+            (100.0, b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (100.1, event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})),
+            (100.1, event({"choices": [{"index": 0, "delta": {"content": "a"}}]})),
+            (100.3, event({"choices": [{"index": 0, "delta": {"content": "b"}}]})),
+            (100.6, event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}})),
+            (100.9, b"data: [DONE]\n\n"),
+        ]
+        for now, data in steps:
+            conn._now = now
+            if data.startswith(b"HTTP"):
+                conn.parser.feed_data(data)
+            else:
+                conn.parser.feed_data(b"%x\r\n%b\r\n" % (len(data), data))
+        conn.parser.feed_data(b"0\r\n\r\n")
+        return await fut
+
+    rec = asyncio.run(main())
+    assert rec.ok and rec.ttft == pytest.approx(0.1)
+    assert rec.itl == pytest.approx([0.0, 0.2])
+    assert rec.e2e == pytest.approx(0.3)
+    assert (rec.chunks, rec.output_tokens, rec.prompt_tokens) == (2, 2, 7)
 
 
 def test_completions_endpoint_and_chunk_count_without_usage() -> None:
@@ -307,11 +358,14 @@ def test_reports_are_written_and_the_html_is_self_contained(tmp_path: Path) -> N
         assert key in data["shapes"][0]
     page = (tmp_path / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
-    assert "<script" not in page and "<link" not in page and page.count("<svg") == 4
+    assert "<script" not in page and "<link" not in page and page.count("<svg") == 6
+    for title in ("Output throughput vs prompt length", "Decode speed per request vs prompt length",
+                  "Time to first token (p50) vs prompt length", "Output throughput vs concurrency"):
+        assert f'aria-label="{title}"' in page
     assert "http_429" in page and "too long" in page
     table = (tmp_path / "results.md").read_text()
     assert table.splitlines()[0].startswith("| conc |") and "ttft <= 500 ms" in table
-    assert "report.png" not in names or (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report.png" in names and (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_svg_chart_draws_one_line_per_series() -> None:

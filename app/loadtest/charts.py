@@ -39,6 +39,9 @@ def chart_specs(shapes: list[dict[str, Any]]) -> list[ChartSpec]:
     def io(s: dict[str, Any]) -> str:
         return f"in={s['prompt_tokens']} out={s['output_tokens']}"
 
+    def co(s: dict[str, Any]) -> str:
+        return f"c={s['concurrency']} out={s['output_tokens']}"
+
     def speed(s: dict[str, Any]) -> float | None:
         t = s["tpot_ms"]["p50"]
         return 1000.0 / t if t else None
@@ -51,8 +54,12 @@ def chart_specs(shapes: list[dict[str, Any]]) -> list[ChartSpec]:
         ChartSpec("Decode speed per request vs concurrency", "concurrency", "tokens/s per request (1/TPOT p50)",
                   _collect(shapes, speed, "concurrency", io)),
         ChartSpec("Time to first token (p50) vs prompt length", "prompt tokens", "TTFT p50 (ms)",
-                  _collect(shapes, lambda s: s["ttft_ms"]["p50"], "prompt_tokens",
-                           lambda s: f"c={s['concurrency']} out={s['output_tokens']}")),
+                  _collect(shapes, lambda s: s["ttft_ms"]["p50"], "prompt_tokens", co)),
+        ChartSpec("Output throughput vs prompt length", "prompt tokens", "output tokens/s (all requests)",
+                  _collect(shapes, lambda s: s["output_throughput"] if s["completed"] else None, "prompt_tokens",
+                           co)),
+        ChartSpec("Decode speed per request vs prompt length", "prompt tokens", "tokens/s per request (1/TPOT p50)",
+                  _collect(shapes, speed, "prompt_tokens", co)),
     ]
 
 

@@ -2,9 +2,11 @@
 
 Not the openai SDK nor httpx: their per-chunk cost would make the client the bottleneck at high concurrency
 (bench/NOTES.md measures it).  One ``write`` per request; each network read is timestamped once and its SSE
-``data:`` lines parsed with orjson.  Per request we keep what vLLM's ``bench serve`` keeps: TTFT (send → first
-chunk with content), the gaps between content chunks (ITL), end-to-end time, and the token counts from the
-server's ``usage`` (content chunks counted when it sends none).
+``data:`` lines parsed with orjson.  Per request we keep what vLLM's ``bench serve`` keeps, as it defines it: TTFT
+(send → the first chunk with ``choices``: vLLM's role chunk counts, it comes with the first token), ITL (every gap
+between consecutive chunks with ``choices``), E2E (send → the last chunk with ``choices``; the usage chunk and
+``[DONE]`` after it don't count), and the token counts from the server's ``usage`` (content chunks counted when it
+sends none).  "Send" is before connecting where a request needs a new connection, as in vLLM.
 
 Closed loop (``rate=None``): ``concurrency`` workers, each sending its next request when the last one ends.
 Open loop: Poisson arrivals at ``rate`` req/s (``inf``: all at once, which is the closed loop); ``concurrency``
@@ -47,13 +49,19 @@ class Endpoint:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         path = parts.path.rstrip("/")
+        # a whole endpoint pasted as the URL ("…/v1/chat/completions") names the same server
+        for route in ("/chat/completions", "/completions"):
+            if path.endswith("/v1" + route):
+                path = path.removesuffix(route)
+                break
         path = path.removesuffix("/v1")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname, port, path, chat, api_key)
 
     @property
     def base_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}{self.base_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
 
     @property
     def path(self) -> str:
@@ -178,19 +186,20 @@ class _Conn(asyncio.Protocol):
             rec.error = "stream_error"
             rec.detail = str(err.get("message", err) if isinstance(err, dict) else err)[:300]
         choices = obj.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        if isinstance(choices, list) and choices:
+            now = self._now  # (vLLM's timing: every chunk with choices, content or not)
+            if rec.ttft is None:
+                rec.ttft = now - rec.start
+            else:
+                rec.itl.append(now - self._last)
+            self._last = now
             c = choices[0]
-            delta = c.get("delta")
-            piece = (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
-                     if isinstance(delta, dict) else c.get("text"))
-            if piece:
-                now = self._now
-                if rec.ttft is None:
-                    rec.ttft = now - rec.start
-                else:
-                    rec.itl.append(now - self._last)
-                self._last = now
-                rec.chunks += 1
+            if isinstance(c, dict):
+                delta = c.get("delta")
+                piece = (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+                         if isinstance(delta, dict) else c.get("text"))
+                if piece:
+                    rec.chunks += 1
         usage = obj.get("usage")
         if isinstance(usage, dict):
             if isinstance(usage.get("completion_tokens"), int):
@@ -214,13 +223,15 @@ class _Conn(asyncio.Protocol):
         if fut is None or fut.done():
             return
         rec = self.rec
-        rec.e2e = time.perf_counter() - rec.start
+        # a whole answer ends at its last chunk with choices (vLLM's latency); a failed one when it failed
+        rec.e2e = (self._last if error is None and rec.ttft is not None else time.perf_counter()) - rec.start
         rec.error, rec.detail = error, detail
         fut.set_result(rec)
 
-    def send(self, request: bytes) -> asyncio.Future[RequestResult]:
+    def send(self, request: bytes, start: float | None = None) -> asyncio.Future[RequestResult]:
+        """``start``: when the request began, if before this call (its connection was opened for it)."""
         assert self.transport is not None
-        self.rec = RequestResult(time.perf_counter())
+        self.rec = RequestResult(time.perf_counter() if start is None else start)
         self._rest, self._body, self._done = b"", [], False
         self.fut = asyncio.get_running_loop().create_future()
         self.transport.write(request)
@@ -270,6 +281,7 @@ class Driver:
         p = self.progress
         p.sent += 1
         request = self.endpoint.request(self.body(i))
+        t0: float | None = None
         if conn is None or not conn.reusable:
             if conn is not None:
                 conn.close()
@@ -281,7 +293,7 @@ class Driver:
                                            detail=f"{type(exc).__name__}: {exc}"[:300]))
                 await asyncio.sleep(0.05)  # a refused port must not become a busy loop
                 return None
-        fut = conn.send(request)
+        fut = conn.send(request, t0)
         try:
             rec = await asyncio.wait_for(fut, self.timeout)
         except TimeoutError:

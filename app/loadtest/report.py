@@ -1,10 +1,12 @@
 """Numbers and files from a benchmark run: stats with vLLM ``bench serve``'s definitions, JSON, a table, plots.
 
-Per request: TTFT = send → first content chunk; TPOT = (e2e − TTFT) / (output tokens − 1), for requests with more
-than one output token; ITL = every gap between consecutive content chunks, pooled over requests; E2E = send →
-end of stream.  Percentiles interpolate linearly between ranks (numpy's default).  Per shape: request throughput =
-completed / duration and output throughput = output tokens / duration, duration running from the first send to
-the last completion; goodput = completed requests meeting every ``--goodput`` SLO / duration.
+Per request (``client.py`` has the details): TTFT = send → first chunk with ``choices``; TPOT = (e2e − TTFT) /
+(output tokens − 1), for requests with more than one output token; ITL = every gap between consecutive chunks with
+``choices``, pooled over requests; E2E = send → last chunk with ``choices``.  Percentiles interpolate linearly
+between ranks (numpy's default).  Per shape: request throughput = completed / duration and output throughput =
+output tokens / duration, duration running from the first send to the last completion; goodput = completed
+requests meeting every ``--goodput`` SLO / duration.  Each shape's JSON also carries vLLM's flat names
+(``median_ttft_ms``, ``p99_itl_ms``, ``request_goodput``, ...).
 
 Files: ``results.json`` (everything), ``results.md`` (the table), ``report.html`` (self-contained: inline SVG,
 no external resources), ``report.png`` (only with matplotlib: ``pip install 'tokengate[bench]'``) and
@@ -86,7 +88,7 @@ def _span(values: list[int]) -> dict[str, float | None]:
 
 
 def summarize_shape(shape: Shape, run: RunResult, *, slos: dict[str, float] | None = None,
-                    rate: float | None = None) -> dict[str, Any]:
+                    rate: float | str | None = None) -> dict[str, Any]:
     ok = [r for r in run.records if r.ok]
     errors: dict[str, int] = {}
     samples: dict[str, str] = {}
@@ -99,6 +101,10 @@ def summarize_shape(shape: Shape, run: RunResult, *, slos: dict[str, float] | No
     out_tokens = sum(r.tokens for r in ok)
     prompt_tokens = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     good = sum(meets(r, slos) for r in ok) if slos else None
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    tpots = [t for r in ok if (t := tpot(r)) is not None]
+    itls = [g for r in ok for g in r.itl]
+    e2es = [r.e2e for r in ok]
     return {
         "concurrency": shape.concurrency, "prompt_tokens": shape.prompt_tokens, "output_tokens": shape.output_tokens,
         "request_rate": rate, "requests": len(run.records), "completed": len(ok), "failed": len(run.records) - len(ok),
@@ -109,11 +115,28 @@ def summarize_shape(shape: Shape, run: RunResult, *, slos: dict[str, float] | No
         "goodput_ratio": None if good is None or not ok else round(good / len(ok), 4),
         "prompt_tokens_actual": _span(prompt_tokens), "output_tokens_actual": _span([r.tokens for r in ok]),
         "usage_reported": round(sum(r.output_tokens is not None for r in ok) / len(ok), 4) if ok else None,
-        "ttft_ms": distribution_ms([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_ms": distribution_ms([t for r in ok if (t := tpot(r)) is not None]),
-        "itl_ms": distribution_ms([g for r in ok for g in r.itl]),
-        "e2e_ms": distribution_ms([r.e2e for r in ok]),
+        "ttft_ms": distribution_ms(ttfts), "tpot_ms": distribution_ms(tpots), "itl_ms": distribution_ms(itls),
+        "e2e_ms": distribution_ms(e2es),
+        # the same under the flat names of vLLM's ``bench serve --save-result`` JSON, for tools that read those
+        "completed_requests": len(ok), "duration": round(dur, 3), "max_concurrency": shape.concurrency,
+        "total_input_tokens": sum(prompt_tokens), "total_output_tokens": out_tokens,
+        "request_goodput": None if good is None else round(good / dur, 3),
+        **vllm_names("ttft", ttfts), **vllm_names("tpot", tpots), **vllm_names("itl", itls),
+        **vllm_names("e2el", e2es),
     }
+
+
+def vllm_names(metric: str, values: list[float]) -> dict[str, float | None]:
+    """``mean_ttft_ms``, ``median_ttft_ms``, ``std_ttft_ms``, ``p90_ttft_ms``, ``p95_ttft_ms``, ``p99_ttft_ms``."""
+    if not values:
+        return {f"{k}_{metric}_ms": None for k in ("mean", "median", "std", *(f"p{q}" for q in QUANTILES[1:]))}
+    v = sorted(values)
+    mean = sum(v) / len(v)
+    out: dict[str, float | None] = {
+        f"mean_{metric}_ms": round(mean * 1000, 3), f"median_{metric}_ms": round(percentile(v, 50) * 1000, 3),
+        f"std_{metric}_ms": round(math.sqrt(sum((x - mean) ** 2 for x in v) / len(v)) * 1000, 3)}
+    out.update({f"p{q}_{metric}_ms": round(percentile(v, q) * 1000, 3) for q in QUANTILES[1:]})
+    return out
 
 
 def request_lines(shape: Shape, run: RunResult) -> list[bytes]:
@@ -190,7 +213,7 @@ def render_table(summary: dict[str, Any]) -> str:
 
 
 def write_png(summary: dict[str, Any], path: Path) -> bool:
-    """The report's four charts as one PNG; False when matplotlib is not installed."""
+    """The report's six charts as one PNG; False when matplotlib is not installed."""
     try:
         mpl = importlib.import_module("matplotlib")
     except ImportError:
@@ -198,7 +221,7 @@ def write_png(summary: dict[str, Any], path: Path) -> bool:
     mpl.use("Agg")
     plt = importlib.import_module("matplotlib.pyplot")
     specs = chart_specs(summary["shapes"])
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 8.5))
     for ax, spec in zip(axes.flat, specs, strict=False):
         for label, points in spec.series:
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
@@ -233,6 +256,9 @@ def write_reports(out_dir: Path, summary: dict[str, Any], request_log: list[byte
     for name, data in files.items():
         (out_dir / name).write_bytes(data)
         written.append(out_dir / name)
-    if write_png(summary, out_dir / "report.png"):
-        written.append(out_dir / "report.png")
+    png = out_dir / "report.png"
+    if write_png(summary, png):
+        written.append(png)
+    else:
+        png.unlink(missing_ok=True)  # an earlier run's, into the same directory: not this run's charts
     return written
