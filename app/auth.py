@@ -101,6 +101,7 @@ class KeyCaps(_Config):
             context_cap=ctx,
             model_max_len=base.model_max_len,
             policy=base.policy,
+            reject_above=min(base.reject_above, self.max_tokens_cap or base.reject_above),
         )
 
 

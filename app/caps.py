@@ -2,7 +2,8 @@
 
 The rules, in order:
 1. ``max_tokens`` (or ``max_completion_tokens``) absent → the default; present → validated by protocol.py.
-2. Above the max_tokens cap → ``clamp`` lowers it (and the response says so) or ``reject`` answers 400.
+2. Above the max_tokens cap → ``clamp`` lowers it (and the response says so) or ``reject`` answers 400. A
+   max_tokens under the cap but above the context cap is lowered under either policy (rule 4).
 3. Prompt tokens above the context cap → 400 ``context_length_exceeded``, counted exactly with the model's own
    tokenizer (or by the worker's ``/tokenize`` where no local tokenizer exists).
 4. Prompt + max_tokens above the context cap → max_tokens is lowered to what is left. vLLM would otherwise cut
@@ -53,15 +54,24 @@ class CapConfig:
 BUILTIN_CAPS = CapConfig(max_tokens_cap=4096, default_max_tokens=256, context_cap=None, policy="clamp")
 
 
+NO_CAP = 2**63 - 1  # Caps.reject_above where no max_tokens cap is configured: nothing is refused for its size
+
+
 @dataclass(frozen=True, slots=True)
 class Caps:
-    """Effective caps for one model on one worker pool."""
+    """Effective caps for one model on one worker pool.
+
+    ``max_tokens_cap`` is what max_tokens is lowered to (never above the context cap); ``reject_above`` is the
+    configured max_tokens cap itself, which the ``reject`` policy refuses requests above.  A max_tokens under the
+    configured cap that only the context can't hold is lowered (rule 4), under either policy.
+    """
 
     max_tokens_cap: int
     default_max_tokens: int
     context_cap: int
     model_max_len: int
     policy: CapPolicy = "clamp"
+    reject_above: int = NO_CAP
 
     @classmethod
     def build(cls, *, model_max_len: int, context_cap: int | None, max_tokens_cap: int | None,
@@ -69,14 +79,15 @@ class Caps:
         ctx = model_max_len if context_cap is None else min(context_cap, model_max_len)
         cap = ctx if max_tokens_cap is None else min(max_tokens_cap, ctx)
         default = cap if default_max_tokens is None else min(default_max_tokens, cap)
-        return cls(cap, default, ctx, model_max_len, policy)
+        return cls(cap, default, ctx, model_max_len, policy, NO_CAP if max_tokens_cap is None else max_tokens_cap)
 
     def tighten(self, other: Caps) -> Caps:
         """The stricter of two (a pool whose workers come from different presets obeys all of them)."""
         return Caps(min(self.max_tokens_cap, other.max_tokens_cap),
                     min(self.default_max_tokens, other.default_max_tokens),
                     min(self.context_cap, other.context_cap), min(self.model_max_len, other.model_max_len),
-                    "reject" if "reject" in (self.policy, other.policy) else "clamp")
+                    "reject" if "reject" in (self.policy, other.policy) else "clamp",
+                    min(self.reject_above, other.reject_above))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +113,15 @@ async def decide(caps: Caps, requested: int | None, param: str, prompt: PromptSi
     if requested is None:
         max_tokens = caps.default_max_tokens
     elif requested > caps.max_tokens_cap:
-        if caps.policy == "reject":
+        above_cap = requested > caps.reject_above
+        if caps.policy == "reject" and above_cap:
             raise MaxTokensExceeded(  # param "max_tokens" for either field (the contract); the message names it
-                f"'{param}' is {requested}, above this gateway's cap of {caps.max_tokens_cap} for model '{model}'",
+                f"'{param}' is {requested}, above this gateway's cap of {caps.reject_above} for model '{model}'",
                 param="max_tokens",
             )
-        max_tokens, clamped_from, reason = caps.max_tokens_cap, requested, "max_tokens_cap"
+        # under the configured cap, only the context can't hold it: rule 4's clamp, under either policy
+        max_tokens, clamped_from = caps.max_tokens_cap, requested
+        reason = "max_tokens_cap" if above_cap else "context_cap"
     else:
         max_tokens = requested
 

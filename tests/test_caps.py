@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from app.auth import KeyCaps
 from app.caps import Caps, Decision, PromptSize, decide
 from app.errors import ContextLengthExceeded, MaxTokensExceeded
 
@@ -57,6 +58,35 @@ def test_reject_policy() -> None:
     with pytest.raises(MaxTokensExceeded) as err:  # the newer field: the same param, its own name in the message
         asyncio.run(decide(caps, 301, "max_completion_tokens", prompt, prompt_param="messages", model="m"))
     assert err.value.param == "max_tokens" and "'max_completion_tokens' is 301" in err.value.message
+
+
+def test_reject_policy_refuses_only_above_the_configured_cap_and_lets_the_context_clamp() -> None:
+    """A max_tokens under the max_tokens cap that the context can't hold is lowered to what is left, as under
+    clamp: the policy is about the max_tokens cap, not about the context window."""
+    caps = Caps.build(model_max_len=2048, context_cap=100, max_tokens_cap=4096, default_max_tokens=None,
+                      policy="reject")
+    assert (caps.max_tokens_cap, caps.reject_above) == (100, 4096)
+    prompt, _ = size(12)
+    d = run(caps, 500, prompt)
+    assert (d.max_tokens, d.clamped_from, d.reason) == (88, 500, "context_cap")
+    with pytest.raises(MaxTokensExceeded) as err:
+        run(caps, 4097, prompt)
+    assert "above this gateway's cap of 4096" in err.value.message
+    unset = Caps.build(model_max_len=2048, context_cap=None, max_tokens_cap=None, default_max_tokens=None,
+                       policy="reject")
+    d = run(unset, 3000, prompt)  # no max_tokens cap at all: nothing is refused for its size
+    assert (d.max_tokens, d.clamped_from, d.reason) == (2036, 3000, "context_cap")
+
+
+def test_the_stricter_reject_threshold_wins() -> None:
+    a = Caps.build(model_max_len=2048, context_cap=None, max_tokens_cap=300, default_max_tokens=None,
+                   policy="reject")
+    b = Caps.build(model_max_len=2048, context_cap=100, max_tokens_cap=None, default_max_tokens=None,
+                   policy="clamp")
+    both = a.tighten(b)
+    assert (both.max_tokens_cap, both.reject_above, both.policy) == (100, 300, "reject")
+    assert KeyCaps(max_tokens_cap=200).apply(a).reject_above == 200
+    assert KeyCaps(context_cap=50).apply(a).reject_above == 300
 
 
 def test_bound_that_proves_fit_skips_the_exact_count() -> None:
