@@ -1,8 +1,9 @@
 """How big is this prompt? The bridge between a parsed request and caps.decide().
 
 With the model's tokenizer on this machine the prompt is rendered and counted locally (a long one in a thread,
-so the event loop never stalls); requests the local renderer can't reproduce exactly (content parts, tools) and
-models without a local tokenizer are counted by a worker's ``POST /tokenize``, which is exact by definition.
+so the event loop never stalls); requests the local renderer can't reproduce exactly (content parts, tools, roles
+other than system/user/assistant, a null content: ``_plain_size``) and models without a local tokenizer are
+counted by a worker's ``POST /tokenize``, which is exact by definition.
 """
 
 from __future__ import annotations
@@ -22,15 +23,26 @@ _REMOTE_CHAT_FIELDS = ("tools", "add_generation_prompt", "continue_final_message
                        "documents", "chat_template")
 
 
-def _text_size(messages: list[dict[str, Any]]) -> int | None:
-    """The characters of all message contents, or None when one is not plain text (content parts)."""
+# What the local renderer reproduces exactly: vLLM hands these messages to the chat template as they come.  Other
+# shapes it rewrites first, in ways that vary with its version and the template: content parts joined, a null
+# content made empty, "developer" turned into a merged "system" where the template lacks that role, tool calls
+# and reasoning re-validated, Claude Code's billing line dropped from a system message.  Those are counted by a
+# worker's /tokenize, exact by definition.
+_PLAIN_ROLES = frozenset(("system", "user", "assistant"))
+_PLAIN_KEYS = frozenset(("role", "content", "name"))
+_BILLING_HEADER = "x-anthropic-billing-header"
+
+
+def _plain_size(messages: list[dict[str, Any]]) -> int | None:
+    """The characters of all message contents, or None when a message is not one the local render reproduces."""
     size = 0
     for m in messages:
         content = m.get("content")
-        if isinstance(content, str):
-            size += len(content)
-        elif content is not None:
+        if (not isinstance(content, str) or m.get("role") not in _PLAIN_ROLES or not _PLAIN_KEYS.issuperset(m)
+                or not isinstance(m.get("name", ""), str)
+                or m["role"] == "system" and content.startswith(_BILLING_HEADER)):
             return None
+        size += len(content)
     return size
 
 
@@ -47,7 +59,7 @@ class PromptCounter:
         body = req.body
         if req.route == "chat":
             messages: list[dict[str, Any]] = body["messages"]
-            chars = _text_size(messages)
+            chars = _plain_size(messages)
             if tokenizer is None or chars is None or body.get("tools") or body.get("chat_template_kwargs"):
                 payload = {"model": req.model, "messages": messages}
                 for key in _REMOTE_CHAT_FIELDS:

@@ -205,6 +205,42 @@ def test_context_cap_exact_boundary_chat(engine: Engine) -> None:
         assert metric_sum(samples, "tokengate_cap_rejections_total", reason="context_length") == 1
 
 
+# messages vLLM rewrites before its chat template sees them (a developer role the template lacks becomes a system
+# message, a null content an empty one, tool calls are re-validated): the gateway must count what vLLM counts
+_REWRITTEN = {
+    "developer": [{"role": "developer", "content": "Hi"}],
+    "null content": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}],
+    "tool calls": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+}
+
+
+@pytest.mark.parametrize("shape", list(_REWRITTEN))
+def test_context_cap_exact_boundary_for_messages_vllm_rewrites(engine: Engine, shape: str) -> None:
+    cap = 64
+
+    def padded(n: int) -> list[dict[str, Any]]:
+        """The shape, then a user message padded so the worker counts exactly n tokens."""
+        def msgs(k: int) -> list[dict[str, Any]]:
+            return [*_REWRITTEN[shape], {"role": "user", "content": "a" + " a" * (k - 1)}]
+        base = engine.tokenize({"messages": msgs(1), "add_generation_prompt": True}) - 1
+        out = msgs(n - base)
+        assert engine.tokenize({"messages": out, "add_generation_prompt": True}) == n
+        return out
+
+    with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:
+        ok = httpx.post(gw.base + "/chat/completions", timeout=60, json={
+            "model": "tiny-llama", "messages": padded(cap), "max_tokens": 1, "stream": False})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["usage"]["prompt_tokens"] == cap
+        over = httpx.post(gw.base + "/chat/completions", timeout=60, json={
+            "model": "tiny-llama", "messages": padded(cap + 1), "max_tokens": 1, "stream": False})
+        assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+        assert f"your prompt is {cap + 1} tokens" in over.json()["error"]["message"]
+
+
 def test_context_cap_prompt_param_for_completions(engine: Engine) -> None:
     cap = 64
     with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:
