@@ -156,9 +156,11 @@ def parse_request(route: Route, raw: bytes) -> ParsedRequest:
         if mct is not None:  # as vLLM: max_completion_tokens wins over the deprecated max_tokens
             max_tokens, param = mct, "max_completion_tokens"
     n = _check_int(body, "n", minimum=1) or 1
-    # The worker streams (see aggregate.py) except for beam search, which vLLM can't stream (and, by the
-    # gateway's choice, --non-stream-upstream unary: the proxy decides that)
-    upstream_stream = stream or body.get("use_beam_search") is not True
+    # The worker streams (see aggregate.py) except for what vLLM can't stream or a stream can't carry whole: beam
+    # search, prompt logprobs (vLLM refuses them in a stream) and an echoed prompt (its logprobs come only in the
+    # unstreamed answer); and, by the gateway's choice, --non-stream-upstream unary (the proxy decides that)
+    upstream_stream = stream or not (body.get("use_beam_search") is True or body.get("prompt_logprobs") is not None
+                                     or route == "completions" and body.get("echo") is True)
     return ParsedRequest(route, body, model, stream, include_usage, max_tokens, param, n, upstream_stream)
 
 
@@ -181,7 +183,10 @@ def upstream_body(req: ParsedRequest) -> bytes:
         opts = body.get("stream_options")
         if isinstance(opts, dict):
             if not opts.get("include_usage"):
-                body["stream_options"] = {**opts, "include_usage": True}
+                # continuous_usage_stats only counts with include_usage: asked for on the client's behalf, it
+                # would put usage on every chunk of a client that asked for none
+                body["stream_options"] = {**{k: v for k, v in opts.items() if k != "continuous_usage_stats"},
+                                          "include_usage": True}
         else:
             body["stream_options"] = {"include_usage": True}
     elif "stream_options" in body:

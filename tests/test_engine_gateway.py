@@ -103,6 +103,36 @@ def test_stream_is_the_default_and_usage_is_stripped_when_not_asked(gw: RunningG
     assert metric_sum(samples, "tokengate_completion_tokens_total", model="tiny-llama") >= 5
 
 
+def test_continuous_usage_without_include_usage_adds_no_usage(gw: RunningGateway, engine: Engine) -> None:
+    """vLLM counts continuous_usage_stats only with include_usage: the usage the gateway asks for on its own
+    behalf must not turn it on for a client that asked for none."""
+    body = {"model": "tiny-llama", "messages": HELLO, "max_tokens": 4,
+            "stream_options": {"continuous_usage_stats": True}}
+    r = httpx.post(gw.base + "/chat/completions", json=body, timeout=30)
+    direct = httpx.post(engine.url + "/v1/chat/completions", headers=engine.headers, timeout=30,
+                        json={**body, "model": engine.model, "stream": True})
+    for text in (r.text, direct.text):
+        bodies = [orjson.loads(e) for e in sse_events(text)[:-1]]
+        assert bodies and all(b.get("usage") is None for b in bodies)
+
+
+@pytest.mark.parametrize(("route", "extra", "field"), [
+    ("chat/completions", {"messages": HELLO, "prompt_logprobs": 1}, "prompt_logprobs"),
+    ("completions", {"prompt": "Hello world", "echo": True, "logprobs": 1}, "prompt_logprobs"),
+])
+def test_prompt_logprobs_unstreamed_are_the_workers_own(gw: RunningGateway, engine: Engine, route: str,
+                                                       extra: dict[str, Any], field: str) -> None:
+    body = {"max_tokens": 2, "stream": False, "temperature": 0, **extra}
+    r = httpx.post(f"{gw.base}/{route}", json={"model": "tiny-llama", **body}, timeout=60)
+    direct = httpx.post(f"{engine.url}/v1/{route}", json={"model": engine.model, **body}, headers=engine.headers,
+                        timeout=60)
+    assert r.status_code == direct.status_code == 200, r.text
+    assert r.json()["choices"][0].get(field) or r.json().get(field)
+    mine, theirs = r.json(), direct.json()
+    assert mine["choices"][0].get(field) == theirs["choices"][0].get(field)
+    assert mine.get(field) == theirs.get(field)
+
+
 def test_non_stream_returns_one_json_object(gw: RunningGateway) -> None:
     r = httpx.post(gw.base + "/completions",
                    json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 3, "stream": False}, timeout=30)

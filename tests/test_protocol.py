@@ -34,6 +34,29 @@ def test_beam_search_is_not_streamed_upstream() -> None:
     assert sent["stream"] is False and "stream_options" not in sent
 
 
+@pytest.mark.parametrize(("route", "extra"), [
+    ("chat", {"prompt_logprobs": 2}), ("completions", {"prompt_logprobs": 0}),
+    ("completions", {"echo": True, "logprobs": 2}),
+])
+def test_what_a_stream_cannot_carry_is_not_streamed_upstream(route: str, extra: dict[str, object]) -> None:
+    """vLLM refuses prompt_logprobs in a stream, and an echoed prompt's logprobs come only unstreamed: a
+    non-streaming client gets the worker's own unstreamed answer (a streaming one gets vLLM's own refusal)."""
+    base = CHAT if route == "chat" else {"model": "m", "prompt": "x"}
+    req = parse_request(route, raw({**base, **extra, "stream": False}))  # type: ignore[arg-type]
+    assert req.upstream_stream is False and orjson.loads(upstream_body(req))["stream"] is False
+    req = parse_request(route, raw({**base, **extra}))  # type: ignore[arg-type]
+    assert req.upstream_stream is True
+    assert parse_request("chat", raw({**CHAT, "echo": True, "stream": False})).upstream_stream is True
+
+
+def test_continuous_usage_is_not_asked_for_a_client_that_wants_no_usage() -> None:
+    opts = {"continuous_usage_stats": True}
+    req = parse_request("chat", raw({**CHAT, "stream_options": opts}))
+    assert orjson.loads(upstream_body(req))["stream_options"] == {"include_usage": True}
+    req = parse_request("chat", raw({**CHAT, "stream_options": {**opts, "include_usage": True}}))
+    assert orjson.loads(upstream_body(req))["stream_options"] == {**opts, "include_usage": True}
+
+
 def test_client_usage_request_is_remembered_and_other_options_kept() -> None:
     req = parse_request("chat", raw({**CHAT, "stream_options": {"include_usage": True, "x": 1}}))
     assert req.include_usage is True
