@@ -164,6 +164,17 @@ def parse_request(route: Route, raw: bytes) -> ParsedRequest:
     return ParsedRequest(route, body, model, stream, include_usage, max_tokens, param, n, upstream_stream)
 
 
+def named_model(raw: bytes) -> str | None:
+    """The model a request body names, read again for the metrics of a request that failed validation (the error
+    path only); None when the body does not name one."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
 def set_max_tokens(req: ParsedRequest, value: int) -> None:
     body = req.body
     if req.route == "chat" and "max_completion_tokens" in body:

@@ -46,7 +46,7 @@ from .limits import Limiter, MemoryLimiter
 from .metrics import UNKNOWN, GatewayMetrics, RequestRecord
 from .policy import RequestPolicy, check_min_tokens
 from .policy import check as check_policy
-from .protocol import ROUTES, Route, parse_request, set_max_tokens, upstream_body
+from .protocol import ROUTES, Route, named_model, parse_request, set_max_tokens, upstream_body
 from .requestio import ClientGone, read_body, read_headers
 from .routing import candidates, placements, pool_labels
 from .settings import Settings
@@ -227,13 +227,21 @@ class Proxy:
 
     async def _serve(self, route: Route, raw: bytes, region: str | None, request_id: str | None, ctx: Exchange,
                      rec: RequestRecord, send: Any) -> None:
-        req = parse_request(route, raw)
+        snapshot = self.registry.snapshot
+        try:
+            req = parse_request(route, raw)
+        except InvalidRequest:
+            named = named_model(raw)  # a served model's requests are counted as its own, invalid ones too
+            if named is not None and named in snapshot.models:
+                rec.model = named
+            raise
         ctx.stream = req.stream
         if not req.stream and self.settings.non_stream_upstream == "unary":
             req.upstream_stream = False  # the worker's own JSON answer, passed through (answer_unary)
-        check_policy(req, self.policy)
-        snapshot = self.registry.snapshot
         info = snapshot.models.get(req.model)
+        if info is not None:
+            rec.model = req.model
+        check_policy(req, self.policy)
         if info is None:
             if any(req.model in w.models or req.model in w.expected_models for w in snapshot.workers):
                 rec.model = req.model
@@ -244,7 +252,6 @@ class Proxy:
                     raise UpstreamError(f"no worker that could serve '{req.model}' can be reached")
                 raise NoWorkerAvailable(f"no worker serving '{req.model}' is ready yet", retry_after=5)
             raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
-        rec.model = req.model
         if self.draining:
             raise NoWorkerAvailable("the gateway is shutting down", retry_after=5)
         regions = self._regions(region, snapshot.workers)

@@ -52,6 +52,19 @@ def test_streams_by_default_and_strips_the_usage_it_asked_for(worker: ThreadedFa
         assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_completion_tokens_total") == 8
 
 
+def test_invalid_requests_for_a_served_model_are_counted_as_its_own(worker: ThreadedFakeWorker) -> None:
+    """The model label comes from a bounded set (the models served): a served model's invalid requests carry its
+    name, anything else stays 'unknown'."""
+    with gateway(worker) as gw:
+        for body in ({**CHAT, "max_tokens": 0}, {**CHAT, "n": "2"}, {**CHAT, "model": "made-up", "max_tokens": 0},
+                     {**CHAT, "model": 7}):
+            assert httpx.post(gw.base + "/chat/completions", json=body, timeout=10).status_code == 400
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_requests_total", status="400", model=CHAT["model"]) == 2
+        assert metric_sum(samples, "tokengate_requests_total", status="400", model="unknown") == 2
+        assert metric_sum(samples, "tokengate_requests_total", model="made-up") == 0
+
+
 def test_usage_kept_when_the_client_asks(worker: ThreadedFakeWorker) -> None:
     with gateway(worker) as gw:
         body = {**CHAT, "stream_options": {"include_usage": True}}
