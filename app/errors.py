@@ -152,22 +152,29 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamStatus(GatewayError):
     """A worker answered with an error before the first byte: its status and (OpenAI-shaped) body pass through."""
 
-    def __init__(self, status: int, body: bytes) -> None:
+    def __init__(self, status: int, body: bytes, retry_after: bytes | None = None) -> None:
         # only an error status passes through: a 1xx, 204, 3xx or 999 would break the client's HTTP framing (or
         # uvicorn, which knows no reason phrase for 999); the message still names it
         self.passthrough_status = status if 400 <= status <= 599 else 502
         self.raw = body
         message, param, code, type_ = _parse_worker_error(body, status)
-        super().__init__(message, param=param, code=code)
+        super().__init__(message, param=param, code=None if code is None else str(code))
         self.worker_type = type_
+        self.worker_code = code  # as the worker sent it: vLLM's codes are numbers (400), OpenAI's strings
+        # the worker's own back-off advice (a number of seconds) on a 429 or 503
+        self.retry_after = (retry_after if retry_after is not None and retry_after.isdigit() and len(retry_after) < 10
+                            and self.passthrough_status in (429, 503) else None)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.retry_after is None else [(b"retry-after", self.retry_after)]
 
     def payload(self) -> dict[str, object]:
         return {
-            "error": {"message": self.message, "type": self.worker_type, "param": self.param, "code": self.error_code}
+            "error": {"message": self.message, "type": self.worker_type, "param": self.param, "code": self.worker_code}
         }
 
 
-def _parse_worker_error(body: bytes, status: int) -> tuple[str, str | None, str | None, str]:
+def _parse_worker_error(body: bytes, status: int) -> tuple[str, str | None, str | int | None, str]:
     kind = "invalid_request_error" if status < 500 else "server_error"
     fallback = (f"worker answered HTTP {status}", None, None, kind)
     try:
@@ -182,7 +189,8 @@ def _parse_worker_error(body: bytes, status: int) -> tuple[str, str | None, str 
         return (
             err["message"],
             param if isinstance(param, str) else None,
-            str(code) if isinstance(code, (str, int)) else None,  # (not the repr of anything: 1 000 nested lists)
+            # a string or a number, as sent (not the repr of anything else: 1 000 nested lists)
+            code if isinstance(code, str) or type(code) is int and abs(code) < 10**9 else None,
             type_ if isinstance(type_, str) else fallback[3],
         )
     if isinstance(doc, dict) and isinstance(doc.get("detail"), str):  # plain FastAPI errors

@@ -76,6 +76,7 @@ class FakeWorkerOptions:
     fail_after_chunks: int | None = None
     stall_after_chunks: int | None = None
     status: int | None = None
+    retry_after: int | None = None  # with ``status``: a Retry-After header on the error
     malformed: bool = False
     idle_timeout: float | None = None
 
@@ -309,8 +310,9 @@ class _Conn(asyncio.Protocol):
         st.requests += 1
         if opts.status is not None:
             st.failed += 1
+            extra = b"" if opts.retry_after is None else b"retry-after: %d\r\n" % opts.retry_after
             self._simple(opts.status, _error_body(opts.status, f"injected error {opts.status}"), b"application/json",
-                         keep_alive)
+                         keep_alive, extra)
             return
         try:
             obj = orjson.loads(body)
@@ -435,13 +437,13 @@ class _Conn(asyncio.Protocol):
         st.generation_tokens += s.tokens
         self._done(s.keep_alive)
 
-    def _simple(self, status: int, body: bytes, ctype: bytes, keep_alive: bool) -> None:
+    def _simple(self, status: int, body: bytes, ctype: bytes, keep_alive: bool, extra: bytes = b"") -> None:
         if self.transport is None or self.closed:
             return
         reason = _REASONS.get(status, "Status").encode()
         conn = b"" if keep_alive else b"connection: close\r\n"
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
-                             % (status, reason, ctype, len(body), conn, body))
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n%s"
+                             % (status, reason, ctype, len(body), conn, extra, body))
         self._done(keep_alive)
 
     def _done(self, keep_alive: bool) -> None:

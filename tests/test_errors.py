@@ -50,7 +50,19 @@ def test_worker_errors_pass_through_with_their_status() -> None:
     status, _, out = render(UpstreamStatus(400, body))
     assert status == 400
     assert orjson.loads(out)["error"] == {"message": "bad", "type": "BadRequestError", "param": "max_tokens",
-                                          "code": "400"}
+                                          "code": 400}  # vLLM's number, as it sent it
+
+
+def test_a_workers_error_without_a_code_has_none_and_its_retry_after_passes() -> None:
+    status, headers, out = render(UpstreamStatus(404, b'{"detail": "Not Found"}', b"7"))
+    assert status == 404 and orjson.loads(out)["error"] == {
+        "message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}
+    assert not [h for h in headers if h[0] == b"retry-after"]  # only a 429 or 503 carries it
+    _, headers, _ = render(UpstreamStatus(503, b'{"error": {"message": "busy", "code": "overloaded"}}', b"7"))
+    assert (b"retry-after", b"7") in headers
+    for odd in (b"soon", b"-1", b"9" * 12):
+        _, headers, _ = render(UpstreamStatus(429, b"", odd))
+        assert not [h for h in headers if h[0] == b"retry-after"]
 
 
 def test_non_json_worker_errors_still_become_openai_shaped() -> None:

@@ -192,6 +192,10 @@ def test_worker_errors_before_the_first_byte_pass_through(worker: ThreadedFakeWo
         r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
         assert r.status_code == 400
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["code"] == 400  # the worker's own code, as it sent it (vLLM's are numbers)
+        worker.options.status, worker.options.retry_after = 429, 3
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
 
 
 def test_unreachable_worker_is_502() -> None:
