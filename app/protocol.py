@@ -8,6 +8,7 @@ parameter — never a 500.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,12 +37,25 @@ def _bad(message: str, param: str | None, code: str = "invalid_request") -> Inva
     return InvalidRequest(message, param=param, code=code)
 
 
-def _check_int(body: dict[str, Any], name: str, *, minimum: int) -> int | None:
+def _wide_int(raw: bytes, name: str, value: float) -> int | None:
+    """The integer literal behind ``value``: orjson reads an integer wider than 64 bits as a float, which must not
+    make ``"max_tokens": 10000000000000000000000`` "not an integer" (``1e22`` written so stays one). Error path
+    only: the field's one top-level-looking occurrence in the raw body, if it is that integer."""
+    found = re.findall(rb'"' + name.encode() + rb'"\s*:\s*(\d{19,})(?![\d.eE])', raw)
+    if len(found) != 1 or float(int(found[0])) != value:
+        return None
+    return int(found[0])
+
+
+def _check_int(body: dict[str, Any], name: str, *, minimum: int, raw: bytes = b"") -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
+            wide = _wide_int(raw, name, value) if value >= 2**63 else None
+            if wide is not None:
+                return wide
             raise _bad(f"'{name}' must be an integer, got {value!r}", name, "invalid_type")
         raise _bad(f"'{name}' must be an integer, got {type(value).__name__}", name, "invalid_type")
     if value < minimum:
@@ -149,13 +163,13 @@ def parse_request(route: Route, raw: bytes) -> ParsedRequest:
         if not isinstance(usage, bool):
             raise _bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
         include_usage = usage
-    max_tokens = _check_int(body, "max_tokens", minimum=1)
+    max_tokens = _check_int(body, "max_tokens", minimum=1, raw=raw)
     param = "max_tokens"
     if route == "chat":
-        mct = _check_int(body, "max_completion_tokens", minimum=1)
+        mct = _check_int(body, "max_completion_tokens", minimum=1, raw=raw)
         if mct is not None:  # as vLLM: max_completion_tokens wins over the deprecated max_tokens
             max_tokens, param = mct, "max_completion_tokens"
-    n = _check_int(body, "n", minimum=1) or 1
+    n = _check_int(body, "n", minimum=1, raw=raw) or 1
     # The worker streams (see aggregate.py) except for what vLLM can't stream or a stream can't carry whole: beam
     # search, prompt logprobs (vLLM refuses them in a stream) and an echoed prompt (its logprobs come only in the
     # unstreamed answer); and, by the gateway's choice, --non-stream-upstream unary (the proxy decides that)

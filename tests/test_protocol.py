@@ -49,6 +49,18 @@ def test_what_a_stream_cannot_carry_is_not_streamed_upstream(route: str, extra: 
     assert parse_request("chat", raw({**CHAT, "echo": True, "stream": False})).upstream_stream is True
 
 
+def test_an_integer_wider_than_64_bits_is_an_integer() -> None:
+    """orjson reads it as a float; it is still an integer, far above any cap (clamped or refused as such)."""
+    wide = (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+            b'"max_tokens": 1000000000000000000000000000000}')
+    assert parse_request("chat", wide).max_tokens == 10**30
+    for written in (b"1e30", b"1000000000000000000000000000000.0", b"1.5"):
+        body = wide.replace(b"1000000000000000000000000000000", written)
+        with pytest.raises(InvalidRequest) as err:
+            parse_request("chat", body)
+        assert err.value.param == "max_tokens" and err.value.error_code == "invalid_type"
+
+
 def test_continuous_usage_is_not_asked_for_a_client_that_wants_no_usage() -> None:
     opts = {"continuous_usage_stats": True}
     req = parse_request("chat", raw({**CHAT, "stream_options": opts}))
