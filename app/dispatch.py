@@ -141,6 +141,32 @@ class Dispatcher:
         if sent:
             raise exc
 
+    async def tokenize(self, pool: tuple[Worker, ...], body: bytes) -> tuple[int, bytes]:
+        """A worker's ``/tokenize`` answer (``POST /tokenize`` passed through): another worker of the pool when one
+        can't be reached or answers 502/503, like a dispatch before its first byte."""
+        tried: list[Worker] = []
+        last: GatewayError | None = None
+        for _ in range(self.settings.retry_attempts):
+            self._turn += 1
+            worker = pick(pool, monotonic(), self._turn, tried)
+            if worker is None:
+                break
+            tried.append(worker)
+            try:
+                status, data = await self.calls.tokenize(worker, body)
+            except UpstreamError as exc:
+                self.worker_failed(worker, exc)
+                last = exc
+                continue
+            if status in _RETRIABLE_STATUS:
+                last = UpstreamStatus(status, data)
+                self.worker_failed(worker, last)
+                continue
+            return status, data
+        if last is not None:
+            raise last
+        raise NoWorkerAvailable("no ready worker to count with", retry_after=2)
+
     async def remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:
         """A worker's own prompt count; a worker that can't be reached is skipped (and counted against), like a
         dispatch before its first byte."""

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from . import __version__
+from . import __version__, tokenize_route
 from .api import router
 from .asgi import GatewayApp
 from .auth import KeyStore, load_keys
@@ -149,9 +149,11 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     app.include_router(worker_metrics_router)
     # the hot path: pure ASGI, taken before FastAPI's middlewares and router (asgi.py); the routes stay in the
     # router too, for a method other than POST (405) and the OpenAPI document
-    app.fast_routes = dict.fromkeys(ROUTES, proxy)
+    tokenize = tokenize_route.Tokenize(proxy)
+    app.fast_routes = {**dict.fromkeys(ROUTES, proxy), tokenize_route.PATH: tokenize}
     app.router.routes.insert(0, Route("/v1/chat/completions", proxy, methods=["POST"]))
     app.router.routes.insert(1, Route("/v1/completions", proxy, methods=["POST"]))
+    app.router.routes.insert(2, Route(tokenize_route.PATH, tokenize, methods=["POST"]))
     document_generation_routes(app, policy)
     _install_error_handlers(app)
     return app

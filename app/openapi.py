@@ -1,4 +1,5 @@
-"""OpenAPI documentation of the two generation routes, which FastAPI can't see (they are pure ASGI: proxy.py).
+"""OpenAPI documentation of the routes FastAPI can't see (pure ASGI: the two generation routes, proxy.py, and
+``POST /tokenize``, tokenize_route.py).
 
 Documentation only — protocol.py and policy.py decide what is accepted; the schema describes the same rules for
 clients and for contract tests (tests/test_fuzz.py runs schemathesis against it).  It follows the gateway's
@@ -151,6 +152,33 @@ def generation_paths(policy: RequestPolicy) -> dict[str, Any]:
     return paths
 
 
+def tokenize_paths() -> dict[str, Any]:
+    """``POST /tokenize`` (tokenize_route.py): vLLM's own, passed through."""
+    ok = {"type": "object", "required": ["count"],
+          "properties": {"count": {"type": "integer", "minimum": 0}, "max_model_len": _INT,
+                         "tokens": {"type": "array", "items": _INT}}}
+    responses: dict[str, Any] = {"200": {
+        "description": "the worker's own answer, its max_model_len lowered to the context cap this gateway enforces",
+        "content": {"application/json": {"schema": ok}}}}
+    for status in ("400", "401", "403", "404", "413", "502", "503", "504"):
+        responses[status] = {"description": _ERRORS[status],
+                             "content": {"application/json": {"schema": _ERROR_REF}}}
+    responses["422"] = {"description": "the worker's own refusal of the body",
+                        "content": {"application/json": {"schema": _OBJ}}}
+    body = {"type": "object", "required": ["model"], "additionalProperties": True,
+            "properties": {"model": _COMMON["model"], "prompt": _STR, "messages": _CHAT["messages"],
+                           "add_generation_prompt": _BOOL, "add_special_tokens": _BOOL}}
+    return {"/tokenize": {"post": {
+        "tags": ["vllm"],
+        "summary": "Count a prompt's tokens as the worker does (vLLM's /tokenize)",
+        "operationId": "tokenize",
+        "parameters": [{"name": "x-tokengate-region", "in": "header", "required": False, "schema": _STR,
+                        "description": "region whose worker counts (default: the gateway's --region)"}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": responses,
+    }}}
+
+
 def document_generation_routes(app: FastAPI, policy: RequestPolicy) -> None:
     """Add the generation routes to ``app``'s /openapi.json."""
     build = app.openapi  # FastAPI's own: documents its routes, caches the result in app.openapi_schema
@@ -158,7 +186,7 @@ def document_generation_routes(app: FastAPI, policy: RequestPolicy) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            schema["paths"] = {**generation_paths(policy), **schema["paths"]}
+            schema["paths"] = {**generation_paths(policy), **tokenize_paths(), **schema["paths"]}
             schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = ERROR_RESPONSE
         assert app.openapi_schema is not None
         return app.openapi_schema

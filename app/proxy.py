@@ -254,7 +254,7 @@ class Proxy:
             raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
         if self.draining:
             raise NoWorkerAvailable("the gateway is shutting down", retry_after=5)
-        regions = self._regions(region, snapshot.workers)
+        regions = self.regions_for(region, snapshot.workers)
         rec.region = regions[0]
         check_access(ctx.principal, req.model, regions[0])
         regions = [r for r in regions if ctx.principal.allows_region(r)]  # fallbacks the key may not use
@@ -318,7 +318,8 @@ class Proxy:
     def close_admission(self) -> None:
         self.gates.close()
 
-    def _regions(self, region: str | None, workers: tuple[Worker, ...]) -> list[str]:
+    def regions_for(self, region: str | None, workers: tuple[Worker, ...]) -> list[str]:
+        """The request's region (its header, else the default) and then its fallbacks."""
         chosen = region or self.default_region
         if chosen not in self.configured_regions and not any(w.region == chosen for w in workers):
             raise InvalidRequest(f"unknown region '{chosen[:64]}'", param="x-tokengate-region", code="unknown_region")

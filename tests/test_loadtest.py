@@ -40,9 +40,11 @@ from app.loadtest.shapes import (
     parse_int_list,
     shape_grid,
 )
+from app.settings import Settings
 from bench.fakeworker import ThreadedFakeWorker
 
 from .conftest import Engine
+from .utils import run_gateway
 
 SHAPE = Shape(2, 64, 10)
 
@@ -397,3 +399,27 @@ def test_real_engine_prompt_lengths_are_exact_with_the_local_tokenizer(
         assert s["prompt_tokens_actual"] == {"mean": float(p), "min": p, "max": p}  # the server's own count
         assert s["output_tokens_actual"]["min"] == 8  # ignore_eos
         assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p50"] > 0
+
+
+@pytest.mark.engine
+def test_against_the_gateway_prompts_are_exact_through_its_tokenize(
+        engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No tokenizer on the bench's side and no model path in the gateway's /v1/models: the gateway's POST /tokenize
+    (the worker's own count, passed through) makes the prompt lengths exact."""
+    settings = Settings(upstream=[engine.url], upstream_api_key=engine.api_key, discovery_interval=60.0)
+    with run_gateway(settings) as gw:
+        counted = httpx.post(gw.url + "/tokenize", timeout=30, json={
+            "model": engine.model, "messages": [{"role": "user", "content": "Hello there"}],
+            "add_generation_prompt": True}).json()
+        assert counted["count"] == engine.tokenize({"messages": [{"role": "user", "content": "Hello there"}],
+                                                   "add_generation_prompt": True})
+        parser = argparse.ArgumentParser(prog="tokengate")
+        add_bench_parser(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["bench", "--url", gw.url, "--model", engine.model, "--concurrency", "2",
+                                  "--prompt-tokens", "40", "--output-tokens", "4", "--requests", "4", "--out",
+                                  str(tmp_path), "--no-progress", "--json"])
+        assert args.func(args) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["prompts"]["source"] == "server /tokenize" and summary["prompts"]["exact"]
+    (s,) = summary["shapes"]
+    assert s["completed"] == 4 and s["prompt_tokens_actual"] == {"mean": 40.0, "min": 40, "max": 40}

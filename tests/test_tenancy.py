@@ -149,6 +149,34 @@ def test_allowed_models_and_regions(keys_file: Path) -> None:
             assert httpx.get(gw.base + "/models", headers=auth("alice")).json()["data"][0]["regions"] == ["fr", "uae"]
 
 
+def test_tokenize_is_the_workers_count_under_the_same_key_rules(keys_file: Path) -> None:
+    """POST /tokenize passes the worker's own answer through, with the key's context cap as max_model_len, to keys
+    that may use the model and region only."""
+    with ThreadedFakeWorker(record=True) as fr, ThreadedFakeWorker(record=True) as uae:
+        with gateway([f"fr={fr.url}", f"uae={uae.url}"], keys_file, region="fr") as gw:
+            body = {"model": "tiny", "messages": CHAT["messages"], "add_generation_prompt": True}
+            direct = httpx.post(fr.url + "/tokenize", json=body, timeout=10).json()
+
+            def tokenize(headers: dict[str, str], payload: Any = body) -> httpx.Response:
+                return httpx.post(gw.url + "/tokenize", json=payload, headers=headers, timeout=10)
+
+            r = tokenize(auth("alice"))
+            assert r.status_code == 200 and r.json() == direct
+            assert fr.received[-1].path == "/tokenize" and fr.received[-1].json() == body  # type: ignore[index]
+            assert not [q for q in uae.received or () if q.path == "/tokenize"]
+            r = tokenize({**auth("alice"), "x-tokengate-region": "uae"})
+            assert r.status_code == 200 and uae.received[-1].path == "/tokenize"  # type: ignore[index]
+            small = tokenize(auth("small")).json()
+            assert small["count"] == direct["count"] and small["max_model_len"] == 64
+            assert_error(tokenize({}), 401)
+            assert_error(tokenize(auth("other-model")), 403)
+            assert_error(tokenize({**auth("fr-only"), "x-tokengate-region": "uae"}), 403, "region_not_allowed")
+            assert_error(tokenize(auth("alice"), {**body, "model": "nope"}), 404, "model_not_found")
+            assert_error(tokenize(auth("alice"), {"prompt": "x"}), 400)
+            bad = httpx.post(gw.url + "/tokenize", content=b"{", headers=auth("alice"), timeout=10)
+            assert_error(bad, 400, "invalid_json")
+
+
 def test_key_caps_apply_below_the_gateway_caps(worker: ThreadedFakeWorker, keys_file: Path) -> None:
     with gateway([worker.url], keys_file, max_tokens_cap=100) as gw:
         r = post(gw, {**CHAT, "max_tokens": 50}, auth("small"))
