@@ -77,6 +77,7 @@ class FakeWorkerOptions:
     stall_after_chunks: int | None = None
     status: int | None = None
     retry_after: int | None = None  # with ``status``: a Retry-After header on the error
+    tokenize: bool = True  # False: no POST /tokenize (404), as on servers that aren't vLLM
     malformed: bool = False
     idle_timeout: float | None = None
 
@@ -286,7 +287,7 @@ class _Conn(asyncio.Protocol):
             self._simple(200, w._models_body(), b"application/json", keep_alive)
         elif method == b"GET" and path == b"/metrics":
             self._simple(200, w._metrics_body(), b"text/plain; version=0.0.4; charset=utf-8", keep_alive)
-        elif method == b"POST" and path == b"/tokenize":
+        elif method == b"POST" and path == b"/tokenize" and w.options.tokenize:
             self._tokenize(body, keep_alive)
         else:
             msg = f"no route for {method.decode()} {path.decode('latin-1')}"

@@ -150,6 +150,20 @@ def test_a_shape_with_no_success_exits_1_and_says_why(worker: ThreadedFakeWorker
     assert json.loads((tmp_path / "results.json").read_text())["shapes"][0]["completed"] == 4  # out=4 ran
 
 
+def test_without_a_tokenize_route_prompts_are_sized_by_the_servers_usage(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with ThreadedFakeWorker(model="tiny", max_model_len=600, record=True) as w:
+        w.options.tokenize = False
+        rc, out, err = run(small(w, tmp_path, "--json", "--concurrency", "1"), capsys)
+        probes = [b for q in w.received or () if q.path == "/v1/chat/completions"
+                  and (b := q.json())["max_tokens"] == 1]
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["prompts"]["source"] == "server usage" and summary["prompts"]["exact"]
+    assert summary["shapes"][0]["prompt_tokens_actual"] == {"mean": 64.0, "min": 64, "max": 64}
+    assert probes and all(p["stream"] is False for p in probes)  # one-token, unstreamed counting requests
+
+
 def test_nothing_listening_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

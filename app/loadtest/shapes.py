@@ -73,7 +73,7 @@ def shape_grid(concurrency: list[int], prompt_tokens: list[int], output_tokens: 
 class Counter(Protocol):
     """Counts the prompt tokens the server will see for a user message (chat) or a prompt (completions)."""
 
-    source: str  # "local tokenizer" | "server /tokenize" | "estimate"
+    source: str  # "local tokenizer" | "server /tokenize" | "server usage" | "estimate"
     exact: bool
 
     def count(self, text: str) -> int: ...
@@ -132,6 +132,32 @@ class ServerCounter:
         return count
 
 
+class UsageCounter:
+    """The server's own count, read from the ``usage`` of a one-token answer to the prompt: exact on any server that
+    reports usage (OpenAI's API does), at one short generation per count (a few dozen per prompt length)."""
+
+    source = "server usage"
+    exact = True
+
+    def __init__(self, client: httpx.Client, base_url: str, model: str, *, chat: bool) -> None:
+        self.client, self.model, self.chat = client, model, chat
+        self.url = base_url + ("/v1/chat/completions" if chat else "/v1/completions")
+        self._seen: dict[str, int] = {}
+
+    def count(self, text: str) -> int:
+        n = self._seen.get(text)
+        if n is None:
+            body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "stream": False}
+            if self.chat:
+                body["messages"] = [{"role": "user", "content": text}]
+            else:
+                body["prompt"] = text
+            r = self.client.post(self.url, json=body)
+            r.raise_for_status()
+            n = self._seen[text] = int(r.json()["usage"]["prompt_tokens"])
+        return n
+
+
 class EstimateCounter:
     """One token per word plus a guessed template overhead; the report says the lengths are estimates."""
 
@@ -168,7 +194,8 @@ def fetch_model_info(client: httpx.Client, base_url: str, model: str) -> ModelIn
 
 def choose_counter(client: httpx.Client, base_url: str, model: str, *, chat: bool, tokenizer: str | None,
                    info: ModelInfo) -> Counter:
-    """``--tokenizer``, else the model's local root, else the server's ``/tokenize``, else an estimate."""
+    """``--tokenizer``, else the model's local root, else the server's ``/tokenize``, else the server's usage of a
+    one-token answer, else an estimate."""
     if tokenizer is not None:
         if not has_local_tokenizer(tokenizer):
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no tokenizer.json there")
@@ -178,12 +205,14 @@ def choose_counter(client: httpx.Client, base_url: str, model: str, *, chat: boo
             return LocalCounter(info.root, chat=chat)
         except Exception:  # an unreadable tokenizer: the server can still count
             pass
-    server = ServerCounter(client, base_url, model, chat=chat)
-    try:
-        server.count("hello")
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        return EstimateCounter(chat=chat)
-    return server
+    for counter in (ServerCounter(client, base_url, model, chat=chat),
+                    UsageCounter(client, base_url, model, chat=chat)):
+        try:
+            counter.count("hello")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            continue
+        return counter
+    return EstimateCounter(chat=chat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +244,9 @@ def _nonce_words(counter: Counter, first: str, words: list[str]) -> list[str]:
     base = counter.count(first)
     clean = [w for w in words[1:25] if counter.count(f"{first} {w}") == base + 1]
     return clean if len(clean) >= 2 else words[1:17]
+
+
+_TAILS = ("x", "xx", "xxx", " x", " xx", " xxx", " x x", " xx xx")  # what may close the last token or two
 
 
 def build_prompts(target: int, counter: Counter, words: list[str], *, seed: int = 0) -> PromptSet:
@@ -251,6 +283,11 @@ def build_prompts(target: int, counter: Counter, words: list[str], *, seed: int 
         n = nxt
     n = min(tried, key=lambda m: (abs(tried[m] - target), tried[m] > target))
     body = "".join(" " + w for w in filler[:n])
+    if tried[n] != target:  # whole words step over it: the longest filler below it, and a few characters more
+        below = max((m for m in tried if tried[m] < target), default=None)
+        if below is not None:
+            shorter = "".join(" " + w for w in filler[:below])
+            body = next((shorter + t for t in _TAILS if counter.count(head + shorter + t) == target), body)
     prompts = PromptSet(target, 0, True, first, nonce, k, body)
     measured = counter.count(prompts.text(0))
     other = counter.count(prompts.text(prompts.distinct // 2 + 1)) if k else measured
