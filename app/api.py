@@ -68,6 +68,21 @@ async def list_models(request: Request, state: State,
                       region: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
     """Every model a ready worker serves that the caller's key may use, with the context cap the gateway enforces
     (the key's own, if lower) as ``max_model_len``."""
+    return {"object": "list", "data": _model_cards(request, state, region)}
+
+
+@router.get("/v1/models/{model:path}", tags=["openai"])
+async def retrieve_model(model: str, request: Request, state: State,
+                         region: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    """One model's card, as in ``/v1/models`` (the openai SDK's ``models.retrieve``); 404 when the key can't see
+    it."""
+    for card in _model_cards(request, state, region):
+        if card["id"] == model:
+            return card
+    raise ModelNotFound(f"The model `{model[:256]}` does not exist.", param="model")
+
+
+def _model_cards(request: Request, state: AppState, region: str | None) -> list[dict[str, Any]]:
     principal = state.proxy.keys.authenticate(request.headers.get("authorization"))
     snapshot = state.registry.snapshot
     data = []
@@ -91,7 +106,7 @@ async def list_models(request: Request, state: State,
             "max_model_len": caps.context_cap,
             "regions": regions,
         })
-    return {"object": "list", "data": data}
+    return data
 
 
 def _admin(request: Request, state: AppState) -> None:

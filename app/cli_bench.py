@@ -137,11 +137,14 @@ class _ProgressLine:
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it exists
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency where it exists
+            asyncio.run(coro)
+        else:
+            uvloop.run(coro)
+    finally:
+        coro.close()  # (a Ctrl-C before the loop started it: no "never awaited" warning on the way out)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

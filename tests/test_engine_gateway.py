@@ -71,6 +71,13 @@ def test_models_lists_engine_model_with_context_cap(gw: RunningGateway, engine: 
     assert models.data[0].model_extra["max_model_len"] == engine.max_model_len
 
 
+def test_sdk_models_retrieve(gw: RunningGateway, engine: Engine) -> None:
+    model = client(gw).models.retrieve("tiny-llama")
+    assert model.id == "tiny-llama" and model.model_extra and model.model_extra["max_model_len"] == engine.max_model_len
+    with pytest.raises(openai.NotFoundError):
+        client(gw).models.retrieve("no-such-model")
+
+
 def test_sdk_non_stream_chat_has_usage(gw: RunningGateway) -> None:
     r = client(gw).chat.completions.create(model="tiny-llama", messages=HELLO, max_tokens=8, stream=False)
     assert r.object == "chat.completion"

@@ -147,6 +147,11 @@ def test_allowed_models_and_regions(keys_file: Path) -> None:
             doc = httpx.get(gw.base + "/models", headers=auth("fr-only")).json()
             assert [m["regions"] for m in doc["data"]] == [["fr"]]
             assert httpx.get(gw.base + "/models", headers=auth("alice")).json()["data"][0]["regions"] == ["fr", "uae"]
+            # one model's card (the SDK's models.retrieve): the same rules
+            card = httpx.get(gw.base + "/models/tiny", headers=auth("fr-only")).json()
+            assert card["id"] == "tiny" and card["regions"] == ["fr"] and card["object"] == "model"
+            assert_error(httpx.get(gw.base + "/models/tiny", headers=auth("other-model")), 404, "model_not_found")
+            assert_error(httpx.get(gw.base + "/models/nope", headers=auth("alice")), 404, "model_not_found")
 
 
 def test_tokenize_is_the_workers_count_under_the_same_key_rules(keys_file: Path) -> None:
