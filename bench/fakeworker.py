@@ -692,6 +692,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fail-after-chunks", type=int, default=None, help="close the socket after K SSE events")
     p.add_argument("--stall-after-chunks", type=int, default=None, help="stop after K SSE events, keep socket open")
     p.add_argument("--status", type=int, default=None, help="answer every generation request with this error")
+    p.add_argument("--retry-after", type=int, default=None, help="with --status: a Retry-After header of S seconds")
+    p.add_argument("--no-tokenize", dest="tokenize", action="store_false",
+                   help="no POST /tokenize (404), as on servers that aren't vLLM")
     p.add_argument("--malformed", action="store_true", help="send one non-JSON data event mid-stream")
     p.add_argument("--idle-timeout", type=float, default=None, help="close keep-alive connections idle this long")
     p.add_argument("--record", action="store_true", help="keep the last 256 requests (in-process use only)")

@@ -6,10 +6,13 @@ import asyncio
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from bench.fakeworker import FakeWorker, ThreadedFakeWorker
@@ -243,3 +246,23 @@ def test_async_api_paced_timing() -> None:
     assert 0.05 <= ttft < 0.5
     assert 0.05 + 4 * 0.02 <= total < 1.0
     assert events == 1 + 5 + 1
+
+
+def test_the_command_line_sets_every_option() -> None:
+    """The CLI builds the worker's options from its flags (a managed worker in the tests is this process): every
+    option has one, the newer ones included."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fakeworker", "--port", str(port), "--status", "429",
+                             "--retry-after", "3", "--no-tokenize"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={}, timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert httpx.post(f"http://127.0.0.1:{port}/tokenize", json={}, timeout=10).status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
