@@ -24,6 +24,7 @@ from .workers.registry import Registry, Worker
 
 _PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _RETRIABLE_STATUS = (502, 503)
+_UNREACHABLE = ("worker_unreachable", "worker_connect_timeout", "worker_disconnected")  # before any answer
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -141,9 +142,10 @@ class Dispatcher:
         if sent:
             raise exc
 
-    async def tokenize(self, pool: tuple[Worker, ...], body: bytes) -> tuple[int, bytes]:
+    async def tokenize(self, pool: tuple[Worker, ...], body: bytes) -> tuple[int, bytes, bytes | None]:
         """A worker's ``/tokenize`` answer (``POST /tokenize`` passed through): another worker of the pool when one
-        can't be reached or answers 502/503, like a dispatch before its first byte."""
+        can't be reached or answers 502/503. Only that counts against a worker: an answer too large or too slow
+        for the gateway is the request's doing (the client chose the body), and is not tried elsewhere."""
         tried: list[Worker] = []
         last: GatewayError | None = None
         for _ in range(self.settings.retry_attempts):
@@ -153,16 +155,19 @@ class Dispatcher:
                 break
             tried.append(worker)
             try:
-                status, data = await self.calls.tokenize(worker, body)
+                status, data, retry_after = await self.calls.tokenize(worker, body)
             except UpstreamError as exc:
+                if exc.error_code not in _UNREACHABLE:
+                    raise
                 self.worker_failed(worker, exc)
                 last = exc
                 continue
             if status in _RETRIABLE_STATUS:
-                last = UpstreamStatus(status, data)
+                last = UpstreamStatus(status, data, retry_after)
                 self.worker_failed(worker, last)
                 continue
-            return status, data
+            self.registry.record_success(worker)
+            return status, data, retry_after
         if last is not None:
             raise last
         raise NoWorkerAvailable("no ready worker to count with", retry_after=2)

@@ -52,6 +52,12 @@ KNOWN_FIELDS = {
     },
     "completions": _COMMON | {"prompt"},
 }
+# POST /tokenize (tokenize_route.py): vLLM's TokenizeChatRequest / TokenizeCompletionRequest fields
+TOKENIZE_FIELDS = {
+    "chat": {"model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+             "return_token_strs", "tools", *DANGEROUS_FIELDS},
+    "completions": {"model", "prompt", "add_special_tokens", "return_token_strs"},
+}
 _SCHEMA_FIELDS = ("guided_json", "guided_grammar", "guided_regex", "structured_outputs", "response_format")
 _MEDIA_PARTS = {"image_url": "url", "audio_url": "url", "video_url": "url", "input_audio": None, "file": None}
 
@@ -90,10 +96,11 @@ def _check_int_cap(body: dict[str, Any], name: str, cap: int) -> None:
         raise _bad(f"'{name}' is {value}; this gateway allows 0 to {cap}", name)
 
 
-def check(req: ParsedRequest, policy: RequestPolicy) -> None:
+def check(req: ParsedRequest, policy: RequestPolicy, fields: dict[str, set[str]] = KNOWN_FIELDS) -> None:
+    """Raise the 400 the policy gives ``req`` (``fields``: what its route knows; /tokenize has its own)."""
     body = req.body
     if not policy.allow_unknown_fields:
-        known = KNOWN_FIELDS[req.route]
+        known = fields[req.route]
         for key in body:
             if key not in known:
                 raise _bad(f"unknown parameter '{key[:64]}'", key[:64], "unknown_parameter")

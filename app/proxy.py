@@ -54,7 +54,7 @@ from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
 from .watchdog import WriteWatchdog
 from .worker_calls import WorkerCalls
-from .workers.registry import ModelInfo, Registry, Worker
+from .workers.registry import ModelInfo, Registry, Snapshot, Worker
 
 log = logging.getLogger("tokengate.proxy")
 CLAMP_HEADER = b"x-tokengate-max-tokens-clamped"
@@ -238,22 +238,11 @@ class Proxy:
         ctx.stream = req.stream
         if not req.stream and self.settings.non_stream_upstream == "unary":
             req.upstream_stream = False  # the worker's own JSON answer, passed through (answer_unary)
-        info = snapshot.models.get(req.model)
-        if info is not None:
+        if req.model in snapshot.models or any(req.model in w.models or req.model in w.expected_models
+                                               for w in snapshot.workers):
             rec.model = req.model
         check_policy(req, self.policy)
-        if info is None:
-            if any(req.model in w.models or req.model in w.expected_models for w in snapshot.workers):
-                rec.model = req.model
-                raise NoWorkerAvailable(f"no worker serving '{req.model}' is ready yet", retry_after=5)
-            unlisted = [w for w in snapshot.workers if not w.models and not w.expected_models]
-            if unlisted:  # workers that never listed their models: it may be theirs, so no 404
-                if all(w.reason.startswith("unreachable") for w in unlisted):
-                    raise UpstreamError(f"no worker that could serve '{req.model}' can be reached")
-                raise NoWorkerAvailable(f"no worker serving '{req.model}' is ready yet", retry_after=5)
-            raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
-        if self.draining:
-            raise NoWorkerAvailable("the gateway is shutting down", retry_after=5)
+        info = self.model_info(req.model, snapshot)
         regions = self.regions_for(region, snapshot.workers)
         rec.region = regions[0]
         check_access(ctx.principal, req.model, regions[0])
@@ -314,6 +303,23 @@ class Proxy:
                                    idle_timeout=s.stream_idle_timeout)
         else:
             await answer_unary(ctx, rec, send, metrics=self.metrics, read_timeout=s.read_timeout)
+
+    def model_info(self, model: str, snapshot: Snapshot) -> ModelInfo:
+        """The model's info, or the error a request for it gets: 503 while its workers start (or the gateway
+        drains), 502 when workers that never listed their models can't be reached, else 404."""
+        info = snapshot.models.get(model)
+        if info is None:
+            if any(model in w.models or model in w.expected_models for w in snapshot.workers):
+                raise NoWorkerAvailable(f"no worker serving '{model}' is ready yet", retry_after=5)
+            unlisted = [w for w in snapshot.workers if not w.models and not w.expected_models]
+            if unlisted:  # workers that never listed their models: it may be theirs, so no 404
+                if all(w.reason.startswith("unreachable") for w in unlisted):
+                    raise UpstreamError(f"no worker that could serve '{model}' can be reached")
+                raise NoWorkerAvailable(f"no worker serving '{model}' is ready yet", retry_after=5)
+            raise ModelNotFound(f"The model `{model[:256]}` does not exist.", param="model")
+        if self.draining:
+            raise NoWorkerAvailable("the gateway is shutting down", retry_after=5)
+        return info
 
     def close_admission(self) -> None:
         self.gates.close()

@@ -2,20 +2,27 @@
 
 vLLM serves ``/tokenize`` (``{"model", "prompt" | "messages", ...}`` → ``{"count", "max_model_len", "tokens"}``);
 clients use it to size prompts to a context — ``tokengate bench`` builds its prompts of a requested length with it.
-The gateway forwards it to a ready worker of the model in the request's region, under the same key checks as a
-generation (the key may use that model and region), with the same fallback to another worker when one can't be
-reached, and answers with the worker's own body, whose ``max_model_len`` becomes the context cap the gateway
-enforces for this key (as ``/v1/models`` says it). Not charged to the key's token budget: nothing is generated.
+The gateway treats it like a generation up to the worker: the key must be allowed the model and region, its
+request and concurrency limits apply (no tokens are charged: nothing is generated), the body passes the same
+request policy (tokenize's own fields; no remote media, no template hooks), and a model still starting or a
+draining gateway answers 503. It then goes to a ready worker of the model in the request's region — another one
+when a worker can't be reached — and the answer is the worker's own body, whose ``max_model_len`` becomes the
+context cap the gateway enforces for this key (as ``/v1/models`` says it); an error is rendered OpenAI-shaped
+with the worker's status, as for a generation.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .auth import check_access
-from .errors import GatewayError, InvalidRequest, ModelNotFound, NoWorkerAvailable, render
+from .errors import GatewayError, NoWorkerAvailable, UpstreamStatus, render
+from .policy import TOKENIZE_FIELDS
+from .policy import check as check_policy
+from .protocol import Route, parse_request
 from .requestio import ClientGone, read_body, read_headers
 from .routing import candidates, placements
 
@@ -23,6 +30,7 @@ if TYPE_CHECKING:
     from .proxy import Proxy
 
 PATH = "/tokenize"
+log = logging.getLogger("tokengate.tokenize")
 
 
 class Tokenize:
@@ -32,44 +40,51 @@ class Tokenize:
         self.proxy = proxy
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers: list[tuple[bytes, bytes]] = []
         try:
-            status, body = await self._answer(scope, receive)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            status, body = await self._answer(scope, receive, headers)
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         except ClientGone:
             return
         except GatewayError as exc:
-            status, headers, body = render(exc)
+            status, rendered, body = render(exc)
+            headers += rendered
+        except Exception:  # a bug: OpenAI-shaped all the same, never a bare 500
+            log.exception("unhandled error on %s", PATH)
+            status, headers, body = render(GatewayError("internal error in the gateway"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _answer(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
+    async def _answer(self, scope: dict[str, Any], receive: Any, headers: list[tuple[bytes, bytes]]
+                      ) -> tuple[int, bytes]:
         proxy, s = self.proxy, self.proxy.settings
         region, _, length, authorization = read_headers(scope)
         principal = proxy.keys.authenticate(authorization)
         raw = await read_body(receive, length, s.max_body_bytes, s.body_timeout)
         try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' is required and must be a non-empty string", param="model",
-                                 code="invalid_type")
+            route: Route = "chat" if "messages" in orjson.loads(raw) else "completions"
+        except (orjson.JSONDecodeError, TypeError):
+            route = "completions"  # (parse_request says what is wrong with it)
+        req = parse_request(route, raw)
+        check_policy(req, proxy.policy, TOKENIZE_FIELDS)
         snapshot = proxy.registry.snapshot
-        info = snapshot.models.get(model)
-        if info is None:
-            raise ModelNotFound(f"The model `{model[:256]}` does not exist.", param="model")
+        info = proxy.model_info(req.model, snapshot)
         regions = proxy.regions_for(region, snapshot.workers)
-        check_access(principal, model, regions[0])
-        pool = candidates(snapshot, model, [r for r in regions if principal.allows_region(r)])
+        check_access(principal, req.model, regions[0])
+        pool = candidates(snapshot, req.model, [r for r in regions if principal.allows_region(r)])
         if not pool:
-            raise NoWorkerAvailable(f"no ready worker serves '{model}' in region '{regions[0]}'", retry_after=5,
-                                    code="no_worker_in_region")
-        status, body = await proxy.dispatcher.tokenize(pool, raw)
-        if status == 200:
-            caps = principal.caps.apply(proxy.caps_for(model, info, placements(snapshot, pool), series=False))
-            body = _with_context_cap(body, caps.context_cap)
-        return status, body
+            raise NoWorkerAvailable(f"no ready worker serves '{req.model}' in region '{regions[0]}'",
+                                    retry_after=5, code="no_worker_in_region")
+        ticket = await proxy.limiter.admit(principal, 0)
+        try:
+            headers += ticket.headers()
+            status, body, retry_after = await proxy.dispatcher.tokenize(pool, raw)
+        finally:
+            await proxy.limiter.settle(ticket, 0)
+        if status != 200:
+            raise UpstreamStatus(status, body, retry_after)
+        caps = principal.caps.apply(proxy.caps_for(req.model, info, placements(snapshot, pool), series=False))
+        return status, _with_context_cap(body, caps.context_cap)
 
 
 def _with_context_cap(body: bytes, cap: int) -> bytes:
@@ -81,4 +96,7 @@ def _with_context_cap(body: bytes, cap: int) -> bytes:
     if not isinstance(doc, dict) or not isinstance(doc.get("max_model_len"), int) or doc["max_model_len"] <= cap:
         return body
     doc["max_model_len"] = cap
-    return orjson.dumps(doc)
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes: the worker's body as it came
+        return body

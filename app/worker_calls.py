@@ -50,15 +50,16 @@ class WorkerCalls:
             raise UpstreamProtocolError("worker's /tokenize answer has no count (a non-negative integer)")
         return n
 
-    async def tokenize(self, worker: Worker, body: bytes) -> tuple[int, bytes]:
-        """The worker's ``POST /tokenize`` answer to ``body``, status and body as they came."""
+    async def tokenize(self, worker: Worker, body: bytes) -> tuple[int, bytes, bytes | None]:
+        """The worker's ``POST /tokenize`` answer to ``body``: status, body and Retry-After as they came."""
         resp = await self.pool.request(worker.origin, "POST", "/tokenize", body, headers=_headers(worker),
                                        timeout=self.timeout)
         try:
             data = await resp.read(self.timeout, limit=64 * 1024 * 1024)
         finally:
             resp.release()
-        return resp.status, data
+        retry_after = next((v for k, v in resp.headers if k == b"retry-after"), None)
+        return resp.status, data, retry_after
 
     def abort(self, worker: Worker, route: Route, request_id: str) -> None:
         """Fire and forget: tell the worker to drop ``request_id`` (vLLM names it chatcmpl-/cmpl-<id>)."""

@@ -180,6 +180,22 @@ def test_tokenize_is_the_workers_count_under_the_same_key_rules(keys_file: Path)
             assert_error(tokenize(auth("alice"), {"prompt": "x"}), 400)
             bad = httpx.post(gw.url + "/tokenize", content=b"{", headers=auth("alice"), timeout=10)
             assert_error(bad, 400, "invalid_json")
+            # the request policy of a generation: no remote media for the worker to fetch, no template hooks,
+            # no unknown fields
+            sent = len(fr.received or ())
+            image = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]}]
+            assert_error(tokenize(auth("alice"), {**body, "messages": image}), 400, "remote_media_not_allowed")
+            assert_error(tokenize(auth("alice"), {**body, "chat_template_kwargs": {"x": 1}}), 400,
+                         "parameter_not_allowed")
+            assert_error(tokenize(auth("alice"), {**body, "temprature": 1}), 400, "unknown_parameter")
+            assert len(fr.received or ()) == sent  # none of them reached a worker
+            assert tokenize(auth("alice"), {"model": "tiny", "prompt": "x", "return_token_strs": True}).is_success
+            # the key's request limit counts it (2 a minute)
+            assert [tokenize(auth("slow-rpm")).status_code for _ in range(3)] == [200, 200, 429]
+            # a worker's refusal, rendered as the gateway renders any: its status, OpenAI-shaped
+            fr.options.tokenize = False
+            assert_error(tokenize(auth("alice")), 404)
 
 
 def test_key_caps_apply_below_the_gateway_caps(worker: ThreadedFakeWorker, keys_file: Path) -> None:
