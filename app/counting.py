@@ -21,6 +21,8 @@ from .tokenizer import LocalTokenizer, TemplateError
 RemoteCount = Callable[[dict[str, Any]], Awaitable[int]]
 _REMOTE_CHAT_FIELDS = ("tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
                        "documents", "chat_template")
+# request fields vLLM hands the chat template (an empty tools list too: templates test "tools is not none")
+_TEMPLATE_INPUTS = ("tools", "documents", "reasoning_effort", "chat_template_kwargs", "chat_template")
 
 
 # What the local renderer reproduces exactly: vLLM hands these messages to the chat template as they come.  Other
@@ -60,11 +62,16 @@ class PromptCounter:
         if req.route == "chat":
             messages: list[dict[str, Any]] = body["messages"]
             chars = _plain_size(messages)
-            if tokenizer is None or chars is None or body.get("tools") or body.get("chat_template_kwargs"):
-                payload = {"model": req.model, "messages": messages}
+            if tokenizer is None or chars is None or any(body.get(k) is not None for k in _TEMPLATE_INPUTS):
+                payload: dict[str, Any] = {"model": req.model, "messages": messages}
                 for key in _REMOTE_CHAT_FIELDS:
                     if key in body:
                         payload[key] = body[key]
+                effort = body.get("reasoning_effort")
+                if effort is not None:  # what vLLM's chat request makes of it (/tokenize has no such field)
+                    kwargs = {"reasoning_effort": effort, "enable_thinking": effort != "none"}
+                    user = body.get("chat_template_kwargs")
+                    payload["chat_template_kwargs"] = {**kwargs, **(user if isinstance(user, dict) else {})}
                 return PromptSize(None, lambda: remote(payload))
             return self._chat_local(tokenizer, messages, body, chars)
         return self._completion(tokenizer, req, remote)

@@ -213,8 +213,10 @@ class LocalTokenizer:
             # one flat dict as the context: Template.render would merge the environment's globals (a ChainMap)
             # into a new dict on every call, and even new_context(shared=True) walks that ChainMap (for
             # {% import %}, which chat templates don't use) — half the render time of a short chat
-            variables = {**base, **self._special, "messages": messages,
-                         "add_generation_prompt": add_generation_prompt}
+            # and what vLLM's chat request hands every template besides (transformers' tools and documents, vLLM's
+            # reasoning_effort), None when the request has none: "is defined" holds for them there, so here too
+            variables = {**base, **self._special, "messages": messages, "tools": None, "documents": None,
+                         "reasoning_effort": None, "add_generation_prompt": add_generation_prompt}
             env = template.environment
             context = env.context_class(env, variables, template.name, template.blocks)
             text = jinja2.utils.concat(template.root_render_func(context))

@@ -670,6 +670,31 @@ def test_a_configured_tokenizer_counts_prompts_of_a_worker_on_another_machine(
     assert not [req for req in w.received if req.path == "/tokenize"]
 
 
+def test_what_vllm_hands_the_template_besides_messages_is_counted_by_the_worker(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With a local tokenizer, a request whose template input goes beyond plain messages (an empty tools list
+    included: templates test "tools is not none"; documents; reasoning_effort, which vLLM turns into template
+    kwargs; a role vLLM rewrites) is counted by the worker, with what vLLM would render."""
+    from app.tinymodel import build_tiny_model
+
+    root = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    plain = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": False}
+    with ThreadedFakeWorker(record=True) as w, gateway(w, tokenizers=[f"tiny={root}"]) as gw:
+        def counted(extra: dict[str, Any]) -> list[dict[str, Any]]:
+            before = len(w.received or ())
+            r = httpx.post(gw.base + "/chat/completions", json={**plain, **extra}, timeout=10)
+            assert r.status_code == 200, r.text
+            return [q.json() for q in list(w.received or ())[before:] if q.path == "/tokenize"]
+
+        assert counted({}) == []
+        assert counted({"tools": []})[0]["tools"] == []
+        assert counted({"documents": [{"text": "d"}]})[0]["documents"] == [{"text": "d"}]
+        (payload,) = counted({"reasoning_effort": "none"})
+        assert payload["chat_template_kwargs"] == {"reasoning_effort": "none", "enable_thinking": False}
+        assert len(counted({"messages": [{"role": "developer", "content": "be brief"},
+                                         {"role": "user", "content": "hi"}]})) == 1
+
+
 def test_a_tokenizer_path_without_a_tokenizer_is_refused_at_start(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="no tokenizer.json"):
         Settings(upstream=["http://127.0.0.1:1"], tokenizers=[f"tiny={tmp_path}"])

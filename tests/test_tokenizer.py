@@ -146,6 +146,18 @@ def test_a_template_that_fails_on_the_messages_is_a_template_error(tmp_path: Pat
         tok.render_chat(messages)
 
 
+def test_the_template_sees_what_vllm_hands_every_template(tmp_path: Path) -> None:
+    """transformers passes tools and documents, vLLM reasoning_effort, each None when the request has none: a
+    template that asks "is defined" (or "is none") renders as vLLM renders it."""
+    from app.tinymodel import build_tiny_model
+
+    root = build_tiny_model(tmp_path / "m")
+    (root / "chat_template.jinja").write_text(
+        "{% for v in [tools, documents, reasoning_effort] %}{{ 'N' if v is none else 'X' }}{% endfor %}"
+        "{{ 'D' if reasoning_effort is defined else 'U' }}{{ messages[0]['content'] }}")
+    assert LocalTokenizer(root).render_chat([{"role": "user", "content": "hi"}]) == "NNNDhi"
+
+
 # --- the store: one load per tokenizer, whatever the paths ------------------------------------------------------------
 
 class _CountingLoader:
