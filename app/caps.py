@@ -62,8 +62,9 @@ class Caps:
     """Effective caps for one model on one worker pool.
 
     ``max_tokens_cap`` is what max_tokens is lowered to (never above the context cap); ``reject_above`` is the
-    configured max_tokens cap itself, which the ``reject`` policy refuses requests above.  A max_tokens under the
-    configured cap that only the context can't hold is lowered (rule 4), under either policy.
+    configured max_tokens cap of a ``reject`` policy, which it refuses requests above (the lowest of them in a pool
+    whose presets differ; a clamp preset's cap only lowers).  A max_tokens under it that only the context, or a
+    clamp preset's cap, can't hold is lowered (rule 4), under either policy.
     """
 
     max_tokens_cap: int
@@ -79,7 +80,9 @@ class Caps:
         ctx = model_max_len if context_cap is None else min(context_cap, model_max_len)
         cap = ctx if max_tokens_cap is None else min(max_tokens_cap, ctx)
         default = cap if default_max_tokens is None else min(default_max_tokens, cap)
-        return cls(cap, default, ctx, model_max_len, policy, NO_CAP if max_tokens_cap is None else max_tokens_cap)
+        # only a reject policy refuses: a clamp config's cap is no threshold (when a pool obeys both, see tighten)
+        reject_above = NO_CAP if max_tokens_cap is None or policy == "clamp" else max_tokens_cap
+        return cls(cap, default, ctx, model_max_len, policy, reject_above)
 
     def tighten(self, other: Caps) -> Caps:
         """The stricter of two (a pool whose workers come from different presets obeys all of them)."""
@@ -119,9 +122,9 @@ async def decide(caps: Caps, requested: int | None, param: str, prompt: PromptSi
                 f"'{param}' is {requested}, above this gateway's cap of {caps.reject_above} for model '{model}'",
                 param="max_tokens",
             )
-        # under the configured cap, only the context can't hold it: rule 4's clamp, under either policy
+        # lowered under either policy below a reject threshold: to a clamp cap, or to what the context holds
         max_tokens, clamped_from = caps.max_tokens_cap, requested
-        reason = "max_tokens_cap" if above_cap else "context_cap"
+        reason = "max_tokens_cap" if caps.max_tokens_cap < caps.context_cap else "context_cap"
     else:
         max_tokens = requested
 

@@ -85,6 +85,16 @@ def test_the_stricter_reject_threshold_wins() -> None:
                    policy="clamp")
     both = a.tighten(b)
     assert (both.max_tokens_cap, both.reject_above, both.policy) == (100, 300, "reject")
+    # a clamp preset's cap lowers but refuses nothing: 1500 passes the reject preset's 2048, clamped to 1024
+    mixed = Caps.build(model_max_len=4096, context_cap=None, max_tokens_cap=2048, default_max_tokens=None,
+                       policy="reject").tighten(
+        Caps.build(model_max_len=4096, context_cap=None, max_tokens_cap=1024, default_max_tokens=None,
+                   policy="clamp"))
+    prompt, _ = size(10, bound=10)
+    d = run(mixed, 1500, prompt)
+    assert (d.max_tokens, d.clamped_from) == (1024, 1500)
+    with pytest.raises(MaxTokensExceeded):
+        run(mixed, 2049, prompt)
     assert KeyCaps(max_tokens_cap=200).apply(a).reject_above == 200
     assert KeyCaps(context_cap=50).apply(a).reject_above == 300
 
