@@ -41,8 +41,9 @@ def _wide_int(raw: bytes, name: str, value: float) -> int | None:
     """The integer literal behind ``value``: orjson reads an integer wider than 64 bits as a float, which must not
     make ``"max_tokens": 10000000000000000000000`` "not an integer" (``1e22`` written so stays one). Error path
     only: the field's one top-level-looking occurrence in the raw body, if it is that integer."""
-    found = re.findall(rb'"' + name.encode() + rb'"\s*:\s*(\d{19,})(?![\d.eE])', raw)
-    if len(found) != 1 or float(int(found[0])) != value:
+    key = b'"' + name.encode() + b'"'
+    found = re.findall(re.escape(key) + rb'\s*:\s*(\d{19,})(?![\d.eE])', raw)
+    if len(found) != 1 or raw.count(key) != 1 or float(int(found[0])) != value:  # (not a nested field's)
         return None
     return int(found[0])
 

@@ -54,6 +54,10 @@ def test_an_integer_wider_than_64_bits_is_an_integer() -> None:
     wide = (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
             b'"max_tokens": 1000000000000000000000000000000}')
     assert parse_request("chat", wide).max_tokens == 10**30
+    nested = wide.replace(b"1000000000000000000000000000000}", b'1e30, "vllm_xargs": {"max_tokens": '
+                          b'1000000000000000000000000000000}}')
+    with pytest.raises(InvalidRequest):  # a nested field's literal does not vouch for the top-level float
+        parse_request("chat", nested)
     for written in (b"1e30", b"1000000000000000000000000000000.0", b"1.5"):
         body = wide.replace(b"1000000000000000000000000000000", written)
         with pytest.raises(InvalidRequest) as err:
