@@ -198,8 +198,8 @@ def _prepare(args: argparse.Namespace, endpoint: Endpoint) -> tuple[Counter, dic
         for n in args.prompt_tokens:
             try:
                 prompts[n] = build_prompts(n, counter, words, seed=args.seed)
-            except (ValueError, KeyError, httpx.HTTPError) as exc:
-                prompts[n] = str(exc)
+            except (ValueError, KeyError, TypeError, httpx.HTTPError) as exc:
+                prompts[n] = f"{type(exc).__name__}: {exc}"
     return counter, prompts, info
 
 

@@ -269,6 +269,10 @@ def build_prompts(target: int, counter: Counter, words: list[str], *, seed: int 
                          "chat template); ask for more")
     n = target - base
     tried: dict[int, int] = {}
+    if n > 32:  # a short sample first: the first full-length guess must not overshoot a small context 5-fold
+        tried[16] = count(16)
+        per_word = (tried[16] - base) / 16
+        n = max(1, min(len(filler), round((target - base) / per_word))) if per_word > 0 else n
     for _ in range(12):
         c = tried.setdefault(n, count(n))
         if c == target:
