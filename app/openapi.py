@@ -160,7 +160,7 @@ def tokenize_paths() -> dict[str, Any]:
     responses: dict[str, Any] = {"200": {
         "description": "the worker's own answer, its max_model_len lowered to the context cap this gateway enforces",
         "content": {"application/json": {"schema": ok}}}}
-    for status in ("400", "401", "403", "404", "413", "502", "503", "504"):
+    for status in ("400", "401", "403", "404", "413", "429", "502", "503", "504"):
         responses[status] = {"description": _ERRORS[status],
                              "content": {"application/json": {"schema": _ERROR_REF}}}
     responses["422"] = {"description": "the worker's own refusal of the body",
