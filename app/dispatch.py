@@ -8,6 +8,7 @@ in-flight gauge, and asks workers for a prompt count (``/tokenize``) with the sa
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from time import monotonic, perf_counter
 from typing import Any
 
@@ -142,18 +143,24 @@ class Dispatcher:
         if sent:
             raise exc
 
-    async def tokenize(self, pool: tuple[Worker, ...], body: bytes) -> tuple[int, bytes, bytes | None]:
-        """A worker's ``/tokenize`` answer (``POST /tokenize`` passed through): another worker of the pool when one
-        can't be reached or answers 502/503. Only that counts against a worker: an answer too large or too slow
-        for the gateway is the request's doing (the client chose the body), and is not tried elsewhere."""
+    def _in_turn(self, pool: tuple[Worker, ...]) -> Iterator[Worker]:
+        """The pool's workers in the order a retry takes them (the least loaded first, each once, at most
+        ``retry_attempts``): for the gateway's own calls; ``send`` keeps its loop (the hot path)."""
         tried: list[Worker] = []
-        last: GatewayError | None = None
         for _ in range(self.settings.retry_attempts):
             self._turn += 1
             worker = pick(pool, monotonic(), self._turn, tried)
             if worker is None:
-                break
+                return
             tried.append(worker)
+            yield worker
+
+    async def tokenize(self, pool: tuple[Worker, ...], body: bytes) -> tuple[int, bytes, bytes | None]:
+        """A worker's ``/tokenize`` answer (``POST /tokenize`` passed through): another worker of the pool when one
+        can't be reached or answers 502/503. Only that counts against a worker: an answer too large or too slow
+        for the gateway is the request's doing (the client chose the body), and is not tried elsewhere."""
+        last: GatewayError | None = None
+        for worker in self._in_turn(pool):
             try:
                 status, data, retry_after = await self.calls.tokenize(worker, body)
             except UpstreamError as exc:
@@ -175,14 +182,8 @@ class Dispatcher:
     async def remote_count(self, pool: tuple[Worker, ...], payload: dict[str, Any]) -> int:
         """A worker's own prompt count; a worker that can't be reached is skipped (and counted against), like a
         dispatch before its first byte."""
-        tried: list[Worker] = []
         last: GatewayError | None = None
-        for _ in range(self.settings.retry_attempts):
-            self._turn += 1
-            worker = pick(pool, monotonic(), self._turn, tried)
-            if worker is None:
-                break
-            tried.append(worker)
+        for worker in self._in_turn(pool):
             try:
                 return await self.calls.count_tokens(worker, payload)
             except (UpstreamStatus, UpstreamError) as exc:
