@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -264,6 +265,8 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
         server.run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once all is stopped: no traceback
         return 130
+    if server.stopped_by == signal.SIGINT:  # raised again into a process that ignores SIGINT (a background
+        return 130  # job of a non-interactive shell inherits that): it was a Ctrl-C all the same
     return 0 if server.started else 1
 
 
@@ -331,8 +334,11 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._state = state
         self._drain: tuple[int, float] | None = None  # (signal, deadline)
+        self.stopped_by: int | None = None  # the first signal that stopped it
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
         if self._drain is None and not self.should_exit:
             self._state.proxy.draining = True
             self._drain = (sig, time.monotonic() + self._state.settings.drain_timeout)
