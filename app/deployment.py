@@ -8,8 +8,9 @@ model on one CPU worker). Upstreams and managed workers may be mixed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .caps import CapConfig
 from .presets import Catalog, Preset
@@ -24,6 +25,9 @@ from .workers.plan import (
     plan_gpu_workers,
 )
 from .workers.supervisor import WorkerSpec
+
+if TYPE_CHECKING:
+    from .modelshape import ModelShape
 
 TINY_MODEL_NAME = "tiny-llama"
 CPU_MAX_MODEL_LEN = 2048
@@ -63,9 +67,12 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
             "preset": CPU_PRESET,
         })
     assert settings.model is not None
+    model_path = settings.model
+    if Path(model_path).name == "config.json" and Path(model_path).is_file():
+        model_path = str(Path(model_path).parent)  # the picker's other way of naming the same model: its directory
     model = ModelSpec(
-        path=settings.model,
-        served_name=settings.served_model_name or Path(settings.model.rstrip("/")).name,
+        path=model_path,
+        served_name=settings.served_model_name or Path(model_path.rstrip("/")).name,
         max_model_len=settings.worker_max_model_len,
         extra_args=tuple(settings.worker_extra_args),
     )
@@ -87,7 +94,12 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
         return Deployment(settings.model_copy(update={"region": region}), specs, None, notes)
     assert settings.region is not None and settings.preset is not None
     preset = catalog.get(settings.region, settings.preset)
-    _check_parallelism(model.path, preset, catalog)
+    shape = _check_parallelism(model.path, preset, catalog)
+    if shape is not None and model.max_model_len is None and shape.max_model_len < preset.max_model_len:
+        notes.append(f"{model.path}: the model's own context is {shape.max_model_len} tokens, below preset "
+                     f"{preset.key}'s max_model_len {preset.max_model_len}: workers get --max-model-len "
+                     f"{shape.max_model_len} (vLLM refuses to start with more)")
+        model = replace(model, max_model_len=shape.max_model_len)
     if preset.nodes > 1:
         if not dry_run:
             raise PlanError(
@@ -107,18 +119,19 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
     return Deployment(settings, specs, preset, notes)
 
 
-def _check_parallelism(model: str, preset: Preset, catalog: Catalog) -> None:
+def _check_parallelism(model: str, preset: Preset, catalog: Catalog) -> ModelShape | None:
     """A model in a local directory whose heads or layers can't be split the preset's way fails at start (vLLM would
     fail later, on every worker): a ``PresetError`` naming the preset's file, the preset and the field. A model
-    vLLM fetches by name, or whose config can't be read here, is left to vLLM."""
+    vLLM fetches by name, or whose config can't be read here, is left to vLLM (None); else its shape."""
     from .modelshape import ModelConfigError, load_model_shape
     from .picker import check_model_fits_parallelism
 
     config = Path(model) / "config.json"
     if not config.is_file():
-        return
+        return None
     try:
         shape = load_model_shape(config)
     except ModelConfigError:
-        return
+        return None
     check_model_fits_parallelism(shape, preset, catalog.sources.get((preset.region, preset.name)))
+    return shape

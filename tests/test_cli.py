@@ -135,6 +135,27 @@ def test_a_model_whose_heads_the_preset_cannot_split_fails_at_start(tmp_path: Pa
                  "--gpus", "0,1,2,3,4,5,6,7"]) == 0  # 12 heads and 4 KV heads split 4 ways
 
 
+def test_workers_never_get_a_longer_context_than_the_model_has(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM refuses --max-model-len above what the model's config allows: a preset's longer max_model_len is
+    lowered to the model's own (named by its directory or its config.json), unless --max-model-len says otherwise."""
+    model = tmp_path / "qwen"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1024, "intermediate_size": 2816,
+        "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
+        "max_position_embeddings": 16384, "torch_dtype": "bfloat16"}))
+    for name in (model, model / "config.json"):
+        assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", str(name),
+                     "--gpus", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "--max-model-len 16384" in out and "the model's own context is 16384 tokens" in out
+        assert f"--model {model} " in out and "--served-model-name qwen" in out
+    assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", str(model), "--gpus", "0",
+                 "--max-model-len", "20000"]) == 0  # said outright: the user's (vLLM will say if it can't)
+    assert "--max-model-len 20000" in capsys.readouterr().out
+
+
 def test_dry_run_unknown_preset_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-3x", "--model", "/m"]) == 2
     err = capsys.readouterr().err
