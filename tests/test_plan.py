@@ -79,6 +79,12 @@ def test_multinode_preset_is_never_launched_locally(tmp_path: Path) -> None:
     cmd = next(line for line in text.splitlines() if "vllm.entrypoints" in line)
     assert "--distributed-executor-backend ray" in cmd
     assert "--tensor-parallel-size 8" in cmd and "--pipeline-parallel-size 2" in cmd
+    assert "(TP 8 inside a node, PP 2 across nodes)" in text
+    wide = multinode_commands(p.model_copy(update={"tensor_parallel_size": 16, "pipeline_parallel_size": 1}), MODEL)
+    assert "TP 16 across nodes" in wide and "inside a node" not in wide
+    fp8 = multinode_commands(p.model_copy(update={"quantization": "fp8", "dtype": "float16"}), MODEL)
+    cmd = next(line for line in fp8.splitlines() if "vllm.entrypoints" in line)
+    assert "--quantization fp8" in cmd and "--dtype float16" in cmd  # as a one-node worker gets them
 
 
 def test_cpu_workers(tmp_path: Path) -> None:

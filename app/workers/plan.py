@@ -127,11 +127,15 @@ def multinode_commands(preset: Preset, model: ModelSpec, *, port: int = 8000) ->
         "--distributed-executor-backend", "ray",
         "--gpu-memory-utilization", f"{preset.gpu_memory_utilization:g}",
         "--max-num-seqs", str(preset.max_num_seqs),
+        *(["--dtype", args.dtype] if args.dtype else []),
+        *(["--quantization", args.quantization] if args.quantization else []),
         *args.extra_args,
     ]
+    tp, pp = preset.tensor_parallel_size, preset.pipeline_parallel_size
+    layout = (f"TP {tp} inside a node, PP {pp} across nodes" if tp <= preset.gpus_per_node else
+              f"TP {tp} across nodes - its all-reduce crosses the network on every layer - and PP {pp}")
     lines = [
-        f"# preset {preset.key}: {preset.nodes} nodes x {preset.gpus_per_node} {preset.gpu_type} GPUs "
-        f"(TP {preset.tensor_parallel_size} inside a node, PP {preset.pipeline_parallel_size} across nodes)",
+        f"# preset {preset.key}: {preset.nodes} nodes x {preset.gpus_per_node} {preset.gpu_type} GPUs ({layout})",
         "# 1. on the head node:",
         f"ray start --head --port=6379 --num-gpus={preset.gpus_per_node}",
     ]
