@@ -103,6 +103,15 @@ def load_model_shape(path: Path) -> ModelShape:
 
 
 def model_shape_from_config(config: Mapping[str, Any], source: str = "config.json") -> ModelShape:
+    try:
+        return _shape(config, source)
+    except ModelConfigError:
+        raise
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError, KeyError) as exc:  # a field of another shape
+        raise ModelConfigError(f"{source}: malformed model config ({type(exc).__name__}: {exc})") from None
+
+
+def _shape(config: Mapping[str, Any], source: str) -> ModelShape:
     cfg = dict(config)
     for key in ("text_config", "llm_config", "language_config"):  # multimodal wrappers: the text model
         if isinstance(config.get(key), dict) and "num_hidden_layers" not in config:
@@ -115,6 +124,8 @@ def model_shape_from_config(config: Mapping[str, Any], source: str = "config.jso
         for key in keys:
             value = cfg.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
+                if value < 0 or value == 0 and default is None:
+                    raise ModelConfigError(f"{source}: {key} is {value}; it must be positive")
                 return value
         if default is None:
             raise ModelConfigError(f"{source}: needs an integer {' or '.join(keys)}")
@@ -131,13 +142,16 @@ def model_shape_from_config(config: Mapping[str, Any], source: str = "config.jso
     if dtype not in _DTYPE_BITS:
         raise ModelConfigError(f"{source}: torch_dtype {dtype!r} is not one of {', '.join(_DTYPE_BITS)}")
     max_pos = num("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+    kv_heads, head_dim = num("num_key_value_heads", default=heads), num("head_dim", default=hidden // heads)
+    if kv_heads < 1 or head_dim < 1:
+        raise ModelConfigError(f"{source}: num_key_value_heads and head_dim must be positive")
     return ModelShape(
         model_type=model_type,
         num_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
-        num_kv_heads=num("num_key_value_heads", default=heads),
-        head_dim=num("head_dim", default=hidden // heads),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
         vocab_size=num("vocab_size"),
         intermediate_size=num("intermediate_size", "n_inner", default=4 * hidden),
         max_position_embeddings=max_pos,

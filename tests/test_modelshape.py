@@ -90,3 +90,16 @@ def test_bad_model_config_names_file_and_key(tmp_path: Path) -> None:
         load_model_shape(tmp_path / "missing")
     with pytest.raises(ModelConfigError, match="MLA"):
         model_shape_from_config({**LLAMA_31_8B, "kv_lora_rank": 512})
+
+
+@pytest.mark.parametrize("change", [
+    {"num_attention_heads": 0}, {"num_key_value_heads": 0}, {"num_hidden_layers": 0}, {"hidden_size": -4096},
+    {"rope_scaling": "yarn"},
+    {"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"group_0": 3}}},
+    {"num_local_experts": 8, "mlp_only_layers": 5}, {"num_local_experts": 8, "first_k_dense_replace": "3"},
+    {"head_dim": 0},
+])
+def test_a_malformed_config_is_a_config_error_not_a_crash(change: dict[str, Any]) -> None:
+    """Valid JSON of the wrong shape: the picker and serve say which file is wrong (exit 2), never a traceback."""
+    with pytest.raises(ModelConfigError, match="config.json"):
+        model_shape_from_config({**LLAMA_31_8B, **change})
