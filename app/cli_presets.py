@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -229,7 +230,10 @@ def _pick_text(result: PickResult, shape: ModelShape, model: Path) -> str:
 
 def _catalog(args: argparse.Namespace) -> Catalog:
     builtin = builtin_presets_dir()
-    dirs = ([builtin] if builtin.is_dir() else []) + list(args.preset_dirs) + list(args.preset_dirs_late)
+    flags = list(args.preset_dirs) + list(args.preset_dirs_late)
+    # as `tokengate serve` reads them: --presets, else TOKENGATE_PRESETS (comma or space separated)
+    env = [Path(d) for d in os.environ.get("TOKENGATE_PRESETS", "").replace(",", " ").split()]
+    dirs = ([builtin] if builtin.is_dir() else []) + (flags or env)
     if not dirs:
         raise PresetError("no preset directory: the built-in presets/ is missing; pass --presets DIR", path=builtin)
     return load_catalog(dirs)

@@ -173,6 +173,18 @@ def test_user_presets_before_or_after_the_subcommand(tmp_path: Path, capsys: pyt
         assert out.splitlines()[1].split()[:2] == ["de", "h100-1x"]
 
 
+def test_tokengate_presets_is_read_as_serve_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "de.yaml").write_text(
+        "regions:\n  de:\n    display_name: Germany\n    presets:\n      h100-1x:\n"
+        "        {gpu_type: h100, gpus: 1, tensor_parallel_size: 1, gpu_memory_utilization: 0.9,\n"
+        "         max_model_len: 8192, max_num_seqs: 32, caps: {max_tokens_cap: 1024, default_max_tokens: 256}}\n"
+    )
+    monkeypatch.setenv("TOKENGATE_PRESETS", str(tmp_path))
+    rc, out, _ = run(["presets", "list", "--region", "de"], capsys)
+    assert rc == 0 and out.splitlines()[1].split()[:2] == ["de", "h100-1x"]
+
+
 def test_bad_inputs_exit_2(tmp_path: Path, llama_8b: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
