@@ -127,6 +127,17 @@ def check(req: ParsedRequest, policy: RequestPolicy, fields: dict[str, set[str]]
         _check_media(body["messages"])
 
 
+# what URL parsers drop before they read a scheme (WHATWG and Python's urlsplit alike): leading and trailing C0
+# controls and spaces, and tabs and line breaks anywhere (" \thttp://h" and "ht\ntp://h" are http URLs to them)
+_URL_IGNORED = str.maketrans("", "", "\t\n\r")
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
+
+
+def _inline(url: str) -> bool:
+    """Whether a media URL carries its data (``data:``): anything else is a URL the worker would fetch."""
+    return url.translate(_URL_IGNORED).strip(_C0_AND_SPACE).lower().startswith("data:")
+
+
 def _check_media(messages: list[dict[str, Any]]) -> None:
     for i, msg in enumerate(messages):
         content = msg.get("content")
@@ -138,8 +149,8 @@ def _check_media(messages: list[dict[str, Any]]) -> None:
                 continue
             inner = part.get(kind)
             url = inner.get("url") if isinstance(inner, dict) else inner if isinstance(inner, str) else None
-            if isinstance(url, str) and url.lower().startswith(("http://", "https://", "ftp://", "file:")):
-                raise _bad("remote media URLs are not fetched by this gateway's workers; send the data inline "
+            if url is not None and not (isinstance(url, str) and _inline(url)):
+                raise _bad("media is not fetched from URLs by this gateway's workers; send the data inline "
                            "(a data: URL)", f"messages[{i}].content[{j}]", "remote_media_not_allowed")
 
 

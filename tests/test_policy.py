@@ -117,7 +117,10 @@ def test_a_very_deep_schema_is_refused_without_recursion() -> None:
 
 
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "https://example.com/a.png",
-                                 "HTTP://x", "file:///etc/passwd", "ftp://x/y"])
+                                 "HTTP://x", "file:///etc/passwd", "ftp://x/y",
+                                 # what URL parsers strip or skip before the scheme: still a URL to fetch
+                                 "\thttp://169.254.169.254/x", " http://x", "\x01http://x", "ht\ntps://evil/x.png",
+                                 "ht\ttp://x", "//169.254.169.254/x", "s3://bucket/key", ""])
 @pytest.mark.parametrize("kind", ["image_url", "audio_url", "video_url"])
 def test_remote_media_urls_are_refused(url: str, kind: str) -> None:
     body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
@@ -128,8 +131,9 @@ def test_remote_media_urls_are_refused(url: str, kind: str) -> None:
 
 
 def test_inline_media_is_fine() -> None:
-    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-    accepted({**CHAT, "messages": [{"role": "user", "content": [part]}]})
+    for url in ("data:image/png;base64,iVBORw0KGgo=", " DATA:image/png;base64,iVBORw0KGgo="):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        accepted({**CHAT, "messages": [{"role": "user", "content": [part]}]})
 
 
 def test_min_tokens_above_max_tokens_is_400() -> None:
