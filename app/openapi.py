@@ -60,7 +60,7 @@ _COMMON: dict[str, dict[str, Any]] = {
     "ignore_eos": _nullable(_BOOL), "skip_special_tokens": _nullable(_BOOL), "echo": _nullable(_BOOL),
 }
 _CONTENT_PART = {"type": "object", "required": ["type"], "properties": {"type": _STR},
-                 "description": "remote media URLs (http, https, ftp, file) are refused unless allowed"}
+                 "description": "media by URL is refused unless allowed: only inline data: URLs"}
 _CHAT: dict[str, dict[str, Any]] = {
     "messages": {
         "type": "array", "minItems": 1,

@@ -10,7 +10,8 @@ exactly these inputs):
 - ``best_of`` (n-fold work), ``n`` above a cap, ``logprobs``/``top_logprobs``/``prompt_logprobs`` above a cap;
 - JSON schemas, regexes and grammars (``response_format``, ``guided_*``, ``structured_outputs``, tool
   ``parameters``) larger or deeper than a limit;
-- remote media URLs in image/audio/video/file parts: the worker would fetch them (server-side request forgery)
+- media URLs other than inline ``data:`` in image/audio/video parts: the worker would fetch them (server-side
+  request forgery), whatever a URL parser strips before the scheme
   — unless ``allow_remote_media``;
 - unknown fields: a misspelt parameter silently ignored is a bug the client never sees.
 Empty prompts and conversations are refused by protocol.py.
