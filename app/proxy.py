@@ -270,7 +270,11 @@ class Proxy:
             ctx.headers.append((CLAMP_HEADER, str(decision.clamped_from).encode()))
         set_max_tokens(req, decision.max_tokens)
         check_min_tokens(req, decision.max_tokens)
-        prompt_estimate = decision.prompt_tokens if decision.prompt_tokens is not None else (size.bound or 0)
+        prompt_estimate = decision.prompt_tokens
+        if prompt_estimate is None:
+            # the bound that spared the count (bytes: ~4x the tokens of English) is no charge for a token budget:
+            # a key with one pays its exact count (it was refused as "too large" for a prompt that fits)
+            prompt_estimate = await size.exact() if ctx.principal.limits.tpm is not None else (size.bound or 0)
         ctx.ticket = await self.limiter.admit(ctx.principal, prompt_estimate + decision.max_tokens * req.n)
         ctx.headers.extend(ctx.ticket.headers())
         gate = self.gates.get(req.model, regions[0], len(pool))

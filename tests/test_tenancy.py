@@ -249,6 +249,25 @@ def test_tokens_per_minute_reserve_the_estimate_then_settle_the_real_usage(worke
         assert_error(too_large, 429, "request_too_large")
 
 
+def test_with_a_local_tokenizer_a_token_budget_is_charged_the_exact_count(keys_file: Path,
+                                                                          tmp_path: Path) -> None:
+    """A prompt the byte bound lets through the context uncounted is counted for a key with a token budget: the bound
+    (twice the tokens here) refused a prompt that fits as "request_too_large"."""
+    from app.tinymodel import build_tiny_model
+    from app.tokenizer import LocalTokenizer
+
+    root = build_tiny_model(tmp_path / "tiny")
+    messages = [{"role": "user", "content": "a" + " a" * 249}]  # " a": one token of the tiny vocabulary
+    tok = LocalTokenizer(root)
+    exact = tok.count(tok.render_chat(messages), add_special_tokens=False)
+    bound = tok.upper_bound(tok.render_chat(messages), add_special_tokens=False)
+    assert bound is not None and exact + 2 <= 400 < bound + 2  # fits the budget; its byte bound does not
+    with ThreadedFakeWorker() as w, gateway([w.url], keys_file, tokenizers=[f"tiny={root}"]) as gw:
+        r = post(gw, {**CHAT, "messages": messages, "max_tokens": 2, "stream": False}, auth("tpm"))
+        assert r.status_code == 200, r.text
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) == 400 - (exact + 2)
+
+
 def test_n_times_max_tokens_counts_against_the_limit(worker: ThreadedFakeWorker, keys_file: Path) -> None:
     with gateway([worker.url], keys_file) as gw:
         r = post(gw, {**CHAT, "max_tokens": 50, "n": 2, "stream": False}, auth("tpm"))
