@@ -142,7 +142,8 @@ def generation_paths(policy: RequestPolicy) -> dict[str, Any]:
                 {"name": "x-tokengate-region", "in": "header", "required": False, "schema": _STR,
                  "description": "region to serve the request in (default: the gateway's --region)"},
                 {"name": "x-request-id", "in": "header", "required": False, "schema": _STR,
-                 "description": "forwarded to the worker when printable, at most 128 characters, no spaces"},
+                 "description": "echoed back; the worker gets it with a suffix of its own (when printable, at most "
+                                "128 characters, no spaces), so a reused id still names one request"},
             ],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": request_schema(route, policy)},

@@ -288,11 +288,12 @@ class Proxy:
             raise
         queue_time.observe(ctx.slot.queued)
         body = upstream_body(req)
-        if request_id is None:
-            request_id = os.urandom(12).hex()
-        ctx.headers.append((b"x-request-id", request_id.encode("latin-1")))
-        ctx.request_id = request_id
-        first = await self.dispatcher.send(pool, req, body, request_id, ctx, rec)
+        # the worker's id for it is always this request's own: a client's X-Request-Id (echoed back to it) may be
+        # reused — a retry, or another client's — and vLLM would take two requests with one id for one, aborts too
+        worker_id = os.urandom(12).hex() if request_id is None else f"{request_id}-{os.urandom(4).hex()}"
+        ctx.headers.append((b"x-request-id", (request_id or worker_id).encode("latin-1")))
+        ctx.request_id = worker_id
+        first = await self.dispatcher.send(pool, req, body, worker_id, ctx, rec)
         worker = ctx.worker
         assert worker is not None and ctx.resp is not None
         ctx.headers.append((WORKER_HEADER, worker.name.encode()))

@@ -65,6 +65,17 @@ def test_invalid_requests_for_a_served_model_are_counted_as_its_own(worker: Thre
         assert metric_sum(samples, "tokengate_requests_total", model="made-up") == 0
 
 
+def test_a_reused_request_id_still_names_one_request_on_the_worker(worker: ThreadedFakeWorker) -> None:
+    """Two requests with one X-Request-Id (a retry, or another client's) are two requests to vLLM, and an abort
+    of one can't reach the other; each client gets its own id back."""
+    with gateway(worker) as gw:
+        for _ in range(2):
+            r = httpx.post(gw.base + "/chat/completions", json=CHAT, headers={"x-request-id": "trace-7"}, timeout=10)
+            assert r.status_code == 200 and r.headers["x-request-id"] == "trace-7"
+        sent = [q.headers["x-request-id"] for q in worker.received or () if q.path == "/v1/chat/completions"]
+        assert len(sent) == 2 and len(set(sent)) == 2 and all(i.startswith("trace-7-") for i in sent)
+
+
 def test_usage_kept_when_the_client_asks(worker: ThreadedFakeWorker) -> None:
     with gateway(worker) as gw:
         body = {**CHAT, "stream_options": {"include_usage": True}}
