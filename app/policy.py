@@ -97,14 +97,56 @@ def _check_int_cap(body: dict[str, Any], name: str, cap: int) -> None:
         raise _bad(f"'{name}' is {value}; this gateway allows 0 to {cap}", name)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# the JSON type of the fields the gateway passes through (null is always fine): a wrong one is a clear 400 here,
+# before any worker sees it (the fields the gateway reads itself are checked where they are read)
+_NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+            "length_penalty")
+_INTEGERS = ("top_k", "seed", "truncate_prompt_tokens", "priority", "thinking_token_budget")
+_BOOLEANS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+             "echo", "use_beam_search", "add_special_tokens", "add_generation_prompt", "continue_final_message",
+             "return_tokens_as_token_ids", "return_token_ids", "parallel_tool_calls", "store", "include_reasoning")
+_STRINGS = ("user", "suffix", "request_id", "reasoning_effort", "service_tier", "prompt_cache_key",
+            "safety_identifier", "verbosity")
+_OBJECTS = ("logit_bias", "response_format", "metadata", "vllm_xargs", "kv_transfer_params", "prediction",
+            "web_search_options", "audio")
+_TYPES: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(_NUMBERS, (_number, "a number")), **dict.fromkeys(_INTEGERS, (_integer, "an integer")),
+    **dict.fromkeys(_BOOLEANS, (lambda v: isinstance(v, bool), "a boolean")),
+    **dict.fromkeys(_STRINGS, (lambda v: isinstance(v, str), "a string")),
+    **dict.fromkeys(_OBJECTS, (lambda v: isinstance(v, dict), "an object")),
+    "stop": (_strings, "a string or an array of strings"), "bad_words": (_strings, "an array of strings"),
+    "stop_token_ids": (lambda v: isinstance(v, list) and all(_integer(x) for x in v), "an array of integers"),
+    "tool_choice": (lambda v: isinstance(v, str | dict), "a string or an object"),
+    "tools": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "an array of objects"),
+    "functions": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "an array of objects"),
+    "documents": (lambda v: isinstance(v, list), "an array"),
+}
+_CHAT_TYPES = {**_TYPES, "logprobs": (lambda v: isinstance(v, bool), "a boolean")}  # (completions: an integer)
+
+
 def check(req: ParsedRequest, policy: RequestPolicy, fields: dict[str, set[str]] = KNOWN_FIELDS) -> None:
     """Raise the 400 the policy gives ``req`` (``fields``: what its route knows; /tokenize has its own)."""
     body = req.body
-    if not policy.allow_unknown_fields:
-        known = fields[req.route]
-        for key in body:
-            if key not in known:
-                raise _bad(f"unknown parameter '{key[:64]}'", key[:64], "unknown_parameter")
+    known = None if policy.allow_unknown_fields else fields[req.route]
+    types = _CHAT_TYPES if req.route == "chat" else _TYPES
+    for key, value in body.items():
+        if known is not None and key not in known:
+            raise _bad(f"unknown parameter '{key[:64]}'", key[:64], "unknown_parameter")
+        expected = types.get(key)
+        if expected is not None and value is not None and not expected[0](value):
+            raise _bad(f"'{key}' must be {expected[1]}", key, "invalid_type")
     for key in DANGEROUS_FIELDS:
         if body.get(key) is not None and key not in policy.allow_fields:
             raise _bad(f"'{key}' is not accepted by this gateway", key, "parameter_not_allowed")

@@ -130,6 +130,25 @@ def test_remote_media_urls_are_refused(url: str, kind: str) -> None:
     accepted(body, RequestPolicy(allow_remote_media=True))
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("temperature", "hot"), ("top_p", "x"), ("top_k", "x"), ("seed", 1.5), ("stop", 5), ("stop", ["a", 1]),
+    ("logprobs", "yes"), ("logit_bias", [1]), ("tools", [5]), ("tool_choice", 5), ("response_format", "json"),
+    ("ignore_eos", "x"), ("stop_token_ids", "x"), ("priority", "x"), ("request_id", 5), ("temperature", True),
+])
+def test_a_passed_through_field_of_the_wrong_type_is_400(field: str, value: object) -> None:
+    err = refused({**CHAT, field: value})
+    assert err.param == field and err.error_code == "invalid_type"
+    accepted({**CHAT, field: None})  # null: as if absent
+
+
+def test_right_types_pass() -> None:
+    accepted({**CHAT, "temperature": 0, "top_p": 0.9, "top_k": 5, "seed": 7, "stop": ["\n"], "logprobs": True,
+              "logit_bias": {"1": -1}, "tool_choice": "auto", "response_format": {"type": "json_object"},
+              "ignore_eos": False, "stop_token_ids": [2], "user": "u"})
+    req = parse_request("completions", orjson.dumps({"model": "m", "prompt": "x", "logprobs": 2}))
+    check(req, RequestPolicy())  # completions' logprobs is a number
+
+
 def test_inline_media_is_fine() -> None:
     for url in ("data:image/png;base64,iVBORw0KGgo=", " DATA:image/png;base64,iVBORw0KGgo="):
         part = {"type": "image_url", "image_url": {"url": url}}
