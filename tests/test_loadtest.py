@@ -398,7 +398,8 @@ def test_real_engine_prompt_lengths_are_exact_with_the_local_tokenizer(
         p = s["prompt_tokens"]
         assert s["prompt_tokens_actual"] == {"mean": float(p), "min": p, "max": p}  # the server's own count
         assert s["output_tokens_actual"]["min"] == 8  # ignore_eos
-        assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p50"] > 0
+        # (TPOT can be 0: on a busy 2-core CPU an answer's chunks may all come in one read, one timestamp)
+        assert s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p50"] is not None and s["tpot_ms"]["p50"] >= 0
 
 
 @pytest.mark.engine
