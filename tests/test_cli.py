@@ -117,14 +117,19 @@ def test_dry_run_states_both_parallel_sizes_of_the_preset(preset: str, tp: int,
     assert all(f"--tensor-parallel-size {tp} " in line and "--pipeline-parallel-size 1 " in line for line in lines)
 
 
+def _model_dir(path: Path, **config: object) -> Path:
+    """A model directory with a small Llama-shaped config.json (fields overridden by ``config``)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2048,
+        "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "torch_dtype": "bfloat16", **config}))
+    return path
+
+
 def test_a_model_whose_heads_the_preset_cannot_split_fails_at_start(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    model = tmp_path / "m12"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
-        "num_hidden_layers": 4, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000,
-        "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}))
+    model = _model_dir(tmp_path / "m12", hidden_size=768, num_attention_heads=12)
     for dry in (["--dry-run"], []):
         assert main(["serve", *dry, "--region", "fr", "--preset", "h100-8x", "--model", str(model),
                      "--gpus", "0,1,2,3,4,5,6,7", "--state-dir", str(tmp_path / "state")]) == 2
@@ -139,12 +144,8 @@ def test_workers_never_get_a_longer_context_than_the_model_has(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """vLLM refuses --max-model-len above what the model's config allows: a preset's longer max_model_len is
     lowered to the model's own (named by its directory or its config.json), unless --max-model-len says otherwise."""
-    model = tmp_path / "qwen"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1024, "intermediate_size": 2816,
-        "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
-        "max_position_embeddings": 16384, "torch_dtype": "bfloat16"}))
+    model = _model_dir(tmp_path / "qwen", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                       max_position_embeddings=16384)
     for name in (model, model / "config.json"):
         assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", str(name),
                      "--gpus", "0"]) == 0
