@@ -19,10 +19,11 @@ from .protocol import ParsedRequest
 from .tokenizer import LocalTokenizer, TemplateError
 
 RemoteCount = Callable[[dict[str, Any]], Awaitable[int]]
-_REMOTE_CHAT_FIELDS = ("tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-                       "documents", "chat_template")
 # request fields vLLM hands the chat template (an empty tools list too: templates test "tools is not none")
 _TEMPLATE_INPUTS = ("tools", "documents", "reasoning_effort", "chat_template_kwargs", "chat_template")
+# what a worker's /tokenize is given of them (reasoning_effort as the template kwargs it becomes), and the flags
+_REMOTE_CHAT_FIELDS = (*(f for f in _TEMPLATE_INPUTS if f != "reasoning_effort"), "add_generation_prompt",
+                       "continue_final_message")
 
 
 # What the local renderer reproduces exactly: vLLM hands these messages to the chat template as they come.  Other

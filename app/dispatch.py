@@ -28,13 +28,6 @@ _RETRIABLE_STATUS = (502, 503)
 _UNREACHABLE = ("worker_unreachable", "worker_connect_timeout", "worker_disconnected")  # before any answer
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
 def _after_send(exc: GatewayError) -> bool:
     """A timeout after the request reached the worker (not while connecting): it may still be working on it."""
     return isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
@@ -107,7 +100,7 @@ class Dispatcher:
                     data = await resp.read(s.read_timeout, limit=1024 * 1024)
                     resp.release()
                     ctx.resp = None
-                    raise UpstreamStatus(resp.status, data, _header(resp.headers, b"retry-after"))
+                    raise UpstreamStatus(resp.status, data, resp.header(b"retry-after"))
                 first = None
                 if early:
                     await open_relay(req, ctx, worker, first_timeout=s.read_timeout,

@@ -131,13 +131,21 @@ def depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def parse_request(route: Route, raw: bytes) -> ParsedRequest:
+def load_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or the 400 that says why it isn't one."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _bad(f"request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def parse_request(route: Route, raw: bytes, body: dict[str, Any] | None = None) -> ParsedRequest:
+    """``raw`` checked for ``route``; ``body``: ``raw`` already loaded (``load_body``), when it is."""
+    if body is None:
+        body = load_body(raw)
     # nesting can't exceed the number of openers: only walk bodies that have enough of them
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and depth(body, MAX_DEPTH) > MAX_DEPTH:
         raise _bad(f"request body is nested deeper than {MAX_DEPTH} levels", None, "invalid_json")

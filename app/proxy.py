@@ -57,6 +57,11 @@ from .worker_calls import WorkerCalls
 from .workers.registry import ModelInfo, Registry, Snapshot, Worker
 
 log = logging.getLogger("tokengate.proxy")
+
+
+def _starting(model: str, snapshot: Snapshot) -> bool:
+    """A worker lists ``model`` (or will, once started) but none serves it yet."""
+    return any(model in w.models or model in w.expected_models for w in snapshot.workers)
 CLAMP_HEADER = b"x-tokengate-max-tokens-clamped"
 
 
@@ -238,8 +243,7 @@ class Proxy:
         ctx.stream = req.stream
         if not req.stream and self.settings.non_stream_upstream == "unary":
             req.upstream_stream = False  # the worker's own JSON answer, passed through (answer_unary)
-        if req.model in snapshot.models or any(req.model in w.models or req.model in w.expected_models
-                                               for w in snapshot.workers):
+        if req.model in snapshot.models or _starting(req.model, snapshot):
             rec.model = req.model
         check_policy(req, self.policy)
         info = self.model_info(req.model, snapshot)
@@ -314,7 +318,7 @@ class Proxy:
         drains), 502 when workers that never listed their models can't be reached, else 404."""
         info = snapshot.models.get(model)
         if info is None:
-            if any(model in w.models or model in w.expected_models for w in snapshot.workers):
+            if _starting(model, snapshot):
                 raise NoWorkerAvailable(f"no worker serving '{model}' is ready yet", retry_after=5)
             unlisted = [w for w in snapshot.workers if not w.models and not w.expected_models]
             if unlisted:  # workers that never listed their models: it may be theirs, so no 404

@@ -22,7 +22,7 @@ from .auth import check_access
 from .errors import GatewayError, NoWorkerAvailable, UpstreamStatus, render
 from .policy import TOKENIZE_FIELDS
 from .policy import check as check_policy
-from .protocol import Route, parse_request
+from .protocol import load_body, parse_request
 from .requestio import ClientGone, read_body, read_headers
 from .routing import candidates, placements
 
@@ -61,11 +61,8 @@ class Tokenize:
         region, _, length, authorization = read_headers(scope)
         principal = proxy.keys.authenticate(authorization)
         raw = await read_body(receive, length, s.max_body_bytes, s.body_timeout)
-        try:
-            route: Route = "chat" if "messages" in orjson.loads(raw) else "completions"
-        except (orjson.JSONDecodeError, TypeError):
-            route = "completions"  # (parse_request says what is wrong with it)
-        req = parse_request(route, raw)
+        request = load_body(raw)
+        req = parse_request("chat" if "messages" in request else "completions", raw, request)
         check_policy(req, proxy.policy, TOKENIZE_FIELDS)
         snapshot = proxy.registry.snapshot
         info = proxy.model_info(req.model, snapshot)

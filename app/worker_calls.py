@@ -58,8 +58,7 @@ class WorkerCalls:
             data = await resp.read(self.timeout, limit=64 * 1024 * 1024)
         finally:
             resp.release()
-        retry_after = next((v for k, v in resp.headers if k == b"retry-after"), None)
-        return resp.status, data, retry_after
+        return resp.status, data, resp.header(b"retry-after")
 
     def abort(self, worker: Worker, route: Route, request_id: str) -> None:
         """Fire and forget: tell the worker to drop ``request_id`` (vLLM names it chatcmpl-/cmpl-<id>)."""
