@@ -63,6 +63,15 @@ def test_repeated_failures_eject_for_a_backoff_but_never_the_last_one() -> None:
     assert a.routable(time.monotonic())
 
 
+def test_the_last_worker_of_a_region_is_never_ejected_for_a_peer_in_another_region() -> None:
+    # routing never crosses regions, so a healthy fr worker can't stand in for uae's only one
+    reg, (_fr, uae) = registry_with(("fr0", "fr", 0), ("uae0", "uae", 0))
+    for _ in range(5):
+        reg.record_failure(uae)
+    assert uae.routable(time.monotonic())
+    assert candidates(reg.snapshot, "m", ["uae"]) == (uae,)
+
+
 def test_thousands_of_failures_in_a_row_keep_the_backoff_at_its_cap() -> None:
     reg, (a, _) = registry_with(("a", "fr", 0), ("b", "fr", 0))
     for _ in range(1100):  # e.g. a worker resetting 1 100 pending calls at once: 2 ** 1098 overflowed a float

@@ -114,9 +114,12 @@ class Registry:
         if worker.consecutive_failures < self.eject_after:
             return
         now = time.monotonic()
-        peers = [w for m in worker.models for w in self._snapshot.by_model.get(m, ()) if w is not worker]
+        # peers: the workers a request for one of its models could go to instead, i.e. in its region (routing
+        # never crosses regions)
+        peers = [w for m in worker.models for w in self._snapshot.by_model.get(m, ())
+                 if w is not worker and w.region == worker.region]
         if not any(p.routable(now) for p in peers):
-            return  # never eject the last one: a struggling worker beats none
+            return  # never eject the last one of its region: a struggling worker beats none
         worker.ejected_until = now + doubling(self.eject_base, self.eject_max,
                                               worker.consecutive_failures - self.eject_after)
 
