@@ -152,14 +152,27 @@ class Proxy:
             await self._serve(route, raw, region, request_id, ctx, rec, send)
         except asyncio.CancelledError:
             if not ctx.client_gone or ctx.task is None:
-                # the server is stopping (drain deadline passed): say so in-band rather than truncate
+                # the server is stopping (drain deadline passed): say so, in-band once streaming, rather than
+                # truncate or leave it to uvicorn's plain-text 500
                 rec.status = 503
-                if ctx.begun() and not ctx.done:
+                if not ctx.done:
                     ctx.done = True
+                    shutdown = NoWorkerAvailable("the gateway is shutting down", code="gateway_shutdown")
                     with contextlib.suppress(Exception):
-                        await send({"type": "http.response.body", "more_body": False, "body": sse_event(
-                            NoWorkerAvailable("the gateway is shutting down", code="gateway_shutdown"))})
-                raise
+                        if ctx.begun():
+                            await send({"type": "http.response.body", "more_body": False,
+                                        "body": sse_event(shutdown)})
+                        else:
+                            status, headers, body = render(shutdown)
+                            await send({"type": "http.response.start", "status": status,
+                                        "headers": headers + ctx.headers})
+                            await send({"type": "http.response.body", "body": body, "more_body": False})
+                if ctx.task is None:
+                    raise
+                # answered: end as a request that was refused, not as an exception uvicorn logs with a traceback
+                # (uvicorn, which cancelled it at its shutdown deadline, does not wait for it)
+                ctx.task.uncancel()
+                return
             ctx.task.uncancel()
             self._client_gone(route, ctx, rec)
         except GatewayError as exc:

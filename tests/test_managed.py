@@ -36,7 +36,17 @@ from app.workers.registry import Registry
 from app.workers.supervisor import Supervisor, WorkerSpec
 from bench.fakeworker import ThreadedFakeWorker
 
-from .utils import GatewayProcess, free_port, gateway_process, metric_sum, open_request, run_gateway, scrape, wait_until
+from .utils import (
+    GatewayProcess,
+    free_port,
+    gateway_process,
+    metric_sum,
+    open_request,
+    read_response,
+    run_gateway,
+    scrape,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
@@ -438,6 +448,11 @@ def test_sigterm_drains_streams_then_stops_every_worker(fake_vllm: Path, tmp_pat
                                                               {**stream, "max_tokens": 1000})))
             for s in (short, long):
                 assert s.read_until(lambda s: len(s.events()) >= 2, 10) and s.status == 200
+            # and one that is not streamed (50 s), so its answer is still to come at the deadline
+            unary = stack.enter_context(contextlib.closing(open_request(
+                gw.url, "/v1/chat/completions", {**CHAT, "stream": False, "max_tokens": 1000})))
+            wait_until(lambda: metric_sum(scrape(gw.url + "/metrics"), "tokengate_requests_in_flight") >= 3, 5,
+                       "the unstreamed request in flight")
 
             os.kill(gw.proc.pid, signal.SIGTERM)
             t0 = time.monotonic()
@@ -458,6 +473,11 @@ def test_sigterm_drains_streams_then_stops_every_worker(fake_vllm: Path, tmp_pat
             err = orjson.loads(long.events()[-1])["error"]
             assert err["code"] == "gateway_shutdown" and set(err) == {"message", "type", "param", "code"}
             assert 2.0 <= cut_after <= 8.0
+            # the unstreamed one gets OpenAI's error shape with a 503, not uvicorn's plain-text 500
+            status, headers, body = read_response(unary, 10)
+            assert status == 503 and headers["content-type"] == "application/json", (status, body)
+            err = orjson.loads(body)["error"]
+            assert err["code"] == "gateway_shutdown" and set(err) == {"message", "type", "param", "code"}
 
             gw.proc.wait(30)  # then the workers get TERM and the gateway exits
             wait_until(lambda: not any(alive(p) for p in tree), 5, "every worker process gone")

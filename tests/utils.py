@@ -143,6 +143,25 @@ def open_request(url: str, path: str, body: dict[str, Any], headers: dict[str, s
     return sock
 
 
+def read_response(sock: socket.socket, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length off a socket from ``open_request``: status, headers, body."""
+    sock.settimeout(timeout)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        data = sock.recv(65536)
+        assert data, f"connection closed before a response head: {raw!r}"
+        raw += data
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+    length = int(headers["content-length"])
+    while len(body) < length:
+        data = sock.recv(65536)
+        assert data, f"connection closed {length - len(body)} bytes before the body's end"
+        body += data
+    return int(lines[0].split()[1]), headers, body
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
