@@ -10,7 +10,7 @@ import hmac
 import os
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -63,39 +63,54 @@ async def readyz(state: State) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+RegionQuery = Annotated[str | None, Query(max_length=64)]
+RegionHeader = Annotated[str | None, Header(max_length=64)]
+
+
 @router.get("/v1/models", tags=["openai"])
-async def list_models(request: Request, state: State,
-                      region: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+async def list_models(request: Request, state: State, region: RegionQuery = None,
+                      x_tokengate_region: RegionHeader = None) -> dict[str, Any]:
     """Every model a ready worker serves that the caller's key may use, with the context cap the gateway enforces
-    (the key's own, if lower) as ``max_model_len``."""
-    return {"object": "list", "data": _model_cards(request, state, region)}
+    (the key's own, if lower) as ``max_model_len``. With a region (``?region=``, else ``x-tokengate-region`` as
+    generation requests send it): only what a request for that region would reach (its fallbacks included)."""
+    return {"object": "list", "data": _model_cards(request, state, region or x_tokengate_region)}
 
 
 @router.get("/v1/models/{model:path}", tags=["openai"])
-async def retrieve_model(model: str, request: Request, state: State,
-                         region: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+async def retrieve_model(model: str, request: Request, state: State, region: RegionQuery = None,
+                         x_tokengate_region: RegionHeader = None) -> dict[str, Any]:
     """One model's card, as in ``/v1/models`` (the openai SDK's ``models.retrieve``); 404 when the key can't see
     it."""
-    for card in _model_cards(request, state, region):
+    for card in _model_cards(request, state, region or x_tokengate_region):
         if card["id"] == model:
             return card
     raise ModelNotFound(f"The model `{model[:256]}` does not exist.", param="model")
 
 
 def _model_cards(request: Request, state: AppState, region: str | None) -> list[dict[str, Any]]:
+    """The cards of the models a request could use: with a region, those the region or its fallbacks serve, else
+    every one."""
     principal = state.proxy.keys.authenticate(request.headers.get("authorization"))
     snapshot = state.registry.snapshot
+    region = (region or "").strip() or None
+    route = None if region is None else [region, *state.proxy.fallback_regions.get(region, ())]
     data = []
     for mid in sorted(snapshot.models):
         if not principal.allows_model(mid):
             continue
         workers = snapshot.by_model.get(mid, ())
         regions = sorted(r for r in {w.region for w in workers} if principal.allows_region(r))
-        if not regions or (region is not None and region not in regions):
+        # the caps of the presets a request would meet: those of the first region of its route that serves the
+        # model (as routing picks), or without a region the tightest of every allowed region's
+        if route is not None:
+            serving = next((r for r in route if r in regions), None)
+            if serving is None:
+                continue
+            pool = [w for w in workers if w.region == serving]
+        elif regions:
+            pool = [w for w in workers if w.region in regions]
+        else:
             continue
-        # the caps of the presets a request would meet: the region's, or the tightest of every allowed region's
-        pool = [w for w in workers if w.region == region] if region is not None else \
-            [w for w in workers if w.region in regions]
         caps = principal.caps.apply(state.proxy.caps_for(mid, snapshot.models[mid], placement_names(pool),
                                                          series=False))
         data.append({

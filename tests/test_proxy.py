@@ -596,6 +596,25 @@ def test_region_header(worker: ThreadedFakeWorker) -> None:
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region"
 
 
+def test_models_list_follows_the_region_a_request_would_use() -> None:
+    with ThreadedFakeWorker(model="tiny") as fr, ThreadedFakeWorker(model="other") as uae, \
+            run_gateway(Settings(upstream=[f"fr/h100-1x={fr.url}", f"uae/h100-1x={uae.url}"], region="fr",
+                                 region_fallbacks=["de=uae"], discovery_interval=60.0), ready_timeout=20) as gw:
+        def ids(headers: dict[str, str] | None = None, query: str = "") -> list[str]:
+            r = httpx.get(gw.base + "/models" + query, headers=headers)
+            assert r.status_code == 200, r.text
+            return [m["id"] for m in r.json()["data"]]
+
+        assert ids() == ["other", "tiny"]  # no region: the union
+        assert ids({"x-tokengate-region": "fr"}) == ["tiny"]  # as a generation request with this header routes
+        assert ids({"x-tokengate-region": "uae"}) == ["other"]
+        assert ids({"x-tokengate-region": "de"}) == ["other"]  # through its fallback
+        assert ids({"x-tokengate-region": "mars"}) == []
+        assert ids({"x-tokengate-region": "fr"}, "?region=uae") == ["other"]  # the query names it first
+        r = httpx.get(gw.base + "/models/other", headers={"x-tokengate-region": "fr"})
+        assert r.status_code == 404, r.text
+
+
 def test_a_client_that_stops_reading_is_dropped_and_the_worker_request_aborted(worker: ThreadedFakeWorker) -> None:
     worker.options.max_tokens_limit = worker.options.max_model_len = 100_000
     with gateway(worker, write_timeout=1.0, max_tokens_cap=50_000) as gw:
