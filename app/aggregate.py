@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
-from .errors import GatewayError, UpstreamStatus
+from .errors import in_band_error
 from .sse import Seen
 from .upstream import UpstreamProtocolError
 
@@ -136,7 +136,7 @@ class StreamAggregator:
 
     def add(self, chunk: dict[str, Any]) -> None:
         if "error" in chunk:
-            raise _worker_error(chunk["error"])
+            raise in_band_error(chunk["error"])
         for key in ("id", "created", "model"):
             if key not in self.head and key in chunk:
                 self.head[key] = chunk[key]
@@ -271,17 +271,6 @@ class StreamAggregator:
         }
         doc.update(self.extra)
         return doc
-
-
-def _worker_error(err: Any) -> GatewayError:
-    status = 500
-    if isinstance(err, dict) and isinstance(err.get("code"), int) and 400 <= err["code"] < 600:
-        status = err["code"]
-    try:
-        body = orjson.dumps({"error": err})
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads 1 024 levels, writes 254)
-        body = b""
-    return UpstreamStatus(status, body)
 
 
 def events(data: bytes) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ both as an HTTP body (before the first byte) and as one in-band SSE event (after
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import orjson
 
@@ -172,6 +172,19 @@ class UpstreamStatus(GatewayError):
         return {
             "error": {"message": self.message, "type": self.worker_type, "param": self.param, "code": self.worker_code}
         }
+
+
+def in_band_error(err: Any) -> UpstreamStatus:
+    """The error object of a worker's in-band error event (``data: {"error": ...}``), as the status it stands for:
+    its code where that is an HTTP error status (vLLM's are), else 500."""
+    status = 500
+    if isinstance(err, dict) and type(err.get("code")) is int and 400 <= err["code"] < 600:
+        status = err["code"]
+    try:
+        body = orjson.dumps({"error": err})
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads 1 024 levels, writes 254)
+        body = b""
+    return UpstreamStatus(status, body)
 
 
 def _parse_worker_error(body: bytes, status: int) -> tuple[str, str | None, str | int | None, str]:

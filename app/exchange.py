@@ -187,8 +187,7 @@ async def answer_collected(req: ParsedRequest, first: bytes | None, ex: Exchange
         except orjson.JSONEncodeError:  # a field nested deeper than orjson writes (it reads 1 024 levels, writes 254)
             raise UpstreamProtocolError("worker sent an answer nested too deep to pass on") from None
     except GatewayError as exc:
-        if not isinstance(exc, UpstreamStatus):
-            _count_error(metrics, ex, exc)
+        _count_error(metrics, ex, exc)  # (an UpstreamStatus here is the worker's own in-band error event)
         raise
     rec.streamed = False
     record_tokens(rec, st, ex.decision)

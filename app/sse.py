@@ -96,6 +96,7 @@ class SSEState:
     content_events: int = 0
     saw_done: bool = False
     saw_error: bool = False
+    error: bytes = b""  # the JSON of the worker's own error event, which ends the stream (vLLM sends [DONE] after it)
     chunks: int = 0
     relay_seconds: float = 0.0
     _pending: bytes = field(default=b"", repr=False)
@@ -114,7 +115,11 @@ class SSEParser:
         self.take = take  # or, first, the JSON of an event, which it takes whole if it can (aggregate.take)
 
     def feed(self, chunk: bytes, now: float) -> bytes:
+        """The complete events of ``chunk`` (and of what was pending) to pass on. After the worker's own error event
+        nothing more is: the stream has failed, and vLLM's ``[DONE]`` after it would make it look finished."""
         st = self.state
+        if st.saw_error:
+            return b""
         data = st._pending + chunk if st._pending else chunk
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
@@ -132,7 +137,11 @@ class SSEParser:
             out = data[: end + 2]
             st._pending = data[end + 2:]
         if data.find(b"\n\n") == end:  # one event: how a paced stream's reads come
-            return b"" if self._drop(out[:end], now) else out
+            if self._drop(out[:end], now):
+                return b""
+            if st.saw_error:
+                st._pending = b""
+            return out
         kept: list[bytes] | None = None
         events = out.split(b"\n\n")
         events.pop()  # out ends with the separator
@@ -143,6 +152,11 @@ class SSEParser:
                     kept = events[:i]
             elif kept is not None:
                 kept.append(event)
+            if st.saw_error:  # the last event passed on
+                st._pending = b""
+                if kept is None:
+                    kept = events[: i + 1]
+                break
         if kept is None:
             return out
         return b"".join(e + b"\n\n" for e in kept)
@@ -167,6 +181,7 @@ class SSEParser:
             else:
                 if ev.error is not msgspec.UNSET:
                     self.state.saw_error = True
+                    self.state.error = payload
                     return False
                 choices = ev.choices
                 return self._learn(ev.usage, bool(choices), _event_has_content(choices) if choices else False, now)
@@ -209,6 +224,7 @@ class SSEParser:
             self.sink(obj)
         if "error" in obj:
             st.saw_error = True
+            st.error = payload
             return False
         usage = obj.get("usage")
         return self._learn(usage if isinstance(usage, dict) else None, bool(obj.get("choices")), _has_content(obj),

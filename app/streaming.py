@@ -1,5 +1,6 @@
 """SSE relay: forward worker bytes as they arrive, cut at event boundaries (``sse.SSEParser``), and end every
-stream either with the worker's ``[DONE]`` or with an in-band error event — never cut short silently.
+stream either with the worker's ``[DONE]`` or with an in-band error event — never cut short silently. The worker's
+own error event ends a stream as failed: vLLM follows it with ``[DONE]``, which is not passed on.
 
 Two ways to relay: ``relay`` over the ASGI ``send``, and ``open_splice`` in the worker connection's own callbacks,
 writing straight to the client's (``ClientWriter``); ``collect`` reads a whole stream for a
@@ -14,9 +15,11 @@ from collections.abc import Awaitable, Callable
 from time import monotonic, perf_counter
 from typing import Any
 
+import orjson
+
 from .clientwriter import ClientWriter
-from .errors import GatewayError, UpstreamError, UpstreamTimeout, sse_event
-from .sse import SSEParser
+from .errors import GatewayError, UpstreamError, UpstreamTimeout, in_band_error, sse_event
+from .sse import SSEParser, SSEState
 from .upstream import UpstreamProtocolError, UpstreamResponse
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -25,6 +28,15 @@ log = logging.getLogger("tokengate.streaming")
 
 def _truncated() -> UpstreamProtocolError:
     return UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
+
+
+def _worker_failed(st: SSEState) -> GatewayError:
+    """The error event the worker sent (already passed on, the stream's last), as the failure it reports."""
+    try:
+        doc = orjson.loads(st.error)
+    except orjson.JSONDecodeError:  # the parser read it as JSON: not reached
+        doc = None
+    return in_band_error(doc.get("error") if isinstance(doc, dict) else None)
 
 
 async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: Send, *, idle_timeout: float
@@ -40,6 +52,11 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
         except GatewayError as exc:
             await send({"type": "http.response.body", "body": sse_event(exc), "more_body": False})
             return exc
+        if st.saw_error:
+            await send({"type": "http.response.body", "body": out, "more_body": False})
+            st.chunks += 1
+            st.relay_seconds += perf_counter() - t0
+            return _worker_failed(st)
         if st.saw_done:
             await send({"type": "http.response.body", "body": out, "more_body": False})
             st.chunks += 1
@@ -166,8 +183,9 @@ class _Reader:
             internal = GatewayError("internal error in the gateway")
             self._finish(internal, sse_event(internal))
             return
-        if self.parser.state.saw_done:
-            self._finish(None, out)
+        st = self.parser.state
+        if st.saw_done or st.saw_error:
+            self._finish(_worker_failed(st) if st.saw_error else None, out)
             return
         self.last_read = self.loop.time()
         if out:

@@ -10,11 +10,12 @@ Token count: ``tokens`` if set, else the request's ``max_tokens``/``max_completi
 never more than the request's ``max_tokens`` nor ``max_tokens_limit``.  ``finish_reason`` is ``"length"`` when the
 request's ``max_tokens`` was reached, ``"stop"`` otherwise.
 
-Fault injection (generation endpoints only; the rest keep working so the worker still looks healthy):
-``status`` answers every generation request with an OpenAI-shaped error of that status; ``fail_after_chunks=K``
-closes the socket after K SSE events (a worker dying mid-stream; K=0: right after the headers);
-``stall_after_chunks=K`` stops after K events and keeps the socket open; ``malformed`` inserts one non-JSON
-``data:`` event mid-stream.  ``idle_timeout`` closes keep-alive connections idle that long (uvicorn's is 5 s).
+Fault injection (generation endpoints only; the rest keep working so the worker still looks healthy): ``status``
+answers every generation request with an OpenAI-shaped error of that status; ``fail_after_chunks=K`` closes the
+socket after K SSE events (a worker dying mid-stream; K=0: right after the headers); ``stall_after_chunks=K`` stops
+after K events and keeps the socket open; ``error_after_chunks=K`` sends an in-band error event after K events and
+then ``[DONE]``, as vLLM does when generation fails mid-stream; ``malformed`` inserts one non-JSON ``data:`` event
+mid-stream. ``idle_timeout`` closes keep-alive connections idle that long (uvicorn's is 5 s).
 
 ``/stats`` counts generation requests only: requests, completed, aborted (client went away before the end),
 failed (injected faults), in_flight, plus connection and token totals.
@@ -75,6 +76,7 @@ class FakeWorkerOptions:
     max_model_len: int = 2048
     fail_after_chunks: int | None = None
     stall_after_chunks: int | None = None
+    error_after_chunks: int | None = None
     status: int | None = None
     retry_after: int | None = None  # with ``status``: a Retry-After header on the error
     tokenize: bool = True  # False: no POST /tokenize (404), as on servers that aren't vLLM
@@ -354,7 +356,8 @@ class _Conn(asyncio.Protocol):
         if isinstance(so, dict) and so.get("include_usage") is True:
             tail.insert(0, _sse({"id": script.rid, "object": script.obj, "created": script.created, "model": model,
                                  "choices": [], "usage": usage, "system_fingerprint": _FINGERPRINT}))
-        faulty = opts.malformed or opts.fail_after_chunks is not None or opts.stall_after_chunks is not None
+        faulty = (opts.malformed or opts.fail_after_chunks is not None or opts.stall_after_chunks is not None
+                  or opts.error_after_chunks is not None)
         if not faulty and opts.ttft <= 0 and opts.token_delay <= 0:  # fast path: one write
             assert self.transport is not None
             self.transport.write(b"".join((_SSE_HEAD, b"\r\n" if keep_alive else b"connection: close\r\n\r\n",
@@ -474,6 +477,12 @@ def _faulty_steps(script: _Script, chat: bool, tail: list[bytes], opts: FakeWork
         mid = len(groups) // 2
         groups[mid] = [_frame(b'data: {"id": "broken", not json\n\n'), *groups[mid]]
     limit, end = None, "finish"
+    if opts.error_after_chunks is not None:  # vLLM's stream generator: the error event, then [DONE] all the same
+        events = [e for g in groups for e in g if e != _DONE][: opts.error_after_chunks]
+        error = _frame(b'data: ' + orjson.dumps({"error": {
+            "message": "injected engine failure", "type": "InternalServerError", "param": None, "code": 500}})
+            + b"\n\n")
+        return [b"".join(events), b"".join((error, _DONE, _TERM))], "finish"
     if opts.fail_after_chunks is not None:
         limit, end = opts.fail_after_chunks, "close"
     elif opts.stall_after_chunks is not None:
@@ -691,6 +700,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--fail-after-chunks", type=int, default=None, help="close the socket after K SSE events")
     p.add_argument("--stall-after-chunks", type=int, default=None, help="stop after K SSE events, keep socket open")
+    p.add_argument("--error-after-chunks", type=int, default=None,
+                   help="after K SSE events an in-band error event, then [DONE] (as vLLM ends a failed stream)")
     p.add_argument("--status", type=int, default=None, help="answer every generation request with this error")
     p.add_argument("--retry-after", type=int, default=None, help="with --status: a Retry-After header of S seconds")
     p.add_argument("--no-tokenize", dest="tokenize", action="store_false",

@@ -72,43 +72,53 @@ class Stream:
     raw: bytes  # the events with their separators, as a worker sends them
     content: int  # events with content the parser must count
     usage: dict[str, Any] | None  # the last usage seen
-    done: bool  # ends with [DONE]
+    done: bool  # ends with [DONE] (passed on)
 
 
 @st.composite
 def sse_streams(draw: st.DrawFn, *, crlf: bool = False, blank_lines: bool = False) -> Stream:
     """A valid stream. Separators are two line ends, each LF or (``crlf``) CRLF, and with ``blank_lines`` extra
-    empty lines (valid SSE: an empty line dispatches nothing)."""
+    empty lines (valid SSE: an empty line dispatches nothing). An error event ends what is passed on: what the
+    worker sends after it (vLLM: ``[DONE]``) is not."""
+    lines: list[bytes] = []
     sent: list[bytes] = []
     kept: list[bytes] = []
     content = 0
     usage: dict[str, Any] | None = None
+    failed = False
     for _ in range(draw(st.integers(0, 8))):
         kind = draw(st.sampled_from(["data", "data", "data", "usage", "field"]))
+        has = False
+        obj: dict[str, Any] = {}
         if kind == "field":
             line = draw(_FIELD_LINES)
         else:
             prefix = draw(st.sampled_from([b"data: ", b"data:"]))
             if kind == "usage":
-                u = draw(_USAGE)
-                obj: dict[str, Any] = {"id": "x", "choices": [], "usage": u}
-                usage = u
+                obj = {"id": "x", "choices": [], "usage": draw(_USAGE)}
             else:
                 obj, has = draw(_content)
-                content += has
-                if "usage" in obj:
-                    usage = obj["usage"]
             line = prefix + orjson.dumps(obj)
+        lines.append(line)
+        if failed:
+            continue
+        content += has
+        if "usage" in obj:
+            usage = obj["usage"]
         sent.append(line)
         if kind != "usage":
             kept.append(line)
+        failed = "error" in obj
     done = draw(st.booleans())
     if done:
-        sent.append(b"data: [DONE]")
-        kept.append(b"data: [DONE]")
+        lines.append(b"data: [DONE]")
+        if not failed:
+            sent.append(b"data: [DONE]")
+            kept.append(b"data: [DONE]")
+    done = done and not failed
     ends = st.sampled_from([b"\n", b"\r\n"]) if crlf else st.just(b"\n")
     raw = []
-    for line in sent:
+    for line in lines:
         extra = draw(st.integers(0, 2)) if blank_lines else 0
         raw.append(line + b"".join(draw(ends) for _ in range(2 + extra)))
     return Stream(sent, kept, b"".join(raw), content, usage, done)

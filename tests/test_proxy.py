@@ -22,6 +22,7 @@ from bench.fakeworker import ThreadedFakeWorker
 from .utils import metric_sum, open_request, run_gateway, scrape, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
+COMPLETION = {"model": "tiny", "prompt": "hello there", "max_tokens": 8}
 
 
 def events(text: str) -> list[str]:
@@ -157,6 +158,25 @@ def test_worker_dying_mid_stream_is_one_in_band_error_and_no_fake_finish(worker:
         assert len(evs) == 4 + 1
         samples = scrape(gw.url + "/metrics")
         assert metric_sum(samples, "tokengate_upstream_errors_total", kind="closed") == 1
+
+
+def test_a_worker_error_event_ends_the_stream_as_failed_even_with_done_after_it(worker: ThreadedFakeWorker) -> None:
+    """vLLM ends a stream whose generation failed with its error event and then ``[DONE]``: the client must not
+    get the ``[DONE]`` (a failed stream that looks finished), and the request counts as failed."""
+    with gateway(worker) as gw:
+        worker.options.error_after_chunks = 3
+        for route, body in (("/chat/completions", CHAT), ("/completions", COMPLETION)):
+            r = httpx.post(gw.base + route, json=body, timeout=10)
+            assert r.status_code == 200
+            evs = events(r.text)
+            assert "[DONE]" not in evs, evs
+            assert len(evs) == 3 + 1 and orjson.loads(evs[-1])["error"]["message"] == "injected engine failure"
+        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+        assert r.status_code == 500 and r.json()["error"]["message"] == "injected engine failure"
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_requests_total", status="500") == 3
+        assert metric_sum(samples, "tokengate_requests_total", status="200") == 0
+        assert metric_sum(samples, "tokengate_upstream_errors_total", kind="status_5xx") == 3
 
 
 def test_worker_going_silent_mid_stream_hits_the_idle_timeout(worker: ThreadedFakeWorker) -> None:

@@ -12,7 +12,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from app.errors import GatewayError, UpstreamTimeout
+from app.errors import GatewayError, UpstreamStatus, UpstreamTimeout, status_of
 from app.sse import SSEParser
 from app.streaming import RelayBatch, Splice, collect, open_splice, relay
 from app.upstream import UpstreamClosed, UpstreamProtocolError, UpstreamResponse
@@ -198,6 +198,19 @@ async def test_a_worker_that_dies_mid_stream_ends_it_with_an_in_band_error(style
     assert body.startswith(ROLE + TOK[0])
     last = orjson.loads(body[len(ROLE + TOK[0]):].removeprefix(b"data: "))
     assert last["error"]["code"] == "worker_disconnected" and DONE not in body
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("split", [False, True])
+@in_loop
+async def test_the_worker_s_own_error_event_ends_the_stream_without_its_done(style: str, split: bool) -> None:
+    # vLLM, when generation fails mid-stream: the error event, then [DONE]
+    error = b'data: {"error":{"message":"engine died","type":"InternalServerError","param":null,"code":500}}\n\n'
+    pieces = [ROLE, TOK[0], error, DONE] if split else [ROLE, TOK[0] + error + DONE]
+    body, ended, err, parser = await run_relay(style, FakeResponse(pieces))
+    assert (body, ended) == (ROLE + TOK[0] + error, True)
+    assert isinstance(err, UpstreamStatus) and status_of(err) == 500 and err.message == "engine died"
+    assert parser.state.saw_error and not parser.state.saw_done
 
 
 @pytest.mark.parametrize("style", STYLES)
