@@ -19,7 +19,7 @@ from .protocol import ParsedRequest, Route
 from .routing import affinity_for, pick
 from .settings import Settings
 from .streaming import RelayBatch
-from .upstream import UpstreamPool
+from .upstream import UpstreamPool, UpstreamProtocolError
 from .worker_calls import WorkerCalls
 from .workers.registry import Registry, Worker
 
@@ -31,6 +31,14 @@ _UNREACHABLE = ("worker_unreachable", "worker_connect_timeout", "worker_disconne
 def _after_send(exc: GatewayError) -> bool:
     """A timeout after the request reached the worker (not while connecting): it may still be working on it."""
     return isinstance(exc, UpstreamTimeout) and exc.error_code != "worker_connect_timeout"
+
+
+def _check_event_stream(content_type: bytes | None) -> None:
+    """A streamed request's 200 must be an event stream: an HTML page or a whole JSON answer from something that
+    is not (or not quite) vLLM is a bad worker response, refused before anything reaches the client."""
+    if content_type is not None and not content_type.lower().startswith(b"text/event-stream"):
+        kind = content_type.decode("latin-1").split(";")[0].strip()[:64]
+        raise UpstreamProtocolError(f"worker answered a streamed request with '{kind}', not an event stream")
 
 
 class Dispatcher:
@@ -101,6 +109,8 @@ class Dispatcher:
                     resp.release()
                     ctx.resp = None
                     raise UpstreamStatus(resp.status, data, resp.header(b"retry-after"))
+                if req.upstream_stream:
+                    _check_event_stream(resp.header(b"content-type"))
                 first = None
                 if early:
                     await open_relay(req, ctx, worker, first_timeout=s.read_timeout,

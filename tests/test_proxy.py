@@ -337,6 +337,7 @@ class _TrickleWorker:
         self.chunks = _stream_chunks() if chunks is None else chunks
         self.tokenize = b'{"count":5}'
         self.chat_status = 200  # anything else: that status line, with an OpenAI-shaped error body
+        self.chat_type: bytes | None = None  # a 200 of this content type whose body is "{}" (not an event stream)
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -370,6 +371,8 @@ class _TrickleWorker:
             elif path == b"/v1/chat/completions" and self.chat_status != 200:
                 err = orjson.dumps({"error": {"message": "odd", "type": "x", "param": None, "code": self.chat_status}})
                 writer.write(b"HTTP/1.1 %d Odd\r\ncontent-length: %d\r\n\r\n%b" % (self.chat_status, len(err), err))
+            elif path == b"/v1/chat/completions" and self.chat_type is not None:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\ncontent-length: 2\r\n\r\n{}" % self.chat_type)
             elif path == b"/v1/chat/completions":
                 assert orjson.loads(body)["stream"] is True
                 sse = b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"  # (any depth)
@@ -479,6 +482,18 @@ def test_a_worker_status_that_is_no_error_status_is_a_502(status: int) -> None:
         assert r.json()["error"]["message"] == "odd"
         w.chat_status = 418
         assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 418  # errors pass
+
+
+@pytest.mark.parametrize("content_type", [b"text/html; charset=utf-8", b"application/json"])
+def test_a_streamed_request_answered_with_no_event_stream_is_a_502_before_anything_is_sent(content_type: bytes
+                                                                                            ) -> None:
+    with _TrickleWorker(4096) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
+        w.chat_type = content_type
+        r = httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 502 and r.headers["content-type"] == "application/json", r.text
+        err = r.json()["error"]
+        assert err["code"] == "bad_worker_response" and content_type.split(b";")[0].decode() in err["message"]
+        assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_upstream_errors_total", kind="protocol") == 1
 
 
 @pytest.mark.parametrize("count", [b"-100", b"1e3", b"true", b"10" * 200])
