@@ -39,7 +39,7 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "tokenizers",
                    "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
                    "header_timeout", "body_timeout", "write_timeout", "workers", "non_stream_upstream",
-                   "busy_poll")
+                   "busy_poll", "dry_run")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -148,8 +148,8 @@ def _serve_parser(sub: Any) -> None:
                                                   "[TOKENGATE_STATE_DIR]")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="[TOKENGATE_LOG_LEVEL]")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the exact worker command lines and environment, start nothing")
+    p.add_argument("--dry-run", action="store_true", default=None,
+                   help="print the exact worker command lines and environment, start nothing [TOKENGATE_DRY_RUN]")
     p.set_defaults(func=cmd_serve)
 
 
@@ -220,11 +220,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         catalog = load_catalog([builtin_presets_dir(), *settings.presets])
-        deployment = plan_deployment(settings, catalog, dry_run=args.dry_run)
+        deployment = plan_deployment(settings, catalog, dry_run=settings.dry_run)
     except (PresetError, PlanError, LookupError) as exc:
         print(f"tokengate serve: {exc}", file=sys.stderr)
         return 2
-    if args.dry_run:
+    if settings.dry_run:
         for note in deployment.notes:
             print(note if note.startswith("#") else f"# {note}")
         print(describe(deployment.specs) if deployment.specs else "# no managed workers")

@@ -148,6 +148,7 @@ class Settings(BaseSettings):
                                                            "CPU core per process for the wake-up latency of an "
                                                            "idle one; 0 = off")
     gc_freeze: bool = Field(True, description="move start-up objects out of the garbage collector's reach")
+    dry_run: bool = Field(False, description="print the worker command lines and environment, start nothing")
     admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False

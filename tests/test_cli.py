@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app import __version__
-from app.cli import build_parser, main, settings_from_args
+from app.cli import _SETTINGS_FLAGS, build_parser, main, settings_from_args
 from app.settings import Settings
 
 
@@ -52,6 +52,23 @@ def test_every_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch)
     # flags win over the environment
     assert settings(["--port", "9002", "--cap-policy", "clamp"]).port == 9002
     assert settings(["--cap-policy", "clamp"]).cap_policy == "clamp"
+
+
+def test_every_serve_flag_names_its_environment_variable_and_reads_it() -> None:
+    serve = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+                 if a.prog.endswith(" serve"))
+    for action in serve._actions:
+        if action.dest == "help":
+            continue
+        env = "TOKENGATE_" + action.dest.upper()
+        assert f"[{env}" in (action.help or ""), (action.option_strings, action.help)
+        assert action.dest in _SETTINGS_FLAGS and action.dest in Settings.model_fields, action.dest
+
+
+def test_dry_run_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TOKENGATE_DRY_RUN", "1")
+    assert main(["serve", "--upstream", "http://127.0.0.1:9"]) == 0  # it would have started serving
+    assert capsys.readouterr().out.strip() == "# no managed workers"
 
 
 def test_the_default_region_is_the_one_every_upstream_names() -> None:
