@@ -27,9 +27,15 @@ class GatewayApp(FastAPI):
         self.fast_routes = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            handler = self.fast_routes.get(scope["path"])
-            if handler is not None:
-                await handler(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            method = scope["method"]
+            if method == "POST":
+                handler = self.fast_routes.get(scope["path"])
+                if handler is not None:
+                    await handler(scope, receive, send)
+                    return
+            elif method == "HEAD" and scope["path"] not in self.fast_routes:
+                # HEAD is GET without the body (RFC 9110 9.3.2; load balancers check health with it): the app
+                # answers as for GET, and the server, whose own scope still says HEAD, leaves the body out
+                scope = {**scope, "method": "GET"}
         await super().__call__(scope, receive, send)

@@ -77,6 +77,20 @@ def ok(gw: Any) -> bool:
     return httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=5).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/models", "/metrics", "/status"])
+def test_head_is_get_without_the_body(gw: Any, path: str) -> None:
+    got = httpx.get(gw.url + path)
+    with connect(gw) as sock:
+        # HEAD then GET on one connection: the HEAD answer has GET's status and length, and no body bytes between
+        sock.sendall(f"HEAD {path} HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n"
+                     "connection: close\r\n\r\n".encode())
+        first, _, rest = read_all(sock).partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 %d " % got.status_code), first
+    assert b"content-length: " in first.lower()
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'{"status":"ok"}'), rest[:200]
+    assert httpx.head(gw.url + "/v1/chat/completions").status_code == 405  # generation routes: POST only
+
+
 def test_headers_trickled_byte_by_byte_get_408_and_others_are_served(gw: Any) -> None:
     sock = connect(gw)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
