@@ -196,22 +196,23 @@ def advise_all(series: Mapping[Key, Sequence[tuple[float, Signals]]], *, catalog
 def signals_from_series(series: Mapping[str, Mapping[tuple[str, ...], Sequence[tuple[float, float]]]]
                         ) -> dict[Key, list[tuple[float, Signals]]]:
     """Prometheus range-query results, one per signal name: {signal: {labels key: [(t, v)]}}. Keys are
-    (region, preset, model), or (model,) for the per-model clamp/rejection signals, joined on model."""
+    (region, preset, model), or (region, model) for the cap signals (caps are decided per model x region pool),
+    joined on those two."""
     per_key: dict[Key, dict[float, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    per_model: dict[str, dict[float, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    per_pool: dict[tuple[str, str], dict[float, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for name, by_key in series.items():
         for labels, values in by_key.items():
             for t, v in values:
                 if math.isnan(v) or math.isinf(v):
                     continue
-                if len(labels) == 1:
-                    per_model[labels[0]][t][name] = v
+                if len(labels) == 2:
+                    per_pool[(labels[0], labels[1])][t][name] = v
                 elif len(labels) == 3 and labels[1]:
                     per_key[(labels[0], labels[1], labels[2])][t][name] = v
     out: dict[Key, list[tuple[float, Signals]]] = {}
     for key, by_t in per_key.items():
-        model_values = per_model.get(key[2], {})
-        out[key] = [(t, Signals(**{**model_values.get(t, {}), **by_t[t]})) for t in sorted(by_t)]
+        pool_values = per_pool.get((key[0], key[2]), {})
+        out[key] = [(t, Signals(**{**pool_values.get(t, {}), **by_t[t]})) for t in sorted(by_t)]
     return out
 
 
@@ -272,22 +273,24 @@ def signals_from_scrapes(before: Scrape, after: Scrape, dt: float, now: float) -
     pre0 = _sum(before, "vllm:num_preemptions_total", _BY, rename=_VLLM)
     pre1 = _sum(after, "vllm:num_preemptions_total", _BY, rename=_VLLM)
     in_flight = _sum(after, "tokengate_requests_in_flight", _BY)
-    m_req0, m_req1 = (_sum(s, "tokengate_requests_total", ("model",)) for s in (before, after))
-    m_clamp0, m_clamp1 = (_sum(s, "tokengate_cap_clamps_total", ("model",)) for s in (before, after))
-    m_rej0, m_rej1 = (_sum(s, "tokengate_cap_rejections_total", ("model",)) for s in (before, after))
+    # caps are decided per pool (model x region): one region's clamps say nothing of another's
+    by_pool = ("region", "model")
+    m_req0, m_req1 = (_sum(s, "tokengate_requests_total", by_pool) for s in (before, after))
+    m_clamp0, m_clamp1 = (_sum(s, "tokengate_cap_clamps_total", by_pool) for s in (before, after))
+    m_rej0, m_rej1 = (_sum(s, "tokengate_cap_rejections_total", by_pool) for s in (before, after))
     out: dict[Key, Signals] = {}
     for k in sorted(set(req1) | set(ttft1)):
         if not k[1]:
             continue  # answered before routing: no preset to judge
         key: Key = (k[0], k[1], k[2])
-        (model,) = k[2:]
+        pool = (k[0], k[2])
         ttft_now = _quantile(0.95, ttft1.get(key, {}), ttft0.get(key))
         tps_now = _quantile(0.5, tps1.get(key, {}), tps0.get(key))
         rate_now = (req1.get(k, 0.0) - req0.get(k, 0.0)) / dt if dt > 0 else None
         start = created.get(k)
         rate_before = req0[k] / (now - dt - start) if k in req0 and start and now - dt - start > 0 else None
-        d_req = m_req1.get((model,), 0.0) - m_req0.get((model,), 0.0)
-        d_clamp = m_clamp1.get((model,), 0.0) - m_clamp0.get((model,), 0.0)
+        d_req = m_req1.get(pool, 0.0) - m_req0.get(pool, 0.0)
+        d_clamp = m_clamp1.get(pool, 0.0) - m_clamp0.get(pool, 0.0)
         out[key] = Signals(
             ttft_p95=ttft_now,
             ttft_p95_ratio=_ratio(ttft_now, _quantile(0.95, ttft0.get(key, {}))),
@@ -299,7 +302,7 @@ def signals_from_scrapes(before: Scrape, after: Scrape, dt: float, now: float) -
             waiting=waiting.get(k),
             preemption_rate=(pre1[k] - pre0.get(k, 0.0)) / dt if k in pre1 and dt > 0 else None,
             clamp_ratio=d_clamp / d_req if d_req > 0 else None,
-            rejection_rate=(m_rej1.get((model,), 0.0) - m_rej0.get((model,), 0.0)) / dt if dt > 0 else None,
+            rejection_rate=(m_rej1.get(pool, 0.0) - m_rej0.get(pool, 0.0)) / dt if dt > 0 else None,
             in_flight=in_flight.get(k),
         )
     return out

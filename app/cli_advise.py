@@ -44,7 +44,7 @@ EXIT_UNREACHABLE = 3
 DEFAULT_METRICS = "http://127.0.0.1:8080/metrics"
 _BY = "region, preset, model"
 _MODEL = '"model", "$1", "model_name", "(.+)"'  # vLLM names it model_name; the gateway's series say model
-PER_MODEL = frozenset({"clamp_ratio", "rejection_rate"})  # cap metrics carry model only: joined on it
+PER_POOL = frozenset({"clamp_ratio", "rejection_rate"})  # caps are per model x region pool: joined on those
 
 
 def duration(text: str) -> float:
@@ -105,9 +105,9 @@ def prometheus_queries(offset_s: float) -> dict[str, str]:
         "kv_cache_usage": f"max by ({_BY}) (label_replace(vllm:kv_cache_usage_perc, {_MODEL}))",
         "waiting": f"sum by ({_BY}) (label_replace(vllm:num_requests_waiting, {_MODEL}))",
         "preemption_rate": f"sum by ({_BY}) (label_replace(rate(vllm:num_preemptions_total[5m]), {_MODEL}))",
-        "clamp_ratio": "sum by (model) (rate(tokengate_cap_clamps_total[5m])) "
-                       "/ sum by (model) (rate(tokengate_requests_total[5m]))",
-        "rejection_rate": "sum by (model) (rate(tokengate_cap_rejections_total[5m]))",
+        "clamp_ratio": "sum by (region, model) (rate(tokengate_cap_clamps_total[5m])) "
+                       "/ sum by (region, model) (rate(tokengate_requests_total[5m]))",
+        "rejection_rate": "sum by (region, model) (rate(tokengate_cap_rejections_total[5m]))",
         "in_flight": f"sum by ({_BY}) (tokengate_requests_in_flight)",
     }
 
@@ -122,12 +122,13 @@ def query_prometheus(client: httpx.Client, base: str, window: float, now: float
         body = r.json()
         if body.get("status") != "success":
             raise ValueError(f"Prometheus refused the {name} query: {body.get('error', r.text[:200])}")
-        per_model = name in PER_MODEL
+        per_pool = name in PER_POOL
         series = out.setdefault(name, {})
         for item in body["data"]["result"]:
             m = item["metric"]
-            key = (m.get("model", ""),) if per_model else (m.get("region", ""), m.get("preset", ""),
-                                                            m.get("model", ""))
+            key = (m.get("region", ""), m.get("model", "")) if per_pool else (m.get("region", ""),
+                                                                               m.get("preset", ""),
+                                                                               m.get("model", ""))
             series[key] = [(float(t), float(v)) for t, v in item["values"]]
     return out
 

@@ -82,7 +82,11 @@ class Exposition:
             for suffix, lines in sorted(om_samples.items()):
                 name = om.escape_metric_name(family.name + suffix, _ESCAPING)
                 part.append(f"# HELP {name} {_doc(family.documentation)}\n# TYPE {name} gauge\n")
-                part += lines
+                for line in lines:  # (as many as the family's samples: in pieces too)
+                    part.append(line)
+                    if len(part) >= STEP:
+                        yield part
+                        part = []
             yield part
 
     def head(self, name: str, mtype: str, doc: str) -> str:

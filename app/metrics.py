@@ -34,6 +34,8 @@ ROUTE_LABELS = ("route", *WORKER_LABELS)
 CAP_LABELS = ("model", "region", "preset", "reason")
 
 UNKNOWN = "unknown"
+# the 5xx statuses the gateway answers with itself (and most worker failures): each key's series exist from 0
+SERVER_ERRORS = ("500", "502", "503", "504")
 
 
 @dataclass(slots=True)
@@ -54,6 +56,9 @@ class RequestRecord:
     completion_tokens: int | None = None
     dispatched: float | None = None
     streamed: bool = True  # TTFT is what a streaming client feels; a non-streaming one gets everything at the end
+    # (pool region, pool preset, reason) of a max_tokens clamp: counted when the request ends, as requests_total
+    # is, so that clamps / requests over a window never exceeds 1 while long answers run
+    clamp: tuple[str, str, str] | None = None
 
 
 class GatewayMetrics:
@@ -172,8 +177,12 @@ class GatewayMetrics:
         if children is None:
             children = (self.ttft.labels(*key), self.tps.labels(*key), self.itl.labels(*key), self.e2e.labels(*key))
             self._route_children[key] = children
+            for status in SERVER_ERRORS:  # from 0: rate() misses the first burst of a series that appears with it
+                self._child(self.requests, *key, status)
         ttft, tps, itl, e2e = children
         self._child(self.requests, *key, str(rec.status)).inc()
+        if rec.clamp is not None:
+            self._child(self.cap_clamps, rec.model, *rec.clamp).inc()
         e2e.observe(rec.end - rec.arrival)
         if rec.dispatched is not None:
             self._dispatch.observe(rec.dispatched - rec.arrival)

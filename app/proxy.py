@@ -48,7 +48,7 @@ from .policy import RequestPolicy, check_min_tokens
 from .policy import check as check_policy
 from .protocol import ROUTES, Route, named_model, parse_request, set_max_tokens, upstream_body
 from .requestio import ClientGone, read_body, read_headers
-from .routing import candidates, placements, pool_labels
+from .routing import candidates, placement_names, placements, pool_labels
 from .settings import Settings
 from .tokenizer import TokenizerStore
 from .upstream import UpstreamPool
@@ -243,6 +243,15 @@ class Proxy:
             phase = "streaming" if rec.first_token is not None else "before_first_token"
         self.metrics.client_disconnects.labels(route, rec.model, rec.region, rec.preset, phase).inc()
 
+    @staticmethod
+    def _label_outage(rec: RequestRecord, model: str, region: str, snapshot: Snapshot) -> None:
+        """A request no worker could take: labelled with its region and the presets there of the model's workers
+        (down or starting), so that per-preset error ratios see the outage."""
+        rec.region = region
+        down = [w for w in snapshot.workers if w.region == region and (model in w.models or model in w.expected_models)]
+        if down:
+            rec.preset = pool_labels(placement_names(down))[1]
+
     async def _serve(self, route: Route, raw: bytes, region: str | None, request_id: str | None, ctx: Exchange,
                      rec: RequestRecord, send: Any) -> None:
         snapshot = self.registry.snapshot
@@ -259,13 +268,18 @@ class Proxy:
         if req.model in snapshot.models or _starting(req.model, snapshot):
             rec.model = req.model
         check_policy(req, self.policy)
-        info = self.model_info(req.model, snapshot)
+        try:
+            info = self.model_info(req.model, snapshot)
+        except NoWorkerAvailable:  # its workers are all starting or down
+            self._label_outage(rec, req.model, region or self.default_region, snapshot)
+            raise
         regions = self.regions_for(region, snapshot.workers)
         rec.region = regions[0]
         check_access(ctx.principal, req.model, regions[0])
         regions = [r for r in regions if ctx.principal.allows_region(r)]  # fallbacks the key may not use
         pool = candidates(snapshot, req.model, regions)
         if not pool:
+            self._label_outage(rec, req.model, regions[0], snapshot)
             raise NoWorkerAvailable(
                 f"no ready worker serves '{req.model}' in region '{regions[0]}'", retry_after=5,
                 code="no_worker_in_region",
@@ -283,7 +297,7 @@ class Proxy:
             self.metrics.cap_rejections.labels(req.model, *pool_labels(names), reason).inc()
             raise
         if decision.clamped_from is not None:
-            self.metrics.cap_clamps.labels(req.model, *pool_labels(names), decision.reason or "").inc()
+            rec.clamp = (*pool_labels(names), decision.reason or "")
             ctx.headers.append((CLAMP_HEADER, str(decision.clamped_from).encode()))
         set_max_tokens(req, decision.max_tokens)
         check_min_tokens(req, decision.max_tokens)

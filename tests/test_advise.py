@@ -56,7 +56,7 @@ def recorded(signals: Mapping[str, Value], *, minutes: int = 30, key: Key = KEY)
     """One point a minute for ``minutes``; a signal is a constant, a function of the minute, or None (absent)."""
     out: Series = {}
     for name, value in signals.items():
-        labels = (key[2],) if name in ("clamp_ratio", "rejection_rate") else key
+        labels = (key[0], key[2]) if name in ("clamp_ratio", "rejection_rate") else key  # per model x region
         points = []
         for m in range(minutes + 1):
             v = value(m) if callable(value) else value
@@ -117,6 +117,14 @@ def test_preemptions_are_fixed_first(catalog: Catalog) -> None:
 def test_clamp_storm_is_fixed_first(catalog: Catalog) -> None:
     a = verdict_of(recorded({**COMPUTE_BOUND, "clamp_ratio": 0.7}), catalog)
     assert a.verdict is Verdict.FIX_QUEUEING and any("hit the max_tokens cap" in r for r in a.reasons)
+
+
+def test_another_region_s_clamps_are_not_this_one_s(catalog: Catalog) -> None:
+    series = recorded({**COMPUTE_BOUND, "clamp_ratio": 0.0})
+    other = recorded({"clamp_ratio": 0.9}, key=("uae", "h200-1x", KEY[2]))
+    series["clamp_ratio"].update(other["clamp_ratio"])
+    a = verdict_of(series, catalog)
+    assert a.verdict is Verdict.MOVE, a.reasons
 
 
 def test_waiting_with_kv_headroom_is_not_scheduler_bound(catalog: Catalog) -> None:
@@ -191,13 +199,13 @@ def test_histogram_quantile_like_prometheus(q: float, counts: tuple[float, ...],
 def test_signals_from_two_scrapes_of_the_gateway() -> None:
     metrics = GatewayMetrics(CollectorRegistry())
 
-    def requests(n: int, ttft: float, tps: float, *, max_tokens_clamped: bool = False) -> None:
+    def requests(n: int, ttft: float, tps: float, *, max_tokens_clamped: bool = False, region: str = "fr",
+                 preset: str = "h100-1x") -> None:
         for _ in range(n):
-            rec = RequestRecord("chat", "llama", "fr", "h100-1x", "fr-0", 200, 0.0, 5.0, first_token=ttft,
-                                last_token=ttft + 100 / tps, completion_tokens=101)
+            rec = RequestRecord("chat", "llama", region, preset, f"{region}-0", 200, 0.0, 5.0, first_token=ttft,
+                                last_token=ttft + 100 / tps, completion_tokens=101,
+                                clamp=(region, preset, "max_tokens_cap") if max_tokens_clamped else None)
             metrics.observe_request(rec)
-            if max_tokens_clamped:
-                metrics.cap_clamps.labels("llama", "fr", "h100-1x", "max_tokens_cap").inc()
 
     vllm = ('# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name="llama",region="fr",'
             'preset="h100-1x",worker="fr-0"}} {kv}\n# TYPE vllm:num_requests_waiting gauge\n'
@@ -214,6 +222,12 @@ def test_signals_from_two_scrapes_of_the_gateway() -> None:
     assert (s.kv_cache_usage, s.waiting, s.clamp_ratio) == (0.97, 6.0, 1.0)
     (a,) = advise_all({KEY: [(0.0, s)]}, catalog=None, for_s=0)
     assert a.verdict is Verdict.FIX_QUEUEING
+    # caps are per region: uae's clamps are not fr's, and a ratio never passes 1
+    requests(20, 0.6, 48.0)
+    requests(30, 0.6, 48.0, max_tokens_clamped=True, region="uae", preset="h200-1x")
+    later = parse_scrape(generate_latest(metrics.registry).decode())
+    signals = signals_from_scrapes(after, later, 10.0, created + 1010.0)
+    assert signals[KEY].clamp_ratio == 0.0 and signals[("uae", "h200-1x", "llama")].clamp_ratio == 1.0
 
 
 def test_queries_are_the_recording_rules_expressions() -> None:

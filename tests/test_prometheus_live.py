@@ -137,6 +137,7 @@ def test_histograms_and_recording_rules_have_values(live: Live) -> None:
                  "region_preset_model:tokengate_requests:rate5m",
                  "region_preset_model:tokengate_completion_tokens:rate5m",
                  "model:tokengate_cap_clamps_per_requests:ratio_rate5m",
+                 "region_model:tokengate_cap_clamps_per_requests:ratio_rate5m",
                  "region_preset_model:vllm_generation_tokens:rate5m",
                  "region_preset_model:vllm_time_to_first_token_seconds:p95_5m"):
         values = live.values(rule + m)

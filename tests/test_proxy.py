@@ -4,6 +4,7 @@ stall, answer garbage, split events across reads), plus routing and aborts measu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -589,6 +590,46 @@ def test_cap_and_upstream_error_counters_carry_region_and_preset(worker: Threade
                 samples = scrape(gw.url + "/metrics")
                 assert metric_sum(samples, "tokengate_upstream_errors_total", region="fr", preset="h100-1x",
                                   kind="closed") == 1
+
+
+def test_a_clamp_is_counted_with_its_request_when_it_ends(worker: ThreadedFakeWorker) -> None:
+    """So that clamps / requests over any window stays <= 1 (requests_total counts requests as they end)."""
+    with gateway(worker, max_tokens_cap=4) as gw:
+        worker.options.token_delay = 0.1
+        try:
+            with contextlib.closing(open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 100})):
+                assert worker.wait_for(lambda s: s.in_flight == 1, 5)
+                samples = scrape(gw.url + "/metrics")
+                assert metric_sum(samples, "tokengate_cap_clamps_total") == 0
+                assert metric_sum(samples, "tokengate_requests_total") == 0
+                wait_until(lambda: metric_sum(scrape(gw.url + "/metrics"), "tokengate_requests_total") == 1, 5,
+                           "the request's end")
+            samples = scrape(gw.url + "/metrics")
+            assert metric_sum(samples, "tokengate_cap_clamps_total", reason="max_tokens_cap") == 1
+        finally:
+            worker.options.token_delay = 0.0
+
+
+def test_error_series_exist_from_0_and_an_outage_s_503s_carry_the_region_s_preset() -> None:
+    worker = ThreadedFakeWorker().__enter__()
+    try:
+        with run_gateway(Settings(upstream=[f"fr/h100-1x={worker.url}"], discovery_interval=0.2),
+                         ready_timeout=20) as gw:
+            assert httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}).status_code == 200
+            samples = scrape(gw.url + "/metrics")
+            # rate() sees the first burst of errors only if their series were there before it (at 0)
+            for status in ("500", "502", "503", "504"):
+                assert ("tokengate_requests_total", (("model", "tiny"), ("preset", "h100-1x"), ("region", "fr"),
+                        ("route", "chat"), ("status", status), ("worker", worker.url.removeprefix("http://")))) \
+                    in samples, status
+            worker.__exit__(None, None, None)
+            wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 503, 10, "the worker out of rotation")
+            r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker_available", r.text
+            samples = scrape(gw.url + "/metrics")
+            assert metric_sum(samples, "tokengate_requests_total", status="503", region="fr", preset="h100-1x") == 1
+    finally:
+        worker.__exit__(None, None, None)
 
 
 def test_readyz_is_503_and_requests_502_while_the_only_worker_is_unreachable() -> None:
