@@ -151,7 +151,7 @@ async def answer_stream(req: ParsedRequest, first: bytes | None, ex: Exchange, r
     st = parser.state
     record_tokens(rec, st, ex.decision)
     if st.chunks:
-        metrics.observe_relay(st.relay_seconds / st.chunks)
+        metrics.observe_relay(st.relay_buckets, st.relay_seconds)
     ex.resp = None
     if err is not None:
         rec.status = status_of(err)

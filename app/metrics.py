@@ -7,6 +7,7 @@ Each request is observed once, when it ends — never once per token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -205,6 +206,12 @@ class GatewayMetrics:
             if rec.completion_tokens:
                 wchildren[1].inc(rec.completion_tokens)
 
-    def observe_relay(self, mean_seconds_per_chunk: float) -> None:
-        """Once per stream: the mean time one relayed chunk spent inside the gateway."""
-        self._relay.observe(mean_seconds_per_chunk)
+    def observe_relay(self, buckets: Sequence[int], seconds: float) -> None:
+        """Once per stream: how long each relayed chunk spent inside the gateway, as counts in the histogram's
+        buckets (``buckets[i]``: chunks <= bound i, +Inf last) and their sum. Each chunk is one observation, added
+        at once — a histogram's observe() per chunk would take its lock once per token."""
+        child = self._relay
+        for value, n in zip(child._buckets, buckets, strict=True):
+            if n:
+                value.inc(n)
+        child._sum.inc(seconds)

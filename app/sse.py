@@ -18,6 +18,8 @@ runs out of depth falls back to orjson).
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +27,11 @@ from typing import Any
 import msgspec
 import orjson
 
+from .metrics import OVERHEAD_BUCKETS
 from .upstream import UpstreamProtocolError
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
+_RELAY_BOUNDS = (*OVERHEAD_BUCKETS, math.inf)  # a histogram's bucket i holds what is <= bound i
 
 # A sink's typed reader (``aggregate.StreamAggregator.take``): takes an event's JSON whole and returns what the parser
 # learns of it; raises msgspec's errors, having taken nothing, on an event for the general way.
@@ -99,7 +103,15 @@ class SSEState:
     error: bytes = b""  # the JSON of the worker's own error event, which ends the stream (vLLM sends [DONE] after it)
     chunks: int = 0
     relay_seconds: float = 0.0
+    # per relayed chunk, the time it spent in the gateway, counted in the buckets of the overhead histogram
+    relay_buckets: list[int] = field(default_factory=lambda: [0] * len(_RELAY_BOUNDS), repr=False)
     _pending: bytes = field(default=b"", repr=False)
+
+    def relayed(self, seconds: float) -> None:
+        """One chunk passed on, ``seconds`` after its read arrived."""
+        self.chunks += 1
+        self.relay_seconds += seconds
+        self.relay_buckets[bisect_left(_RELAY_BOUNDS, seconds)] += 1
 
 
 class SSEParser:

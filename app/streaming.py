@@ -54,18 +54,15 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
             return exc
         if st.saw_error:
             await send({"type": "http.response.body", "body": out, "more_body": False})
-            st.chunks += 1
-            st.relay_seconds += perf_counter() - t0
+            st.relayed(perf_counter() - t0)
             return _worker_failed(st)
         if st.saw_done:
             await send({"type": "http.response.body", "body": out, "more_body": False})
-            st.chunks += 1
-            st.relay_seconds += perf_counter() - t0
+            st.relayed(perf_counter() - t0)
             return None
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-            st.chunks += 1
-            st.relay_seconds += perf_counter() - t0
+            st.relayed(perf_counter() - t0)
         try:
             chunk = await resp.next_chunk(idle_timeout)
         except GatewayError as exc:
@@ -185,7 +182,7 @@ class _Reader:
             return
         st = self.parser.state
         if st.saw_done or st.saw_error:
-            self._finish(_worker_failed(st) if st.saw_error else None, out)
+            self._finish(_worker_failed(st) if st.saw_error else None, out, t0)
             return
         self.last_read = self.loop.time()
         if out:
@@ -231,8 +228,9 @@ class _Reader:
     def _forward(self, out: bytes, t0: float) -> None:
         """Complete events to pass on (not the last)."""
 
-    def _finish(self, error: GatewayError | None, final: bytes) -> None:
-        """The stream has ended: ``final`` is what is left to pass on (the last events, or an error event)."""
+    def _finish(self, error: GatewayError | None, final: bytes, t0: float | None = None) -> None:
+        """The stream has ended: ``final`` is what is left to pass on (the last events, or an error event; with
+        ``t0``, the worker's own last events, read at ``t0``)."""
         self.error = error
         self._stop()
         self._wake()
@@ -352,23 +350,22 @@ class Splice(_Reader):
             self.client.start(200, head, out, False)
         else:
             self.client.write(out)  # a client that has gone is noticed by its own watcher (it cancels us)
-        st.chunks += 1
-        st.relay_seconds += perf_counter() - t0
+        st.relayed(perf_counter() - t0)
         if self.client.write_paused and not self.paused:
             self.paused = True
             self.resp.pause_reading()
             self._wake()
 
-    def _finish(self, error: GatewayError | None, final: bytes) -> None:
-        if error is None:
-            self.parser.state.chunks += 1
-        super()._finish(error, final)
+    def _finish(self, error: GatewayError | None, final: bytes, t0: float | None = None) -> None:
+        super()._finish(error, final, t0)
         head = self.head
         if head is not None:
             self.head = None
             self.client.start(200, head, final, True)  # the whole answer in one write
         else:
             self.client.end(final)
+        if t0 is not None:
+            self.parser.state.relayed(perf_counter() - t0)
 
     def _begin(self) -> None:
         head = self.head

@@ -632,6 +632,21 @@ def test_error_series_exist_from_0_and_an_outage_s_503s_carry_the_region_s_prese
         worker.__exit__(None, None, None)
 
 
+def test_the_relay_overhead_is_observed_per_relayed_chunk(worker: ThreadedFakeWorker) -> None:
+    with gateway(worker) as gw:
+        worker.options.token_delay = 0.01  # each token its own read, so its own relayed chunk
+        try:
+            for _ in range(3):
+                assert events(httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).text)[-1] == "[DONE]"
+        finally:
+            worker.options.token_delay = 0.0
+        samples = scrape(gw.url + "/metrics")
+        assert metric_sum(samples, "tokengate_gateway_overhead_seconds_count", phase="dispatch") == 3
+        # 8 tokens: role + first token, 7 more, and the end (finish, usage, [DONE]) may come in 8-10 reads
+        relayed = metric_sum(samples, "tokengate_gateway_overhead_seconds_count", phase="relay")
+        assert 3 * 8 <= relayed <= 3 * 10, relayed
+
+
 def test_readyz_is_503_and_requests_502_while_the_only_worker_is_unreachable() -> None:
     with run_gateway(Settings(upstream=["http://127.0.0.1:9"]), wait_ready=False) as gw:
         r = httpx.get(gw.url + "/readyz")
