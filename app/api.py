@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -150,8 +149,5 @@ async def worker_log(name: str, request: Request, state: State,
 @router.get("/metrics", tags=["ops"])
 async def metrics(state: State) -> Response:
     """Prometheus text. With --workers N, every process's values, summed (prometheus-client multiprocess mode)."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if state.settings.workers > 1 and path:
-        merged = multiproc.Families(await multiproc.collect_stepwise(path))
-        return Response(await state.exposition.render_stepwise(merged), media_type=CONTENT_TYPE_LATEST)
-    return Response(await state.exposition.render_stepwise(state.prom_registry), media_type=CONTENT_TYPE_LATEST)
+    source = await multiproc.view(state.prom_registry, multiproc.shared_dir(state.settings.workers))
+    return Response(await state.exposition.render_stepwise(source), media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from . import __version__, tokenize_route
+from . import __version__, multiproc, tokenize_route
 from .api import router
 from .asgi import GatewayApp
 from .auth import KeyStore, load_keys
@@ -97,7 +97,7 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     supervisor = Supervisor(worker_specs, registry, metrics, on_start=health.poke) if worker_specs else None
     state = AppState(settings, registry, pool, prom, metrics, tokenizers, proxy, health, supervisor,
                      started_at=int(time.time()))
-    sampler = StatusSampler(prom)
+    sampler = StatusSampler(prom, shared_dir=multiproc.shared_dir(settings.workers))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

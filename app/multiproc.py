@@ -42,6 +42,17 @@ class Families(Collector):
         return self.families
 
 
+def shared_dir(workers: int) -> str | None:
+    """The multiprocess files' directory when this process is one of ``--workers N`` (N > 1), else None."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return path if workers > 1 and path else None
+
+
+async def view(own: Collector, directory: str | None) -> Collector:
+    """What ``/metrics`` and ``/status`` read: every process's values summed (``directory``), else ``own``."""
+    return own if directory is None else Families(await collect_stepwise(directory))
+
+
 def files_in(path: str) -> list[str]:
     return glob.glob(os.path.join(path, "*.db"))
 

@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
+from . import multiproc
 from .advise import histogram_quantile
 from .api import State
 from .exposition import STEP, families
@@ -158,10 +159,11 @@ def tokens_per_second(new: WorkerPoint, old: WorkerPoint | None, dt: float) -> f
 class StatusSampler:
     """``await sampler.run()`` in the lifespan; ``sampler.report(...)`` for the page."""
 
-    def __init__(self, prom: CollectorRegistry, *, interval: float = 5.0, horizon: float = 1800.0,
-                 window: float = 300.0, point_window: float = 60.0, max_points: int = 120,
+    def __init__(self, prom: CollectorRegistry, *, shared_dir: str | None = None, interval: float = 5.0,
+                 horizon: float = 1800.0, window: float = 300.0, point_window: float = 60.0, max_points: int = 120,
                  clock: Callable[[], float] = time.time) -> None:
         self.prom = prom
+        self.shared_dir = shared_dir  # --workers N: every process's values, summed, as /metrics shows them
         self.interval = interval
         self.horizon = horizon
         self.window = window  # the summary numbers (p50/p95, tokens/s) cover this many seconds
@@ -180,7 +182,7 @@ class StatusSampler:
         return snap
 
     async def sample_stepwise(self) -> Snapshot:
-        snap = await take_snapshot_stepwise(self.prom, self.clock())
+        snap = await take_snapshot_stepwise(await multiproc.view(self.prom, self.shared_dir), self.clock())
         self._history.append(snap)
         return snap
 
@@ -193,7 +195,7 @@ class StatusSampler:
             await asyncio.sleep(self.interval)
 
     async def report(self, registry: Registry, *, draining: bool = False) -> dict[str, Any]:
-        now = await take_snapshot_stepwise(self.prom, self.clock())
+        now = await take_snapshot_stepwise(await multiproc.view(self.prom, self.shared_dir), self.clock())
         return build_report([*self._history, now], registry, draining=draining, window=self.window,
                             point_window=self.point_window, max_points=self.max_points, interval=self.interval)
 

@@ -63,6 +63,9 @@ def test_two_processes_share_the_port_and_one_scrape_sums_them(worker: ThreadedF
         for _ in range(6):
             samples = scrape(gw.url + "/metrics", headers={"connection": "close"})
             assert metric_sum(samples, "tokengate_requests_total", status="200") == 120
+            # and the status page shows the same sums, not the answering process's share
+            doc = httpx.get(gw.url + "/status.json", headers={"connection": "close"}).json()
+            assert doc["totals"]["requests"] == 120 and [w["up"] for w in doc["workers"]] == [1.0], doc["totals"]
         kids = [p for p in _children(gw.proc.pid) if "serve" not in Path(f"/proc/{p}/cmdline").read_text()]
         environ = Path(f"/proc/{kids[0]}/environ").read_bytes().split(b"\0") if kids else []
         dirs = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
