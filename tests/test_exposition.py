@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 from app.exposition import STEP, Exposition
 from app.metrics import GatewayMetrics, RequestRecord
+from app.sse import SSEState
 
 ODD = ['plain', 'quote " inside', 'back\\slash', 'new\nline', 'ünïcödé ✓', '', 'trailing\\']
 
@@ -25,7 +26,9 @@ def _gateway_registry(workers: int) -> tuple[CollectorRegistry, GatewayMetrics]:
                 m.observe_request(RequestRecord(route, "tiny", "fr", "h100-1x", f"w{w}", status, 0.0, 0.5 + w,
                                                 0.02, 0.4, 10, 40, 0.001))
         m.worker_in_flight("tiny", "fr", "h100-1x", f"w{w}").inc(w)
-        m.observe_relay(1.5e-5)
+        st = SSEState()
+        st.relayed(1.5e-5)
+        m.observe_relay(st.relay_buckets, st.relay_seconds)
     return reg, m
 
 
