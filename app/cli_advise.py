@@ -47,14 +47,38 @@ _MODEL = '"model", "$1", "model_name", "(.+)"'  # vLLM names it model_name; the 
 PER_POOL = frozenset({"clamp_ratio", "rejection_rate"})  # caps are per model x region pool: joined on those
 
 
+class SourceError(Exception):
+    """The metrics source answered, but not with what it should (exit 3, as when it can't be reached)."""
+
+
 def duration(text: str) -> float:
     """``90s``, ``15m``, ``1h``, ``1h30m`` or plain seconds."""
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"\d{1,12}(\.\d+)?", text):
         return float(text)
-    parts = re.findall(r"(\d+)([smhd])", text)
+    parts = re.findall(r"(\d{1,12})([smhd])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (like 90s, 15m, 1h)")
     return float(sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts))
+
+
+def bounded(low: float, high: float, *, low_ok: bool = False) -> Any:
+    """A ``duration`` within (``low``, ``high``] (``[low, high]`` with ``low_ok``)."""
+    def parse(text: str) -> float:
+        value = duration(text)
+        if value > high or value < low or (value == low and not low_ok):
+            side = "at least" if low_ok else "more than"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {side} {low:g} s and at most {high:g} s")
+        return value
+    return parse
+
+
+_WEEK = 7 * 86400.0
+
+
+def metrics_url(url: str) -> str:
+    """A gateway's base URL means its /metrics (the README's ``--metrics http://127.0.0.1:8080``)."""
+    parts = httpx.URL(url)
+    return str(parts.copy_with(path="/metrics")) if parts.path in ("", "/") else url
 
 
 def add_advise_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,11 +90,13 @@ def add_advise_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prometheus", metavar="URL", help="a Prometheus that scrapes the gateway")
     source.add_argument("--metrics", metavar="URL", help=f"a gateway's /metrics (default {DEFAULT_METRICS})")
-    p.add_argument("--window", type=duration, default=1800.0, metavar="DURATION",
-                   help="look back this far; trend offset (default 30m)")
-    p.add_argument("--for", dest="for_s", type=duration, default=900.0, metavar="DURATION",
+    p.add_argument("--window", type=bounded(0, 90 * 86400.0), default=None, metavar="DURATION",
+                   help="--prometheus: look back this far, and compare with this far before (default 30m); "
+                        "--metrics compares with the gateway's lifetime instead")
+    p.add_argument("--for", dest="for_s", type=bounded(0, 90 * 86400.0, low_ok=True), default=900.0,
+                   metavar="DURATION",
                    help="--prometheus: how long a verdict must hold before acting on it (default 15m)")
-    p.add_argument("--interval", type=duration, default=15.0, metavar="DURATION",
+    p.add_argument("--interval", type=bounded(0, _WEEK), default=15.0, metavar="DURATION",
                    help="--metrics: time between scrapes (default 15s)")
     p.add_argument("--preset", metavar="NAME", help="the preset the workers run, when the metrics say 'external'")
     p.add_argument("--presets", dest="preset_dirs", metavar="DIR", type=Path, action="append", default=[],
@@ -119,17 +145,26 @@ def query_prometheus(client: httpx.Client, base: str, window: float, now: float
     for name, expr in prometheus_queries(window).items():
         r = client.get(base.rstrip("/") + "/api/v1/query_range",
                        params={"query": expr, "start": now - window, "end": now, "step": step})
-        body = r.json()
+        try:
+            body = r.json()
+        except ValueError:
+            raise SourceError(f"{base} is no Prometheus: its query API answered HTTP {r.status_code}, "
+                              "not JSON") from None
+        if not isinstance(body, dict):
+            raise SourceError(f"{base} is no Prometheus: its query API answered {type(body).__name__}")
         if body.get("status") != "success":
-            raise ValueError(f"Prometheus refused the {name} query: {body.get('error', r.text[:200])}")
+            raise ValueError(f"Prometheus refused the {name} query: {str(body.get('error', r.text))[:200]}")
         per_pool = name in PER_POOL
         series = out.setdefault(name, {})
-        for item in body["data"]["result"]:
-            m = item["metric"]
-            key = (m.get("region", ""), m.get("model", "")) if per_pool else (m.get("region", ""),
-                                                                               m.get("preset", ""),
-                                                                               m.get("model", ""))
-            series[key] = [(float(t), float(v)) for t, v in item["values"]]
+        try:
+            for item in body["data"]["result"]:
+                m = item["metric"]
+                key = (m.get("region", ""), m.get("model", "")) if per_pool else (m.get("region", ""),
+                                                                                   m.get("preset", ""),
+                                                                                   m.get("model", ""))
+                series[key] = [(float(t), float(v)) for t, v in item["values"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SourceError(f"{base} answered the {name} query with no range result ({exc!r})") from None
     return out
 
 
@@ -143,7 +178,12 @@ def parse_scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
 def scrape_gateway(client: httpx.Client, url: str) -> Scrape:
     r = client.get(url)
     r.raise_for_status()
-    samples = parse_scrape(r.text)
+    try:
+        samples = parse_scrape(r.text)
+    except ValueError as exc:
+        raise SourceError(f"{url} is not Prometheus text: {exc}") from None
+    if not any(name.startswith("tokengate_") for name, _ in samples):
+        raise SourceError(f"{url} has no tokengate_ metrics: not a tokengate gateway's /metrics")
     if url.rstrip("/").endswith("/metrics"):
         workers = client.get(url.rstrip("/") + "/workers")
         if workers.status_code == 200:
@@ -216,13 +256,14 @@ def collect(args: argparse.Namespace, client: httpx.Client) -> tuple[Mapping[Key
                                                                      float, str]:
     """The signals over time per region/preset/model, the ``for`` to apply, and a line naming the source."""
     if args.prometheus:
+        window = 1800.0 if args.window is None else args.window
         now = time.time()
-        series = signals_from_series(query_prometheus(client, args.prometheus, args.window, now))
-        for_s = min(args.for_s, args.window)
-        src = (f"Prometheus {args.prometheus}: last {args.window / 60:g} min, trend vs {args.window / 60:g} min "
+        series = signals_from_series(query_prometheus(client, args.prometheus, window, now))
+        for_s = min(args.for_s, window)
+        src = (f"Prometheus {args.prometheus}: last {window / 60:g} min, trend vs {window / 60:g} min "
                f"before; a verdict must hold {for_s / 60:g} min")
         return series, for_s, src
-    url = args.metrics or DEFAULT_METRICS
+    url = metrics_url(args.metrics or DEFAULT_METRICS)
     before = scrape_gateway(client, url)
     started = time.monotonic()
     time.sleep(args.interval)
@@ -231,6 +272,8 @@ def collect(args: argparse.Namespace, client: httpx.Client) -> tuple[Mapping[Key
     signals = signals_from_scrapes(before, after, time.monotonic() - started, now)
     src = (f"{url}: two scrapes {args.interval:g} s apart, trend vs the gateway's lifetime before them; one short "
            "sample: confirm with --prometheus before acting")
+    if args.window is not None:
+        src += f" (--window {args.window / 60:g} min is for --prometheus: a /metrics scrape has no history)"
     return {k: [(now, s)] for k, s in signals.items()}, 0.0, src
 
 
@@ -239,7 +282,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     try:
         with httpx.Client(timeout=args.timeout) as client:
             series, for_s, source = collect(args, client)
-    except (httpx.HTTPError, OSError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, OSError, SourceError) as exc:
         print(f"tokengate advise: cannot read metrics: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ValueError as exc:

@@ -6,9 +6,12 @@ Scenarios are Prometheus range-query answers (one series per signal, one point a
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -264,5 +267,69 @@ def test_advise_metrics_against_a_gateway(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_advise_unreachable_source(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["advise", "--metrics", "http://127.0.0.1:9/metrics", "--interval", "0"]) == 3
+    assert main(["advise", "--metrics", "http://127.0.0.1:9/metrics", "--interval", "1"]) == 3
     assert "cannot read metrics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--interval", "0"], ["--interval", "100000000000s"], ["--window", "0s"],
+                                  ["--window", "99999999999d"], ["--for=-5m"], ["--interval", "1e3"]])
+def test_advise_durations_out_of_range_are_bad_input(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["advise", "--metrics", "http://127.0.0.1:9/metrics", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of range" in err or "not a duration" in err, err
+    assert "Traceback" not in err
+
+
+class _Answers:
+    """A server that answers every GET with one body (what a wrong --prometheus or --metrics URL might be)."""
+
+    def __init__(self, body: bytes, content_type: bytes = b"application/json") -> None:
+        answer = body
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                self.send_response(200)
+                self.send_header("content-type", content_type.decode())
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Answers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("source", "body"), [
+    ("--prometheus", b"[1, 2]"), ("--prometheus", b'{"status": "success", "data": 5}'),
+    ("--prometheus", b"<html>no</html>"), ("--metrics", b"# TYPE up gauge\nup 1\n"),  # Prometheus' own /metrics
+    ("--metrics", b"<html>\n"),
+])
+def test_advise_a_source_that_is_not_what_it_should_be_exits_3(source: str, body: bytes,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with _Answers(body) as srv:
+        assert main(["advise", source, srv.url + ("/metrics" if source == "--metrics" else ""),
+                     "--interval", "0.1"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("tokengate advise: cannot read metrics: ") and "Traceback" not in err, err
+
+
+def test_advise_metrics_takes_the_gateway_s_base_url_and_says_window_is_for_prometheus(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with ThreadedFakeWorker(model="tiny") as w, run_gateway(Settings(upstream=[w.url])) as gw:
+        assert httpx.post(gw.url + "/v1/completions", json={"model": "tiny", "prompt": "hi"}).status_code == 200
+        assert main(["advise", "--metrics", gw.url, "--interval", "0.2", "--window", "10m"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(gw.url + "/metrics: two scrapes") and "--window 10 min is for --prometheus" in out
