@@ -93,6 +93,8 @@ def _model_cards(request: Request, state: AppState, region: str | None) -> list[
     snapshot = state.registry.snapshot
     region = (region or "").strip() or None
     route = None if region is None else [region, *state.proxy.fallback_regions.get(region, ())]
+    if route is not None and not principal.allows_region(route[0]):
+        return []  # a generation request naming it would be refused (403), whatever its fallbacks serve
     data = []
     for mid in sorted(snapshot.models):
         if not principal.allows_model(mid):

@@ -7,7 +7,7 @@ Each request is observed once, when it ends — never once per token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -178,8 +178,11 @@ class GatewayMetrics:
         if children is None:
             children = (self.ttft.labels(*key), self.tps.labels(*key), self.itl.labels(*key), self.e2e.labels(*key))
             self._route_children[key] = children
-            for status in SERVER_ERRORS:  # from 0: rate() misses the first burst of a series that appears with it
-                self._child(self.requests, *key, status)
+            # from 0: rate() misses the first burst of a series that appears with it — this worker's, and its
+            # pool's when no worker could take a request (worker "": an outage, proxy._label_outage)
+            for worker in {rec.worker, ""}:
+                for status in SERVER_ERRORS:
+                    self._child(self.requests, *key[:4], worker, status)
         ttft, tps, itl, e2e = children
         self._child(self.requests, *key, str(rec.status)).inc()
         if rec.clamp is not None:
@@ -206,12 +209,12 @@ class GatewayMetrics:
             if rec.completion_tokens:
                 wchildren[1].inc(rec.completion_tokens)
 
-    def observe_relay(self, buckets: Sequence[int], seconds: float) -> None:
-        """Once per stream: how long each relayed chunk spent inside the gateway, as counts in the histogram's
-        buckets (``buckets[i]``: chunks <= bound i, +Inf last) and their sum. Each chunk is one observation, added
-        at once — a histogram's observe() per chunk would take its lock once per token."""
+    def observe_relay(self, buckets: Mapping[int, int], seconds: float) -> None:
+        """Once per stream: how long each relayed chunk spent inside the gateway, as counts by bucket of the
+        histogram (``{i: chunks <= bound i}``, the last bound +Inf) and their sum. Each chunk is one observation,
+        added at once — a histogram's observe() per chunk would take its lock once per token."""
         child = self._relay
-        for value, n in zip(child._buckets, buckets, strict=True):
-            if n:
-                value.inc(n)
+        values = child._buckets
+        for i, n in buckets.items():
+            values[i].inc(n)
         child._sum.inc(seconds)

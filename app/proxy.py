@@ -59,6 +59,21 @@ from .workers.registry import ModelInfo, Registry, Snapshot, Worker
 log = logging.getLogger("tokengate.proxy")
 
 
+async def _tell(ctx: Exchange, send: Any, exc: GatewayError) -> None:
+    """An error the client has not heard of, if it has heard nothing final yet: in-band once the response has
+    begun, else as the response. Best effort: the client may be gone."""
+    if ctx.done:
+        return
+    ctx.done = True
+    with contextlib.suppress(Exception):
+        if ctx.begun():
+            await send({"type": "http.response.body", "body": sse_event(exc), "more_body": False})
+        else:
+            status, headers, body = render(exc)
+            await send({"type": "http.response.start", "status": status, "headers": headers + ctx.headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def _starting(model: str, snapshot: Snapshot) -> bool:
     """A worker lists ``model`` (or will, once started) but none serves it yet."""
     return any(model in w.models or model in w.expected_models for w in snapshot.workers)
@@ -155,18 +170,7 @@ class Proxy:
                 # the server is stopping (drain deadline passed): say so, in-band once streaming, rather than
                 # truncate or leave it to uvicorn's plain-text 500
                 rec.status = 503
-                if not ctx.done:
-                    ctx.done = True
-                    shutdown = NoWorkerAvailable("the gateway is shutting down", code="gateway_shutdown")
-                    with contextlib.suppress(Exception):
-                        if ctx.begun():
-                            await send({"type": "http.response.body", "more_body": False,
-                                        "body": sse_event(shutdown)})
-                        else:
-                            status, headers, body = render(shutdown)
-                            await send({"type": "http.response.start", "status": status,
-                                        "headers": headers + ctx.headers})
-                            await send({"type": "http.response.body", "body": body, "more_body": False})
+                await _tell(ctx, send, NoWorkerAvailable("the gateway is shutting down", code="gateway_shutdown"))
                 if ctx.task is None:
                     raise
                 # answered: end as a request that was refused, not as an exception uvicorn logs with a traceback
@@ -185,16 +189,7 @@ class Proxy:
         except Exception:  # a bug: say so in OpenAI's shape (in-band once streaming), never a bare 500 or a hang
             log.exception("unhandled error on %s", scope.get("path"))
             rec.status = 500
-            internal = GatewayError("internal error in the gateway")
-            if not ctx.done:
-                ctx.done = True
-                with contextlib.suppress(Exception):
-                    if ctx.begun():
-                        await send({"type": "http.response.body", "body": sse_event(internal), "more_body": False})
-                    else:
-                        status, headers, body = render(internal)
-                        await send({"type": "http.response.start", "status": status, "headers": headers})
-                        await send({"type": "http.response.body", "body": body, "more_body": False})
+            await _tell(ctx, send, GatewayError("internal error in the gateway"))
         finally:
             ctx.done = True
             ctx.relay = None
@@ -270,8 +265,10 @@ class Proxy:
         check_policy(req, self.policy)
         try:
             info = self.model_info(req.model, snapshot)
-        except NoWorkerAvailable:  # its workers are all starting or down
-            self._label_outage(rec, req.model, region or self.default_region, snapshot)
+        except NoWorkerAvailable:  # its workers are all starting or down, or the gateway is draining
+            if not self.draining:
+                with contextlib.suppress(InvalidRequest):  # a region that does not exist is no label
+                    self._label_outage(rec, req.model, self.regions_for(region, snapshot.workers)[0], snapshot)
             raise
         regions = self.regions_for(region, snapshot.workers)
         rec.region = regions[0]

@@ -103,15 +103,18 @@ class SSEState:
     error: bytes = b""  # the JSON of the worker's own error event, which ends the stream (vLLM sends [DONE] after it)
     chunks: int = 0
     relay_seconds: float = 0.0
-    # per relayed chunk, the time it spent in the gateway, counted in the buckets of the overhead histogram
-    relay_buckets: list[int] = field(default_factory=lambda: [0] * len(_RELAY_BOUNDS), repr=False)
+    # per relayed chunk, the time it spent in the gateway, counted by bucket of the overhead histogram (index:
+    # count, only the buckets hit: a short stream's one or two chunks)
+    relay_buckets: dict[int, int] = field(default_factory=dict, repr=False)
     _pending: bytes = field(default=b"", repr=False)
 
     def relayed(self, seconds: float) -> None:
         """One chunk passed on, ``seconds`` after its read arrived."""
         self.chunks += 1
         self.relay_seconds += seconds
-        self.relay_buckets[bisect_left(_RELAY_BOUNDS, seconds)] += 1
+        buckets = self.relay_buckets
+        i = bisect_left(_RELAY_BOUNDS, seconds)
+        buckets[i] = buckets.get(i, 0) + 1
 
 
 class SSEParser:

@@ -69,9 +69,7 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
             await send({"type": "http.response.body", "body": sse_event(exc), "more_body": False})
             return exc
     truncated = _truncated()
-    # an error event the worker sent itself has already gone out in-band: just end the stream
-    body = b"" if st.saw_error else sse_event(truncated)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": sse_event(truncated), "more_body": False})
     return truncated
 
 
@@ -198,8 +196,7 @@ class _Reader:
         if self.finished:
             return
         truncated = _truncated()
-        # an error event the worker sent itself has already gone out in-band: just end the stream
-        self._finish(truncated, b"" if self.parser.state.saw_error else sse_event(truncated))
+        self._finish(truncated, sse_event(truncated))
 
     def take_error(self, exc: BaseException) -> None:
         if self.finished:

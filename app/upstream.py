@@ -46,7 +46,10 @@ class UpstreamResponse:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower case), or None."""
-        return next((value for key, value in self.headers if key == name), None)
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
 
     async def next_chunk(self, timeout: float) -> bytes | None:
         return await self._conn.next_chunk(timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,11 @@ def test_every_serve_flag_names_its_environment_variable_and_reads_it() -> None:
         assert action.dest in _SETTINGS_FLAGS and action.dest in Settings.model_fields, action.dest
 
 
-def test_dry_run_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("TOKENGATE_DRY_RUN", "1")
-    assert main(["serve", "--upstream", "http://127.0.0.1:9"]) == 0  # it would have started serving
-    assert capsys.readouterr().out.strip() == "# no managed workers"
+def test_dry_run_from_the_environment() -> None:
+    # in a process of its own with a deadline: without the variable it would start serving, and never return
+    out = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0", "--upstream", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "TOKENGATE_DRY_RUN": "1"})
+    assert (out.returncode, out.stdout.strip()) == (0, "# no managed workers"), out.stderr[-2000:]
 
 
 def test_the_default_region_is_the_one_every_upstream_names() -> None:

@@ -7,7 +7,7 @@ import random
 from prometheus_client import CollectorRegistry, generate_latest
 
 from app.metrics import GatewayMetrics
-from app.sse import SSEState
+from app.sse import _RELAY_BOUNDS, SSEState
 
 
 def test_a_stream_s_chunk_times_are_one_observation_each() -> None:
@@ -27,4 +27,6 @@ def test_a_stream_s_chunk_times_are_one_observation_each() -> None:
                 if b'phase="relay"' in line and b"_created" not in line]
 
     assert relay_lines(batched) == relay_lines(single)
+    # observe_relay writes prometheus-client's own bucket values (private): one per bound, as sse counts them
+    assert len(batched.overhead.labels("relay")._buckets) == len(_RELAY_BOUNDS)
     assert b'tokengate_gateway_overhead_seconds_count{phase="relay"} 202.0' in relay_lines(batched)

@@ -618,16 +618,28 @@ def test_error_series_exist_from_0_and_an_outage_s_503s_carry_the_region_s_prese
             assert httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}).status_code == 200
             samples = scrape(gw.url + "/metrics")
             # rate() sees the first burst of errors only if their series were there before it (at 0)
-            for status in ("500", "502", "503", "504"):
-                assert ("tokengate_requests_total", (("model", "tiny"), ("preset", "h100-1x"), ("region", "fr"),
-                        ("route", "chat"), ("status", status), ("worker", worker.url.removeprefix("http://")))) \
-                    in samples, status
+            for name in (worker.url.removeprefix("http://"), ""):  # the worker's, and its pool's (an outage)
+                for status in ("500", "502", "503", "504"):
+                    labels = (("model", "tiny"), ("preset", "h100-1x"), ("region", "fr"), ("route", "chat"),
+                              ("status", status), ("worker", name))
+                    assert samples.get(("tokengate_requests_total", labels)) == 0, (name, status)
             worker.__exit__(None, None, None)
             wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 503, 10, "the worker out of rotation")
             r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False})
             assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker_available", r.text
             samples = scrape(gw.url + "/metrics")
-            assert metric_sum(samples, "tokengate_requests_total", status="503", region="fr", preset="h100-1x") == 1
+            assert metric_sum(samples, "tokengate_requests_total", status="503", region="fr", preset="h100-1x",
+                              worker="") == 1
+            # a region header is no label before it is known to exist: no series per junk value
+            counts = []
+            for i in range(5):
+                r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False},
+                               headers={"x-tokengate-region": f"junk-{i}"})
+                assert r.status_code == 503, r.text
+                samples = scrape(gw.url + "/metrics")
+                assert not [k for k in samples if any(v.startswith("junk") for _, v in k[1])]
+                counts.append(len(samples))
+            assert len(set(counts)) == 1, counts
     finally:
         worker.__exit__(None, None, None)
 

@@ -147,6 +147,9 @@ def test_allowed_models_and_regions(keys_file: Path) -> None:
             doc = httpx.get(gw.base + "/models", headers=auth("fr-only")).json()
             assert [m["regions"] for m in doc["data"]] == [["fr"]]
             assert httpx.get(gw.base + "/models", headers=auth("alice")).json()["data"][0]["regions"] == ["fr", "uae"]
+            # naming a region the key may not use lists nothing, as a generation request naming it is refused
+            r = httpx.get(gw.base + "/models", headers={**auth("fr-only"), "x-tokengate-region": "uae"})
+            assert r.status_code == 200 and r.json()["data"] == []
             # one model's card (the SDK's models.retrieve): the same rules
             card = httpx.get(gw.base + "/models/tiny", headers=auth("fr-only")).json()
             assert card["id"] == "tiny" and card["regions"] == ["fr"] and card["object"] == "model"
