@@ -187,7 +187,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _examples(state: AppState) -> str:
     s = state.settings
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    base = f"http://{host}:{s.port}"
+    base = f"http://{f'[{host}]' if ':' in host else host}:{s.port}"  # an IPv6 address in brackets
     model = sorted(state.registry.snapshot.models)[0] if state.registry.snapshot.models else "MODEL"
     body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
                         ).decode()
@@ -202,7 +202,7 @@ def _examples(state: AppState) -> str:
         f"\ntokengate {__version__} is ready on {base} — serving {model}\n\n"
         f"  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
         f"    -d {shlex.quote(body)}\n\n"
-        f"  python - <<'EOF'\n{sdk}EOF\n\n"
+        f"  {shlex.quote(sys.executable)} - <<'EOF'\n{sdk}EOF\n\n"
         f"  metrics: {base}/metrics   readiness: {base}/readyz   Ctrl-C stops everything.\n"
     )
 
@@ -341,7 +341,11 @@ class DrainingServer(uvicorn.Server):
             self.stopped_by = sig
         if self._drain is None and not self.should_exit:
             self._state.proxy.draining = True
-            self._drain = (sig, time.monotonic() + self._state.settings.drain_timeout)
+            timeout = self._state.settings.drain_timeout
+            self._drain = (sig, time.monotonic() + timeout)
+            if self.server_state.tasks:  # say why it does not stop at once
+                log.warning("draining: %d request(s) in flight may finish (up to %g s); signal again to stop now",
+                            len(self.server_state.tasks), timeout)
             return
         self.config.timeout_graceful_shutdown = 0
         super().handle_exit(sig, frame)

@@ -13,6 +13,9 @@ import pytest
 from app import __version__
 from app.cli import _SETTINGS_FLAGS, build_parser, main, settings_from_args
 from app.settings import Settings
+from bench.fakeworker import ThreadedFakeWorker
+
+from .utils import gateway_process, wait_until
 
 
 def settings(argv: list[str]):  # type: ignore[no-untyped-def]
@@ -185,3 +188,20 @@ def test_dry_run_unknown_preset_names_the_valid_ones(capsys: pytest.CaptureFixtu
 def test_preset_needs_a_region(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--dry-run", "--preset", "h100-1x", "--model", "/m"]) == 2
     assert "--region" in capsys.readouterr().err
+
+
+def test_the_printed_examples_work_when_pasted_into_a_plain_shell(tmp_path: Path) -> None:
+    """``make run``'s banner: its curl and SDK examples, run as printed by a shell without the venv activated."""
+    with ThreadedFakeWorker(model="tiny") as w, gateway_process("--upstream", w.url, ready_timeout=30) as gw:
+        wait_until(lambda: "EOF\n" in gw.log.read_text(), 10, "the printed examples")
+        text = gw.log.read_text()
+        curl = text[text.index("curl -N"):]
+        curl = curl[:curl.index("\n\n")]
+        sdk = text[text.index(" - <<'EOF'") - 200:]
+        sdk = sdk[sdk.rindex("\n", 0, 200) + 1: sdk.index("\nEOF\n") + 5].strip()
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no venv on the PATH, as in a new terminal
+        out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30, env=env)
+        assert out.returncode == 0 and out.stdout.rstrip().endswith("data: [DONE]"), (curl, out.stdout, out.stderr)
+        out = subprocess.run(["bash", "-c", sdk], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0 and out.stdout.strip(), (sdk, out.stdout, out.stderr[-2000:])
+        assert gw.url.removeprefix("http://") in curl and gw.url in sdk

@@ -211,6 +211,17 @@ from bench.fakeworker import main
 argv = sys.argv[1:]
 if os.environ.get("FAKE_ENGINE_CHILD"):  # like vLLM's EngineCore: a child in the server's process group
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+if os.environ.get("FAKE_CLEANUP_MARK"):  # like multiprocessing's resource tracker: once the server is gone, it
+    # takes a moment to unlink what the engine left in /dev/shm, then ends (this one writes a file instead)
+    subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+parent = {os.getpid()}
+while os.getppid() == parent:
+    time.sleep(0.05)
+time.sleep(0.5)
+open({os.environ["FAKE_CLEANUP_MARK"] + "-" + str(os.getpid())!r}, "w").write("cleaned")  # (the server's pid)
+"""])
 main(["--port", argv[argv.index("--port") + 1], "--model", argv[argv.index("--served-model-name") + 1],
       *os.environ.get("FAKEWORKER_ARGS", "").split()])
 '''
@@ -459,6 +470,7 @@ def test_sigterm_drains_streams_then_stops_every_worker(fake_vllm: Path, tmp_pat
             # draining at once: still listening, /readyz says 503, new requests get 503
             wait_until(lambda: httpx.get(gw.url + "/readyz").status_code == 503, 2, "/readyz 503")
             assert readyz(gw.url)["draining"] is True
+            assert "draining: 3 request(s) in flight may finish (up to 3 s)" in gw.log.read_text()  # why it waits
             refused = chat(gw.url)
             assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
 
@@ -500,6 +512,24 @@ def test_ctrl_c_stops_every_worker_and_exits_130_without_a_traceback(fake_vllm: 
             wait_until(lambda: not any(alive(p) for p in tree), 5, "every worker process gone")
             log = gw.log.read_text(errors="replace")
             assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+        finally:
+            kill_leftovers(tree)
+
+
+def test_a_worker_s_own_cleanup_after_its_server_exits_is_not_cut_short(fake_vllm: Path, tmp_path: Path) -> None:
+    """vLLM's engine segments in /dev/shm are unlinked by a process of the worker's group after its server has
+    exited; a SIGKILL of the group right then left them behind (seen after Ctrl-C of `make run` under load)."""
+    mark = tmp_path / "cleaned"
+    with serve_fake(fake_vllm, tmp_path, "--replicas", "2", env=(f"FAKE_CLEANUP_MARK={mark}",)) as gw:
+        workers = [w["pid"] for w in readyz(gw.url)["workers"]]
+        wait_until(lambda: all(descendants(p) for p in workers), 5, "the workers' cleanup processes")
+        tree = [p for pid in workers for p in [pid, *descendants(pid)]]
+        try:
+            os.kill(gw.proc.pid, signal.SIGTERM)
+            gw.proc.wait(30)
+            # each worker's cleaner (named after its server) finished
+            assert sorted(p.name for p in tmp_path.glob("cleaned-*")) == sorted(f"cleaned-{p}" for p in workers)
+            assert len(tree) == 4 and not any(alive(p) for p in tree)
         finally:
             kill_leftovers(tree)
 

@@ -42,6 +42,17 @@ for pgid in groups:
 """
 
 
+def _group_alive(pgid: int) -> bool:
+    """Some process of the group is still there (a zombie counts until it is reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     name: str
@@ -203,6 +214,11 @@ class Supervisor:
                 await asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 log.warning("worker pid %d ignored SIGTERM; killing", p.pid)
+        # the rest of each group gets until the same deadline to end on its own: vLLM's engine processes, and
+        # multiprocessing's resource tracker, which unlinks the engine's /dev/shm segments as it ends (killed
+        # with the group at once, it left them behind)
+        while time.monotonic() < deadline and any(_group_alive(p.pid) for p in procs):
+            await asyncio.sleep(0.05)
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
