@@ -42,6 +42,20 @@ for pgid in groups:
 """
 
 
+GROUP_GRACE = 5.0  # seconds a dead server's process group gets to end on its own before it is killed
+
+
+async def _end_groups(pgids: list[int], deadline: float) -> None:
+    """Wait until these process groups are gone or ``deadline``, then SIGKILL what is left. What is left once a
+    worker's server has exited: vLLM's engine processes, and multiprocessing's resource tracker, which unlinks the
+    engine's /dev/shm segments as it ends (killed with the group at once, it left them behind)."""
+    while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
+        await asyncio.sleep(0.05)
+    for g in pgids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(g, signal.SIGKILL)
+
+
 def _group_alive(pgid: int) -> bool:
     """Some process of the group is still there (a zombie counts until it is reaped)."""
     try:
@@ -181,9 +195,10 @@ class Supervisor:
             m.worker.process_down = True
             self.registry.update(m.worker, ready=False, reason=f"exited ({m.exits[-1]}), restarting")
             self.metrics.worker_up.labels(m.spec.region, m.spec.preset, m.spec.name).set(0)
-            if m.proc is not None:
+            if m.proc is not None:  # engine children of a dead server: asked, then made, to go
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(m.proc.pid, signal.SIGKILL)  # engine children of a dead server
+                    os.killpg(m.proc.pid, signal.SIGTERM)
+                await _end_groups([m.proc.pid], time.monotonic() + GROUP_GRACE)
                 self._tell_janitor(f"-{m.proc.pid}")
             up_for = time.monotonic() - m.started_at
             m.failures_in_row = 1 if up_for >= self.healthy_after else m.failures_in_row + 1
@@ -214,14 +229,8 @@ class Supervisor:
                 await asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 log.warning("worker pid %d ignored SIGTERM; killing", p.pid)
-        # the rest of each group gets until the same deadline to end on its own: vLLM's engine processes, and
-        # multiprocessing's resource tracker, which unlinks the engine's /dev/shm segments as it ends (killed
-        # with the group at once, it left them behind)
-        while time.monotonic() < deadline and any(_group_alive(p.pid) for p in procs):
-            await asyncio.sleep(0.05)
+        await _end_groups([p.pid for p in procs], deadline)
         for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 await asyncio.wait_for(p.wait(), 5)
             self._tell_janitor(f"-{p.pid}")
