@@ -123,6 +123,20 @@ class RateLimited(_RetryAfter):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
+                 limit: tuple[str, int, int] | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+        self.limit = limit  # (unit: "requests" or "tokens", its limit, what is left): OpenAI's x-ratelimit-* headers
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = super().headers()
+        if self.limit is not None:
+            unit, limit, left = self.limit
+            out += [(f"x-ratelimit-limit-{unit}".encode(), b"%d" % limit),
+                    (f"x-ratelimit-remaining-{unit}".encode(), b"%d" % max(0, left)),
+                    (f"x-ratelimit-reset-{unit}".encode(), out[0][1] + b"s")]  # when Retry-After says
+        return out
+
 
 class NoWorkerAvailable(_RetryAfter):
     status = 503

@@ -110,10 +110,10 @@ def _seconds(value: float) -> float:
     return float(max(1, math.ceil(value - 1e-9)))
 
 
-def _over(name: str, what: str, detail: str, wait: float) -> RateLimited:
+def _over(name: str, what: str, detail: str, wait: float, limit: int, left: int) -> RateLimited:
     s = _seconds(wait)
     msg = f"Rate limit reached for API key '{name}' on {what} per minute: {detail}. Please try again in {s:.0f}s."
-    return RateLimited(msg, retry_after=s)
+    return RateLimited(msg, retry_after=s, limit=(what, limit, left))
 
 
 def _tokens_detail(tpm: int, needed: int, left: float) -> str:
@@ -170,13 +170,15 @@ class MemoryLimiter:
             while st.requests and st.requests[0] <= now - self.window:
                 st.requests.popleft()
             if len(st.requests) >= limits.rpm:
-                raise _over(name, "requests", f"limit {limits.rpm}", st.requests[-limits.rpm] + self.window - now)
+                raise _over(name, "requests", f"limit {limits.rpm}", st.requests[-limits.rpm] + self.window - now,
+                            limits.rpm, 0)
         if limits.tpm is not None:
             if estimated_tokens > limits.tpm:
                 raise _too_large(name, limits.tpm, estimated_tokens, self.window)
             if st.tokens < estimated_tokens:
                 wait = (estimated_tokens - st.tokens) * self.window / limits.tpm
-                raise _over(name, "tokens", _tokens_detail(limits.tpm, estimated_tokens, st.tokens), wait)
+                raise _over(name, "tokens", _tokens_detail(limits.tpm, estimated_tokens, st.tokens), wait, limits.tpm,
+                            math.floor(st.tokens))
             st.tokens -= estimated_tokens
         if limits.rpm is not None:
             st.requests.append(now)
@@ -335,9 +337,10 @@ class RedisLimiter:
         if status == 1:
             raise _too_many_concurrent(name, limits.max_concurrent or 0)
         if status == 2:
-            raise _over(name, "requests", f"limit {limits.rpm}", wait)
+            raise _over(name, "requests", f"limit {limits.rpm}", wait, limits.rpm or 0, 0)
         if status == 3:
-            raise _over(name, "tokens", _tokens_detail(limits.tpm or 0, estimated_tokens, int(left_tokens)), wait)
+            raise _over(name, "tokens", _tokens_detail(limits.tpm or 0, estimated_tokens, int(left_tokens)), wait,
+                        limits.tpm or 0, int(left_tokens))
         if status == 4:
             raise _too_large(name, limits.tpm or 0, estimated_tokens, self.window)
         ticket.remaining_requests = None if int(left_requests) < 0 else int(left_requests)

@@ -96,6 +96,11 @@ def test_rpm_holds_across_replicas_with_retry_after(kind: str, url: str) -> None
         assert status == 429 and (b"retry-after", str(int(info.value.retry_after)).encode()) in headers
         assert orjson.loads(body)["error"]["type"] == "rate_limit_error"
         assert "requests per minute" in info.value.message
+        # OpenAI's rate-limit headers on the refusal too
+        wait = str(int(info.value.retry_after)).encode()
+        assert {(k, v) for k, v in headers if k.startswith(b"x-ratelimit-")} == {
+            (b"x-ratelimit-limit-requests", b"3"), (b"x-ratelimit-remaining-requests", b"0"),
+            (b"x-ratelimit-reset-requests", wait + b"s")}
 
     _run(kind, url, main)
 
@@ -108,6 +113,9 @@ def test_tpm_holds_across_replicas_with_retry_after(kind: str, url: str) -> None
         with pytest.raises(RateLimited) as info:
             await b.admit(key, 100)
         assert info.value.retry_after == 10.0  # 100 tokens at 10/s
+        headers = dict(info.value.headers())
+        assert headers[b"x-ratelimit-limit-tokens"] == b"600" and headers[b"x-ratelimit-reset-tokens"] == b"10s"
+        assert headers[b"x-ratelimit-remaining-tokens"] in (b"0", b"1")  # (what refilled meanwhile)
         with pytest.raises(RateLimited) as info:
             await b.admit(key, 601)  # can never fit: no point retrying
         assert info.value.error_code == "request_too_large"
