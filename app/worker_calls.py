@@ -39,6 +39,10 @@ class WorkerCalls:
             data = await resp.read(self.timeout, limit=64 * 1024 * 1024)
         finally:
             resp.release()
+        if resp.status in (404, 405):  # a server with no /tokenize (not vLLM): the prompt can't be counted there
+            raise UpstreamProtocolError(
+                f"worker answered HTTP {resp.status} to POST /tokenize, so it cannot count the prompt (is it vLLM?); "
+                f"give the gateway the model's tokenizer instead (--tokenizer {payload.get('model')}=PATH)")
         if resp.status != 200:
             raise UpstreamStatus(resp.status, data)
         try:

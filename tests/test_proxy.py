@@ -497,6 +497,16 @@ def test_a_streamed_request_answered_with_no_event_stream_is_a_502_before_anythi
         assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_upstream_errors_total", kind="protocol") == 1
 
 
+def test_a_worker_without_tokenize_is_a_502_that_says_what_to_do() -> None:
+    """Not a 404 for a model /v1/models lists: the worker is no vLLM, and the prompt can't be counted there."""
+    with ThreadedFakeWorker(tokenize=False) as w, run_gateway(Settings(upstream=[w.url])) as gw:
+        for route, body in (("/chat/completions", CHAT), ("/completions", COMPLETION)):
+            r = httpx.post(gw.base + route, json={**body, "stream": False}, timeout=10)
+            assert r.status_code == 502, r.text
+            err = r.json()["error"]
+            assert err["code"] == "bad_worker_response" and "--tokenizer tiny=PATH" in err["message"]
+
+
 @pytest.mark.parametrize("count", [b"-100", b"1e3", b"true", b"10" * 200])
 def test_a_tokenize_count_that_is_no_count_is_a_502_before_any_generation(count: bytes) -> None:
     with _TrickleWorker(4096) as w, run_gateway(Settings(upstream=[f"http://127.0.0.1:{w.port}"])) as gw:
