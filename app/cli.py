@@ -191,18 +191,22 @@ def _examples(state: AppState) -> str:
     model = sorted(state.registry.snapshot.models)[0] if state.registry.snapshot.models else "MODEL"
     body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
                         ).decode()
+    keyed = s.keys_file is not None  # then the examples take the key from $TOKENGATE_KEY
+    api_key = 'os.environ["TOKENGATE_KEY"]' if keyed else '"unused"'
     sdk = (
-        "from openai import OpenAI\n"
-        f"client = OpenAI(base_url=\"{base}/v1\", api_key=\"unused\")\n"
+        ("import os\n" if keyed else "") + "from openai import OpenAI\n"
+        f"client = OpenAI(base_url=\"{base}/v1\", api_key={api_key})\n"
         f"for chunk in client.chat.completions.create(model=\"{model}\", stream=True, max_tokens=32,\n"
         "        messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]):\n"
         "    print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)\n"
     )
     return (
         f"\ntokengate {__version__} is ready on {base} — serving {model}\n\n"
-        f"  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
-        f"    -d {shlex.quote(body)}\n\n"
-        f"  {shlex.quote(sys.executable)} - <<'EOF'\n{sdk}EOF\n\n"
+        + ("  export TOKENGATE_KEY=...   # a key of the keys file (tokengate keys create)\n\n" if keyed else "")
+        + f"  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        + ("    -H \"authorization: Bearer $TOKENGATE_KEY\" \\\n" if keyed else "")
+        + f"    -d {shlex.quote(body)}\n\n"
+        + f"  {shlex.quote(sys.executable)} - <<'EOF'\n{sdk}EOF\n\n"
         f"  metrics: {base}/metrics   readiness: {base}/readyz   Ctrl-C stops everything.\n"
     )
 

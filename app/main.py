@@ -208,6 +208,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         payload = {"error": {"message": str(exc.detail), "type": type_, "param": None, "code": code}}
         headers = dict(exc.headers or {})
+        allow = headers.get("Allow") or headers.get("allow")
+        if allow is not None and "GET" in allow.split(", ") and "HEAD" not in allow:
+            headers.pop("allow", None)
+            headers["Allow"] = allow + ", HEAD"  # answered as GET without the body (asgi.GatewayApp)
         return JSONResponse(payload, status_code=exc.status_code, headers=headers)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app import __version__
+from app.auth import hash_key
 from app.cli import _SETTINGS_FLAGS, build_parser, main, settings_from_args
 from app.settings import Settings
 from bench.fakeworker import ThreadedFakeWorker
@@ -190,9 +191,16 @@ def test_preset_needs_a_region(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--region" in capsys.readouterr().err
 
 
-def test_the_printed_examples_work_when_pasted_into_a_plain_shell(tmp_path: Path) -> None:
-    """``make run``'s banner: its curl and SDK examples, run as printed by a shell without the venv activated."""
-    with ThreadedFakeWorker(model="tiny") as w, gateway_process("--upstream", w.url, ready_timeout=30) as gw:
+@pytest.mark.parametrize("keyed", [False, True])
+def test_the_printed_examples_work_when_pasted_into_a_plain_shell(tmp_path: Path, keyed: bool) -> None:
+    """``make run``'s banner: its curl and SDK examples, run as printed by a shell without the venv activated (with
+    --keys, once the key is in $TOKENGATE_KEY as the banner says)."""
+    key = "tg-banner-test-key-0123456789"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(json.dumps({"keys": [{"name": "me", "hash": hash_key(key)}]}))
+    flags = ["--keys", str(keys)] if keyed else []
+    with ThreadedFakeWorker(model="tiny") as w, \
+            gateway_process("--upstream", w.url, *flags, ready_timeout=30) as gw:
         wait_until(lambda: "EOF\n" in gw.log.read_text(), 10, "the printed examples")
         text = gw.log.read_text()
         curl = text[text.index("curl -N"):]
@@ -200,6 +208,9 @@ def test_the_printed_examples_work_when_pasted_into_a_plain_shell(tmp_path: Path
         sdk = text[text.index(" - <<'EOF'") - 200:]
         sdk = sdk[sdk.rindex("\n", 0, 200) + 1: sdk.index("\nEOF\n") + 5].strip()
         env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no venv on the PATH, as in a new terminal
+        if keyed:
+            assert "export TOKENGATE_KEY=" in text
+            env["TOKENGATE_KEY"] = key
         out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30, env=env)
         assert out.returncode == 0 and out.stdout.rstrip().endswith("data: [DONE]"), (curl, out.stdout, out.stderr)
         out = subprocess.run(["bash", "-c", sdk], capture_output=True, text=True, timeout=60, env=env)

@@ -89,6 +89,8 @@ def test_head_is_get_without_the_body(gw: Any, path: str) -> None:
     assert b"content-length: " in first.lower()
     assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'{"status":"ok"}'), rest[:200]
     assert httpx.head(gw.url + "/v1/chat/completions").status_code == 405  # generation routes: POST only
+    r = httpx.put(gw.url + path)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"  # what it does answer
 
 
 def test_headers_trickled_byte_by_byte_get_408_and_others_are_served(gw: Any) -> None:
