@@ -27,6 +27,7 @@ from .auth import KeyStore, load_keys
 from .busypoll import BusyPoll
 from .caps import BUILTIN_CAPS, CapConfig
 from .counting import PromptCounter
+from .drain import drain_on_sigterm
 from .errors import GatewayError, InvalidRequest, render
 from .limits import Limiter, MemoryLimiter, RedisLimiter
 from .metrics import GatewayMetrics
@@ -112,6 +113,8 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         health_task = asyncio.create_task(health.run(), name="tokengate-health")
         sampler_task = asyncio.create_task(sampler.run(), name="tokengate-status")
         ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
+        if settings.workers > 1:  # one of --workers N: its first SIGTERM drains, as a single process's does
+            drain_on_sigterm(state, asyncio.get_running_loop())
         if settings.workers > 1 and not settings.redis_url and not keys.is_open:
             log.warning("--workers %d without --redis: each gateway process enforces the per-key limits on its own "
                         "(a key gets up to %d times its rpm/tpm/concurrency)", settings.workers, settings.workers)

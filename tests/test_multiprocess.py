@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from bench.fakeworker import ThreadedFakeWorker
 
-from .utils import gateway_process, metric_sum, scrape
+from .utils import gateway_process, metric_sum, scrape, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "stream": False}
 
@@ -84,3 +86,39 @@ def test_workers_refuse_managed_workers(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--preset", "cpu",
                         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--workers needs --upstream" in r.stderr
+
+
+def test_sigterm_drains_every_process_as_one_process_does(worker: ThreadedFakeWorker) -> None:
+    """The supervisor forwards SIGTERM to each gateway process; each one drains: /readyz and new requests 503 while
+    the streams in flight finish, then every process exits."""
+    worker.options.token_delay = 0.05  # 40 tokens: ~2 s
+    try:
+        with gateway_process("--upstream", worker.url, "--workers", "2", "--drain-timeout", "10",
+                             ready_timeout=60) as gw:
+            kids = _children(gw.proc.pid)
+            results: list[str] = []
+
+            def stream() -> None:
+                body = {**CHAT, "stream": True, "max_tokens": 40}
+                with httpx.stream("POST", gw.base + "/chat/completions", json=body, timeout=30,
+                                  headers={"connection": "close"}) as r:
+                    results.append(r.read().decode())
+
+            threads = [threading.Thread(target=stream) for _ in range(4)]  # new connections: both processes
+            for t in threads:
+                t.start()
+            wait_until(lambda: worker.stats.in_flight == 4, 5, "4 streams in flight")
+            gw.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            for _ in range(4):  # whichever process takes the connection
+                r = httpx.post(gw.base + "/chat/completions", json=CHAT, headers={"connection": "close"}, timeout=5)
+                assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
+                ready = httpx.get(gw.url + "/readyz", headers={"connection": "close"}, timeout=5)
+                assert ready.status_code == 503 and ready.json()["draining"] is True
+            for t in threads:
+                t.join(20)
+            assert len(results) == 4 and all(r.rstrip().endswith("data: [DONE]") for r in results), results
+            assert gw.proc.wait(20) == 0, gw.log.read_text()[-2000:]
+            wait_until(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), 10, "every gateway process gone")
+    finally:
+        worker.options.token_delay = 0.0
