@@ -186,12 +186,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _examples(state: AppState) -> str:
     s = state.settings
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.host, s.host)  # where a local client reaches it
     base = f"http://{f'[{host}]' if ':' in host else host}:{s.port}"  # an IPv6 address in brackets
     model = sorted(state.registry.snapshot.models)[0] if state.registry.snapshot.models else "MODEL"
     body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
                         ).decode()
-    keyed = s.keys_file is not None  # then the examples take the key from $TOKENGATE_KEY
+    keyed = not state.proxy.keys.is_open  # then the examples take the key from $TOKENGATE_KEY
     api_key = 'os.environ["TOKENGATE_KEY"]' if keyed else '"unused"'
     sdk = (
         ("import os\n" if keyed else "") + "from openai import OpenAI\n"

@@ -5,12 +5,18 @@ own ``Server``: the SIGTERM the supervisor forwards would close its socket at on
 refused" or a dropped request, never a 503). ``drain_on_sigterm`` wraps that server's signal handler so a child
 drains as a single gateway process does (``cli.DrainingServer``): the first SIGTERM/SIGINT marks it draining
 (``/readyz`` 503, new requests 503) while in-flight requests finish, up to ``drain_timeout``; then the server
-shuts down, and what still runs is cancelled (a stream ends with an in-band error). A second signal ends the wait.
+shuts down, and what still runs is cancelled (a stream ends with an in-band error).
+
+What ends the wait at once is narrower than in one process: a SIGINT while draining (a second Ctrl-C). A signal
+sent to the whole process group (a terminal's Ctrl-C, ``kill -TERM -PGID``, systemd) reaches a child directly and
+then again as the supervisor's forwarded SIGTERM; that SIGTERM must not count as a second signal, so a SIGTERM
+never does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import signal
 import time
@@ -19,6 +25,8 @@ from types import FrameType
 import uvicorn
 
 from .state import AppState
+
+log = logging.getLogger("tokengate")
 
 
 def drain_on_sigterm(state: AppState, loop: asyncio.AbstractEventLoop) -> bool:
@@ -42,11 +50,15 @@ def drain_on_sigterm(state: AppState, loop: asyncio.AbstractEventLoop) -> bool:
         task.add_done_callback(waiting.discard)
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
-        if state.proxy.draining or server.should_exit:  # the second signal: stop now
-            server.config.timeout_graceful_shutdown = 0
-            server.handle_exit(sig, frame)
-            return
+        if state.proxy.draining or server.should_exit:
+            if sig == signal.SIGINT:  # a second Ctrl-C: stop now
+                for task in waiting:
+                    task.cancel()
+                server.config.timeout_graceful_shutdown = 0
+                server.handle_exit(sig, frame)
+            return  # (a SIGTERM: the supervisor forwarding what this process already had)
         state.proxy.draining = True
+        log.warning("draining: requests in flight may finish (up to %g s)", timeout)
         loop.call_soon_threadsafe(start, sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

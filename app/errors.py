@@ -134,7 +134,7 @@ class RateLimited(_RetryAfter):
             unit, limit, left = self.limit
             out += [(f"x-ratelimit-limit-{unit}".encode(), b"%d" % limit),
                     (f"x-ratelimit-remaining-{unit}".encode(), b"%d" % max(0, left)),
-                    (f"x-ratelimit-reset-{unit}".encode(), out[0][1] + b"s")]  # when Retry-After says
+                    (f"x-ratelimit-reset-{unit}".encode(), b"%ds" % max(1, round(self.retry_after)))]
         return out
 
 

@@ -113,8 +113,9 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
         health_task = asyncio.create_task(health.run(), name="tokengate-health")
         sampler_task = asyncio.create_task(sampler.run(), name="tokengate-status")
         ready_task = asyncio.create_task(_announce(state, on_ready), name="tokengate-ready") if on_ready else None
-        if settings.workers > 1:  # one of --workers N: its first SIGTERM drains, as a single process's does
-            drain_on_sigterm(state, asyncio.get_running_loop())
+        if settings.workers > 1 and not drain_on_sigterm(state, asyncio.get_running_loop()):
+            # one of --workers N, whose first SIGTERM should drain as a single process's does
+            log.warning("no uvicorn signal handler to wrap: this process will not drain on SIGTERM")
         if settings.workers > 1 and not settings.redis_url and not keys.is_open:
             log.warning("--workers %d without --redis: each gateway process enforces the per-key limits on its own "
                         "(a key gets up to %d times its rpm/tpm/concurrency)", settings.workers, settings.workers)

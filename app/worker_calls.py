@@ -39,7 +39,9 @@ class WorkerCalls:
             data = await resp.read(self.timeout, limit=64 * 1024 * 1024)
         finally:
             resp.release()
-        if resp.status in (404, 405):  # a server with no /tokenize (not vLLM): the prompt can't be counted there
+        if resp.status == 405 or resp.status == 404 and not _names_a_model(data):
+            # a server with no /tokenize (not vLLM; vLLM's own 404 here says the model does not exist): the prompt
+            # can't be counted there
             raise UpstreamProtocolError(
                 f"worker answered HTTP {resp.status} to POST /tokenize, so it cannot count the prompt (is it vLLM?); "
                 f"give the gateway the model's tokenizer instead (--tokenizer {payload.get('model')}=PATH)")
@@ -88,3 +90,8 @@ class WorkerCalls:
         resp.release()
         if resp.status in (403, 404, 405):  # not served (older vLLM, or started without --enable-scale-out)
             worker.explicit_abort = False
+
+
+def _names_a_model(body: bytes) -> bool:
+    """An error body about a model (vLLM: "The model `x` does not exist."), not about a missing route."""
+    return b"model" in body.lower()

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from app.metrics import GatewayMetrics
 from app.settings import Settings
 from app.state import AppState
 from app.workers.registry import Registry
-from app.workers.supervisor import Supervisor, WorkerSpec
+from app.workers.supervisor import Supervisor, WorkerSpec, _group_alive
 from bench.fakeworker import ThreadedFakeWorker
 
 from .utils import (
@@ -577,3 +578,20 @@ def test_embedded_default_serves_the_tiny_model_on_a_real_cpu_engine(tmp_path: P
             wait_until(lambda: not any(alive(p) for p in tree), 30, "no engine process left")
         finally:
             kill_leftovers(tree)
+
+
+def test_a_process_group_of_zombies_is_not_alive() -> None:
+    """A stop or restart waits for a worker's group to end: zombies, which a gateway running as PID 1 (or a
+    subreaper) may never reap, must not hold it to the deadline."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    try:
+        wait_until(lambda: Path(f"/proc/{dead.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z", 10,
+                   "a zombie (exited, not reaped)")
+        os.killpg(dead.pid, 0)  # the kernel still counts it in its group
+        assert not _group_alive(dead.pid)
+        assert _group_alive(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+        dead.wait()

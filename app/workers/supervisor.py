@@ -49,22 +49,39 @@ async def _end_groups(pgids: list[int], deadline: float) -> None:
     """Wait until these process groups are gone or ``deadline``, then SIGKILL what is left. What is left once a
     worker's server has exited: vLLM's engine processes, and multiprocessing's resource tracker, which unlinks the
     engine's /dev/shm segments as it ends (killed with the group at once, it left them behind)."""
-    while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
+    alive = pgids
+    while alive and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    for g in pgids:
-        with contextlib.suppress(ProcessLookupError):
+        alive = [g for g in alive if _group_alive(g)]
+    for g in alive:
+        with contextlib.suppress(OSError):
             os.killpg(g, signal.SIGKILL)
 
 
 def _group_alive(pgid: int) -> bool:
-    """Some process of the group is still there (a zombie counts until it is reaped)."""
+    """Some process of the group is still running. Zombies don't count: one re-parented to a gateway that is PID 1
+    in a container, or a subreaper, is never reaped by asyncio (which waits for its own children only)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc to tell zombies apart: alive, to be safe (the deadline bounds the wait)
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +197,18 @@ class Supervisor:
 
     async def _keep_running(self, m: _Managed) -> None:
         while not m.stopping:
+            m.proc = None  # (a failed start leaves none: the last one's group is not to be signalled again)
+            ended = time.monotonic()
             try:
                 await self._spawn(m)
             except OSError as exc:
                 log.error("worker %s could not start: %s", m.spec.name, exc)
                 m.exits.append(-1)
+                m.started_at = ended  # up for no time: a failure in a row
             else:
                 assert m.proc is not None
                 code = await m.proc.wait()
+                ended = time.monotonic()
                 m.exits.append(code)
                 if m.stopping:
                     return
@@ -200,7 +221,7 @@ class Supervisor:
                     os.killpg(m.proc.pid, signal.SIGTERM)
                 await _end_groups([m.proc.pid], time.monotonic() + GROUP_GRACE)
                 self._tell_janitor(f"-{m.proc.pid}")
-            up_for = time.monotonic() - m.started_at
+            up_for = ended - m.started_at  # (not counting the wait for its group to end)
             m.failures_in_row = 1 if up_for >= self.healthy_after else m.failures_in_row + 1
             delay = doubling(self.backoff_base, self.backoff_max, m.failures_in_row - 1)
             if m.failures_in_row > 1:
