@@ -100,7 +100,7 @@ class SSEState:
     content_events: int = 0
     saw_done: bool = False
     saw_error: bool = False
-    error: bytes = b""  # the JSON of the worker's own error event, which ends the stream (vLLM sends [DONE] after it)
+    error: Any = None  # the "error" of the worker's own error event, which ends the stream (vLLM sends [DONE] after)
     chunks: int = 0
     relay_seconds: float = 0.0
     # per relayed chunk, the time it spent in the gateway, counted by bucket of the overhead histogram (index:
@@ -196,7 +196,7 @@ class SSEParser:
             else:
                 if ev.error is not msgspec.UNSET:
                     self.state.saw_error = True
-                    self.state.error = payload
+                    self.state.error = ev.error
                     return False
                 choices = ev.choices
                 return self._learn(ev.usage, bool(choices), _event_has_content(choices) if choices else False, now)
@@ -239,7 +239,7 @@ class SSEParser:
             self.sink(obj)
         if "error" in obj:
             st.saw_error = True
-            st.error = payload
+            st.error = obj["error"]
             return False
         usage = obj.get("usage")
         return self._learn(usage if isinstance(usage, dict) else None, bool(obj.get("choices")), _has_content(obj),

@@ -15,11 +15,9 @@ from collections.abc import Awaitable, Callable
 from time import monotonic, perf_counter
 from typing import Any
 
-import orjson
-
 from .clientwriter import ClientWriter
 from .errors import GatewayError, UpstreamError, UpstreamTimeout, in_band_error, sse_event
-from .sse import SSEParser, SSEState
+from .sse import SSEParser
 from .upstream import UpstreamProtocolError, UpstreamResponse
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -28,15 +26,6 @@ log = logging.getLogger("tokengate.streaming")
 
 def _truncated() -> UpstreamProtocolError:
     return UpstreamProtocolError("worker ended the stream without [DONE]", code="worker_stream_truncated")
-
-
-def _worker_failed(st: SSEState) -> GatewayError:
-    """The error event the worker sent (already passed on, the stream's last), as the failure it reports."""
-    try:
-        doc = orjson.loads(st.error)
-    except orjson.JSONDecodeError:  # the parser read it as JSON: not reached
-        doc = None
-    return in_band_error(doc.get("error") if isinstance(doc, dict) else None)
 
 
 async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: Send, *, idle_timeout: float
@@ -55,7 +44,7 @@ async def relay(resp: UpstreamResponse, first: bytes, parser: SSEParser, send: S
         if st.saw_error:
             await send({"type": "http.response.body", "body": out, "more_body": False})
             st.relayed(perf_counter() - t0)
-            return _worker_failed(st)
+            return in_band_error(st.error)
         if st.saw_done:
             await send({"type": "http.response.body", "body": out, "more_body": False})
             st.relayed(perf_counter() - t0)
@@ -180,7 +169,7 @@ class _Reader:
             return
         st = self.parser.state
         if st.saw_done or st.saw_error:
-            self._finish(_worker_failed(st) if st.saw_error else None, out, t0)
+            self._finish(in_band_error(st.error) if st.saw_error else None, out, t0)
             return
         self.last_read = self.loop.time()
         if out:
