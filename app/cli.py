@@ -307,7 +307,7 @@ def _redis_problem(url: str) -> str | None:
     from urllib.parse import urlsplit
 
     from .errors import GatewayError
-    from .limits import RedisLimiter
+    from .limits_redis import RedisLimiter
 
     async def ping() -> None:
         limiter = RedisLimiter.from_url(url)

@@ -29,7 +29,8 @@ from .caps import BUILTIN_CAPS, CapConfig
 from .counting import PromptCounter
 from .drain import drain_on_sigterm
 from .errors import GatewayError, InvalidRequest, render
-from .limits import Limiter, MemoryLimiter, RedisLimiter
+from .limits import Limiter, MemoryLimiter
+from .limits_redis import RedisLimiter
 from .metrics import GatewayMetrics
 from .openapi import document_generation_routes
 from .policy import RequestPolicy

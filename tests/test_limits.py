@@ -18,7 +18,8 @@ import pytest
 
 from app.auth import OPEN, Principal
 from app.errors import NoWorkerAvailable, RateLimited, render
-from app.limits import Limiter, Limits, MemoryLimiter, RedisLimiter, Ticket
+from app.limits import Limiter, Limits, MemoryLimiter, Ticket
+from app.limits_redis import RedisLimiter
 
 from .utils import redis_server
 
@@ -265,7 +266,8 @@ def test_redis_sliding_window_expires(redis_url: str) -> None:
 
 _HOLDER = """
 import asyncio, sys
-from app.limits import Limits, RedisLimiter
+from app.limits import Limits
+from app.limits_redis import RedisLimiter
 from app.auth import Principal
 
 async def main():

@@ -1,0 +1,221 @@
+"""Per-key limits held across gateway replicas in Redis (the rules: ``limits``).
+
+One atomic Lua script per admit/settle, Redis's own clock, and concurrency slots as leases a live replica renews —
+a crashed replica's slots expire after ``lease`` seconds instead of leaking forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .errors import NoWorkerAvailable
+from .limits import Subject, Ticket, over_requests, over_tokens, too_large, too_many_concurrent, unmetered
+
+log = logging.getLogger("tokengate.limits")
+
+
+# Shared by the scripts: Redis's clock in ms (one clock for every replica) and the token bucket's state.
+_LUA_LIB = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local function bucket(key, tpm, window)
+  local st = redis.call('HMGET', key, 'tokens', 'ts')
+  if st[1] == false then return tpm end
+  return math.min(tpm, tonumber(st[1]) + (now - tonumber(st[2])) * tpm / window)
+end
+local function store(key, tokens, tpm, window)
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((tpm - tokens) * window / tpm) + 1000)
+end
+"""
+
+# KEYS: rpm zset, tpm hash, concurrency zset. ARGV: rpm, tpm, max_concurrent (0: none), estimate, ticket id,
+# lease ms, window ms. Returns {status, retry ms, remaining requests, remaining tokens}; status 0 admitted,
+# 1 concurrency, 2 rpm, 3 tpm, 4 too large. Remaining -1: no such limit.
+_ADMIT = """
+local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local est, id, lease, window = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= conc then return {1, 1000, -1, -1} end
+end
+local used = 0
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  used = redis.call('ZCARD', KEYS[1])
+  if used >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[1], used - rpm, used - rpm, 'WITHSCORES')
+    return {2, math.ceil(tonumber(oldest[2]) + window - now), 0, -1}
+  end
+end
+local tokens = -1
+if tpm > 0 then
+  tokens = bucket(KEYS[2], tpm, window)
+  if est > tpm then return {4, math.ceil(window), -1, math.floor(tokens)} end
+  if tokens < est then return {3, math.ceil((est - tokens) * window / tpm), -1, math.floor(tokens)} end
+  tokens = tokens - est
+  store(KEYS[2], tokens, tpm, window)
+  tokens = math.floor(tokens)
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, id)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window))
+  used = rpm - used - 1
+else used = -1 end
+if conc > 0 then
+  redis.call('ZADD', KEYS[3], now + lease, id)
+  redis.call('PEXPIRE', KEYS[3], math.ceil(2 * lease))
+end
+return {0, 0, used, tokens}
+"""
+
+# KEYS: tpm hash, concurrency zset. ARGV: tpm (0: none), reserved - actual, ticket id ('' : no slot), window ms.
+_SETTLE = """
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+local tpm, delta, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+if tpm > 0 and delta ~= 0 then store(KEYS[1], math.min(tpm, bucket(KEYS[1], tpm, window) + delta), tpm, window) end
+return 1
+"""
+
+# KEYS: concurrency zset. ARGV: ticket id, lease ms. Extends a live slot's lease; a lapsed slot stays gone.
+_RENEW = """
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(2 * tonumber(ARGV[2])))
+end
+return 1
+"""
+
+
+class RedisLimiter:
+    """Limits shared by every replica that uses the same Redis (≥ 5; Redis Cluster works: one hash slot per key).
+
+        limiter = RedisLimiter.from_url(settings.redis_url)     # in the lifespan; ``await limiter.aclose()`` after
+
+    ``lease``: seconds a concurrency slot survives without renewal (live replicas renew every ``lease / 3``).
+    ``fail_open``: when Redis cannot be reached, admit unmetered (logged) instead of answering 503.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "tokengate",
+        window: float = 60.0,
+        lease: float = 30.0,
+        fail_open: bool = False,
+        owns_client: bool = False,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.window = window
+        self.lease = lease
+        self.fail_open = fail_open
+        self._owns = owns_client
+        self._admit = client.register_script(_LUA_LIB + _ADMIT)
+        self._settle = client.register_script(_LUA_LIB + _SETTLE)
+        self._renew = client.register_script(_LUA_LIB + _RENEW)
+        self._live: dict[str, Ticket] = {}  # tickets holding a concurrency slot, renewed by the heartbeat
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 2.0, **kwargs: Any) -> RedisLimiter:
+        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return cls(client, owns_client=True, **kwargs)
+
+    def _keys(self, name: str) -> list[str]:  # one hash slot per key name (Redis Cluster)
+        return [f"{self.prefix}:{{{name}}}:{kind}" for kind in ("rpm", "tpm", "conc")]
+
+    async def ping(self) -> None:
+        """Fail fast at startup when Redis is unreachable."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def admit(self, subject: Subject, estimated_tokens: int) -> Ticket:
+        limits, name = subject.limits, subject.name
+        if limits.unlimited:
+            return unmetered(subject, estimated_tokens)
+        ticket = Ticket(name, limits, estimated_tokens)
+        counts = (limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0, estimated_tokens)
+        args = (*counts, ticket.id, self.lease * 1000, self.window * 1000)
+        try:
+            status, retry_ms, left_requests, left_tokens = await self._admit(keys=self._keys(name), args=args)
+        except (RedisError, OSError) as exc:
+            if not self.fail_open:
+                raise _unavailable(exc) from exc
+            log.warning("rate limiter unavailable, admitting %r unmetered: %s", name, exc)
+            return unmetered(subject, estimated_tokens)
+        wait = int(retry_ms) / 1000
+        if status == 1:
+            raise too_many_concurrent(name, limits.max_concurrent or 0)
+        if status == 2:
+            raise over_requests(name, limits.rpm or 0, wait)
+        if status == 3:
+            raise over_tokens(name, limits.tpm or 0, estimated_tokens, int(left_tokens), wait)
+        if status == 4:
+            raise too_large(name, limits.tpm or 0, estimated_tokens, self.window)
+        ticket.remaining_requests = None if int(left_requests) < 0 else int(left_requests)
+        ticket.remaining_tokens = None if limits.tpm is None else int(left_tokens)
+        if limits.max_concurrent is not None:
+            self._live[ticket.id] = ticket
+            if self._heartbeat is None or self._heartbeat.done():
+                self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="limits-heartbeat")
+        return ticket
+
+    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+        done, ticket.settled = ticket.settled, True
+        if done or not ticket.metered:
+            return
+        self._live.pop(ticket.id, None)  # a slot we fail to free here lapses with its lease
+        slot = ticket.id if ticket.limits.max_concurrent is not None else ""
+        if not slot and (ticket.limits.tpm is None or ticket.reserved == actual_tokens):
+            return
+        keys = self._keys(ticket.key)[1:]
+        args = (ticket.limits.tpm or 0, ticket.reserved - actual_tokens, slot, self.window * 1000)
+        # shielded: a cancelled request (client gone, shutdown) must still give its slot and tokens back
+        call = asyncio.ensure_future(self._settle(keys=keys, args=args))
+        call.add_done_callback(_log_failure)
+        with contextlib.suppress(RedisError, OSError):
+            await asyncio.shield(call)
+
+    async def _beat(self) -> None:
+        # stopped by an event, never cancelled: redis-py can lose a cancellation mid-command (redis-py#2028, #2551)
+        while self._live:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.lease / 3)
+                return  # aclose()
+            tickets = list(self._live.values())
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for t in tickets:
+                        await self._renew(keys=[self._keys(t.key)[2]], args=[t.id, self.lease * 1000], client=pipe)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("rate limiter: could not renew %d concurrency slots: %s", len(tickets), exc)
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            await self._heartbeat
+        for ticket in list(self._live.values()):
+            await self.settle(ticket, ticket.reserved)
+        if self._owns:
+            await self.client.aclose()
+
+
+def _unavailable(exc: BaseException) -> NoWorkerAvailable:
+    msg = f"rate limiter unavailable: {type(exc).__name__}"
+    return NoWorkerAvailable(msg, retry_after=1, code="rate_limiter_unavailable")
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("rate limiter: could not settle a request: %s", fut.exception())
