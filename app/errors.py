@@ -23,6 +23,7 @@ both as an HTTP body (before the first byte) and as one in-band SSE event (after
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import orjson
@@ -124,18 +125,33 @@ class RateLimited(_RetryAfter):
     code = "rate_limit_exceeded"
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
-                 limit: tuple[str, int, int] | None = None) -> None:
+                 limit: tuple[str, int, int] | None = None, retry: bool = True) -> None:
         super().__init__(message, retry_after=retry_after, code=code)
         self.limit = limit  # (unit: "requests" or "tokens", its limit, what is left): OpenAI's x-ratelimit-* headers
+        self.retry = retry  # False: no wait makes it succeed, and clients are told not to retry (x-should-retry)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        out = super().headers()
+        # the openai SDKs retry a 429 on their own (twice, by default) unless told otherwise
+        out = super().headers() if self.retry else [(b"x-should-retry", b"false")]
         if self.limit is not None:
             unit, limit, left = self.limit
             out += [(f"x-ratelimit-limit-{unit}".encode(), b"%d" % limit),
-                    (f"x-ratelimit-remaining-{unit}".encode(), b"%d" % max(0, left)),
-                    (f"x-ratelimit-reset-{unit}".encode(), b"%ds" % max(1, round(self.retry_after)))]
+                    (f"x-ratelimit-remaining-{unit}".encode(), b"%d" % max(0, left))]
+            if self.retry:
+                out.append((f"x-ratelimit-reset-{unit}".encode(), duration(self.retry_after)))
         return out
+
+
+def duration(seconds: float) -> bytes:
+    """A wait as OpenAI's ``x-ratelimit-reset-*`` headers write it: ``20ms``, ``6s``, ``1m30s``; whole seconds from
+    1 s up, rounded up (a client that waits that long finds the budget there)."""
+    if seconds <= 0:
+        return b"0s"
+    if seconds < 1:
+        return b"%dms" % max(1, math.ceil(seconds * 1000 - 1e-6))
+    whole = math.ceil(seconds - 1e-9)
+    minutes, secs = divmod(whole, 60)
+    return b"%dm%ds" % (minutes, secs) if minutes else b"%ds" % secs
 
 
 class NoWorkerAvailable(_RetryAfter):

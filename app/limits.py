@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import RateLimited
+from .errors import RateLimited, duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +68,22 @@ class Ticket:
     remaining_tokens: int | None = None
     settled: bool = False
     metered: bool = True
+    window: float = 60.0
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers for the limits this key has."""
+        """OpenAI's ``x-ratelimit-*`` headers for the limits this key has. ``reset``: until the budget is whole
+        again — for requests, when this one leaves the sliding window; for tokens, when the bucket has refilled."""
         out: list[tuple[bytes, bytes]] = []
-        pairs = (
-            (b"requests", self.limits.rpm, self.remaining_requests),
-            (b"tokens", self.limits.tpm, self.remaining_tokens),
-        )
-        for unit, limit, left in pairs:
-            if limit is not None and left is not None:
-                out += [(b"x-ratelimit-limit-" + unit, b"%d" % limit), (b"x-ratelimit-remaining-" + unit, b"%d" % left)]
+        rpm, tpm = self.limits.rpm, self.limits.tpm
+        if rpm is not None and self.remaining_requests is not None:
+            out += [(b"x-ratelimit-limit-requests", b"%d" % rpm),
+                    (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
+                    (b"x-ratelimit-reset-requests", duration(self.window))]
+        if tpm is not None and self.remaining_tokens is not None:
+            refill = max(0, tpm - self.remaining_tokens) * self.window / tpm
+            out += [(b"x-ratelimit-limit-tokens", b"%d" % tpm),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),
+                    (b"x-ratelimit-reset-tokens", duration(refill))]
         return out
 
 
@@ -116,12 +121,13 @@ def over_tokens(name: str, tpm: int, needed: int, left: float, wait: float) -> R
     return _over(name, "tokens", f"limit {tpm}, requested {needed}, {have} left", wait, tpm, have)
 
 
-def too_large(name: str, tpm: int, needed: int, window: float) -> RateLimited:
+def too_large(name: str, tpm: int, needed: int, left: float) -> RateLimited:
+    """No wait makes such a request fit: no Retry-After, and ``x-should-retry: false`` (the SDKs' own retries)."""
     msg = (
         f"Request too large for API key '{name}': it may use up to {needed} tokens (prompt + max_tokens), above "
         f"its limit of {tpm} tokens per minute. Lower max_tokens or shorten the prompt."
     )
-    return RateLimited(msg, retry_after=_seconds(window), code="request_too_large")
+    return RateLimited(msg, code="request_too_large", limit=("tokens", tpm, max(0, math.floor(left))), retry=False)
 
 
 def too_many_concurrent(name: str, limit: int) -> RateLimited:
@@ -169,7 +175,7 @@ class MemoryLimiter:
                 raise over_requests(name, limits.rpm, st.requests[-limits.rpm] + self.window - now)
         if limits.tpm is not None:
             if estimated_tokens > limits.tpm:
-                raise too_large(name, limits.tpm, estimated_tokens, self.window)
+                raise too_large(name, limits.tpm, estimated_tokens, st.tokens)
             if st.tokens < estimated_tokens:
                 wait = (estimated_tokens - st.tokens) * self.window / limits.tpm
                 raise over_tokens(name, limits.tpm, estimated_tokens, st.tokens, wait)
@@ -179,7 +185,8 @@ class MemoryLimiter:
         st.active += 1
         left_requests = None if limits.rpm is None else limits.rpm - len(st.requests)
         left_tokens = None if limits.tpm is None else math.floor(st.tokens)
-        return Ticket(name, limits, estimated_tokens, remaining_requests=left_requests, remaining_tokens=left_tokens)
+        return Ticket(name, limits, estimated_tokens, remaining_requests=left_requests, remaining_tokens=left_tokens,
+                      window=self.window)
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         done, ticket.settled = ticket.settled, True

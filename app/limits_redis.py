@@ -143,7 +143,7 @@ class RedisLimiter:
         limits, name = subject.limits, subject.name
         if limits.unlimited:
             return unmetered(subject, estimated_tokens)
-        ticket = Ticket(name, limits, estimated_tokens)
+        ticket = Ticket(name, limits, estimated_tokens, window=self.window)
         counts = (limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0, estimated_tokens)
         args = (*counts, ticket.id, self.lease * 1000, self.window * 1000)
         try:
@@ -161,7 +161,7 @@ class RedisLimiter:
         if status == 3:
             raise over_tokens(name, limits.tpm or 0, estimated_tokens, int(left_tokens), wait)
         if status == 4:
-            raise too_large(name, limits.tpm or 0, estimated_tokens, self.window)
+            raise too_large(name, limits.tpm or 0, estimated_tokens, int(left_tokens))
         ticket.remaining_requests = None if int(left_requests) < 0 else int(left_requests)
         ticket.remaining_tokens = None if limits.tpm is None else int(left_tokens)
         if limits.max_concurrent is not None:

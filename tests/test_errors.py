@@ -13,6 +13,7 @@ from app.errors import (
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
+    duration,
     render,
     sse_event,
     status_of,
@@ -42,6 +43,23 @@ def test_every_error_renders_openai_shaped(exc: GatewayError, status: int, type_
 def test_retry_after_header() -> None:
     _, headers, _ = render(RateLimited("slow down", retry_after=2.4))
     assert (b"retry-after", b"2") in headers
+
+
+def test_a_429_no_wait_can_cure_tells_clients_not_to_retry() -> None:
+    _, headers, _ = render(RateLimited("too big", code="request_too_large", limit=("tokens", 100, 40), retry=False))
+    got = dict(headers)
+    assert got[b"x-should-retry"] == b"false" and b"retry-after" not in got
+    assert (got[b"x-ratelimit-limit-tokens"], got[b"x-ratelimit-remaining-tokens"]) == (b"100", b"40")
+    assert b"x-ratelimit-reset-tokens" not in got
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, b"0s"), (0.0201, b"21ms"), (0.9995, b"1000ms"), (1.0, b"1s"), (1.2, b"2s"), (59.5, b"1m0s"),
+     (60.0, b"1m0s"), (90.0, b"1m30s"), (3600.0, b"60m0s")],
+)
+def test_reset_durations_are_written_as_openai_writes_them(seconds: float, text: bytes) -> None:
+    assert duration(seconds) == text
 
 
 def test_worker_errors_pass_through_with_their_status() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -250,6 +251,27 @@ def test_tokens_per_minute_reserve_the_estimate_then_settle_the_real_usage(worke
         assert "retry-after" in big.headers
         too_large = post(gw, {**body, "max_tokens": 1000, "n": 1}, {**auth("tpm")})
         assert_error(too_large, 429, "request_too_large")
+
+
+def test_the_openai_sdk_does_not_retry_a_request_too_large_for_the_token_budget(worker: ThreadedFakeWorker,
+                                                                              keys_file: Path) -> None:
+    """No wait lets such a request through, so the SDK's own retries (two by default, each after Retry-After) must not
+    happen; a request that fits gets OpenAI's three headers per unit."""
+    import openai
+
+    with gateway([worker.url], keys_file) as gw:
+        client = openai.OpenAI(base_url=gw.base, api_key=KEYS["tpm"], max_retries=2)
+        messages: Any = CHAT["messages"]
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=1000, stream=False)
+        assert info.value.code == "request_too_large"
+        assert info.value.response.headers["x-should-retry"] == "false"
+        refused = metric_sum(scrape(gw.url + "/metrics"), "tokengate_requests_total", status="429")
+        assert refused == 1  # one request reached the gateway, not three
+        r = post(gw, {**CHAT, "max_tokens": 100, "stream": False}, auth("tpm"))
+        reserved = 400 - _remaining_tokens(r)
+        seconds = reserved * 60 / 400  # the bucket refills 400 tokens a minute
+        assert r.headers["x-ratelimit-reset-tokens"] == f"{math.ceil(seconds)}s"
 
 
 def test_with_a_local_tokenizer_a_token_budget_is_charged_the_exact_count(keys_file: Path,
