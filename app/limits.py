@@ -13,7 +13,9 @@ The rules, the same in both implementations:
   max_tokens); ``settle`` gives back what was not used or charges what was used beyond it (the bucket may go into
   debt). Retry-After: until the bucket holds the estimate. An estimate above ``tpm`` can never fit: 429 at once.
 - max_concurrent: admitted and not yet settled. Retry-After: 1 s (a slot frees when some request ends).
-A request over any limit is charged nothing. ``remaining_*`` on a ticket are never negative.
+A request over any limit is charged nothing; so is one admitted that never reached a worker (the gateway's own
+overload, say): ``settle(..., unsent=True)`` gives back its place in the rpm window too.
+``remaining_*`` on a ticket are never negative.
 
 ``MemoryLimiter`` serves one replica; ``limits_redis.RedisLimiter`` holds the limits across replicas. What both share
 is here: the limits, the ticket, and the 429s they answer with.
@@ -21,6 +23,7 @@ is here: the limits, the ticket, and the 429s they answer with.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -69,6 +72,7 @@ class Ticket:
     settled: bool = False
     metered: bool = True
     window: float = 60.0
+    admitted_at: float = 0.0  # (MemoryLimiter: its entry in the rpm window)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers for the limits this key has. ``reset``: until the budget is whole
@@ -90,9 +94,10 @@ class Ticket:
 class Limiter(Protocol):
     async def admit(self, subject: Subject, estimated_tokens: int) -> Ticket: ...
 
-    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+    async def settle(self, ticket: Ticket, actual_tokens: int, *, unsent: bool = False) -> None:
         """Charge the real usage and free the concurrency slot. Call it exactly once, also for failed and aborted
-        requests (with the tokens actually streamed); a second call does nothing."""
+        requests (with the tokens actually streamed); a second call does nothing. ``unsent``: the request never
+        reached a worker, and no longer counts as one of the key's requests per minute."""
 
     async def aclose(self) -> None: ...
 
@@ -186,14 +191,17 @@ class MemoryLimiter:
         left_requests = None if limits.rpm is None else limits.rpm - len(st.requests)
         left_tokens = None if limits.tpm is None else math.floor(st.tokens)
         return Ticket(name, limits, estimated_tokens, remaining_requests=left_requests, remaining_tokens=left_tokens,
-                      window=self.window)
+                      window=self.window, admitted_at=now)
 
-    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+    async def settle(self, ticket: Ticket, actual_tokens: int, *, unsent: bool = False) -> None:
         done, ticket.settled = ticket.settled, True
         if done or not ticket.metered:
             return
         st = self._state(ticket.key, ticket.limits, self._clock())
         st.active -= 1
+        if unsent and ticket.limits.rpm is not None:
+            with contextlib.suppress(ValueError):  # (already out of the window)
+                st.requests.remove(ticket.admitted_at)
         if ticket.limits.tpm is not None:
             st.tokens = min(float(ticket.limits.tpm), st.tokens + ticket.reserved - actual_tokens)
 

@@ -75,11 +75,14 @@ end
 return {0, 0, used, tokens}
 """
 
-# KEYS: tpm hash, concurrency zset. ARGV: tpm (0: none), reserved - actual, ticket id ('' : no slot), window ms.
+# KEYS: rpm zset, tpm hash, concurrency zset. ARGV: tpm (0: none), reserved - actual, ticket id, window ms, whether
+# the request holds a slot ('1'), whether it never reached a worker ('1': it leaves the rpm window).
 _SETTLE = """
-if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+local id = ARGV[3]
+if ARGV[5] == '1' then redis.call('ZREM', KEYS[3], id) end
+if ARGV[6] == '1' then redis.call('ZREM', KEYS[1], id) end
 local tpm, delta, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
-if tpm > 0 and delta ~= 0 then store(KEYS[1], math.min(tpm, bucket(KEYS[1], tpm, window) + delta), tpm, window) end
+if tpm > 0 and delta ~= 0 then store(KEYS[2], math.min(tpm, bucket(KEYS[2], tpm, window) + delta), tpm, window) end
 return 1
 """
 
@@ -170,16 +173,18 @@ class RedisLimiter:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="limits-heartbeat")
         return ticket
 
-    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+    async def settle(self, ticket: Ticket, actual_tokens: int, *, unsent: bool = False) -> None:
         done, ticket.settled = ticket.settled, True
         if done or not ticket.metered:
             return
         self._live.pop(ticket.id, None)  # a slot we fail to free here lapses with its lease
-        slot = ticket.id if ticket.limits.max_concurrent is not None else ""
-        if not slot and (ticket.limits.tpm is None or ticket.reserved == actual_tokens):
+        limits = ticket.limits
+        slot = limits.max_concurrent is not None
+        leaves = unsent and limits.rpm is not None
+        if not slot and not leaves and (limits.tpm is None or ticket.reserved == actual_tokens):
             return
-        keys = self._keys(ticket.key)[1:]
-        args = (ticket.limits.tpm or 0, ticket.reserved - actual_tokens, slot, self.window * 1000)
+        keys = self._keys(ticket.key)
+        args = (limits.tpm or 0, ticket.reserved - actual_tokens, ticket.id, self.window * 1000, int(slot), int(leaves))
         # shielded: a cancelled request (client gone, shutdown) must still give its slot and tokens back
         call = asyncio.ensure_future(self._settle(keys=keys, args=args))
         call.add_done_callback(_log_failure)

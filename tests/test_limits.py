@@ -122,7 +122,8 @@ def test_tpm_holds_across_replicas_with_retry_after(kind: str, url: str) -> None
         assert info.value.error_code == "request_too_large"
         headers = dict(render(info.value)[1])
         assert headers[b"x-should-retry"] == b"false" and b"retry-after" not in headers
-        assert headers[b"x-ratelimit-limit-tokens"] == b"600" and headers[b"x-ratelimit-remaining-tokens"] in (b"0", b"1")
+        assert headers[b"x-ratelimit-limit-tokens"] == b"600"
+        assert headers[b"x-ratelimit-remaining-tokens"] in (b"0", b"1")
 
     _run(kind, url, main)
 
@@ -211,6 +212,24 @@ def test_a_refused_request_is_charged_nothing(kind: str, url: str) -> None:
             b"x-ratelimit-remaining-tokens": b"0",
             b"x-ratelimit-reset-tokens": b"1m0s",  # an empty bucket refills in a window
         }
+
+    _run(kind, url, main)
+
+
+def test_a_request_that_never_reached_a_worker_gives_its_budget_back(kind: str, url: str) -> None:
+    """Admitted, then refused by the gateway's own admission queue: its rpm place, tokens and slot all come back."""
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(rpm=2, tpm=100, max_concurrent=1)
+        t = await a.admit(key, 60)
+        await a.settle(t, 0, unsent=True)
+        t = await b.admit(key, 60)  # its slot and tokens are back
+        assert t.remaining_requests == 1 and t.remaining_tokens is not None and 40 <= t.remaining_tokens <= 41
+        await b.settle(t, 60)  # served: it keeps its place in the window
+        t = await a.admit(key, 1)
+        assert t.remaining_requests == 0
+        await a.settle(t, 1)
+        with pytest.raises(RateLimited, match="requests per minute"):
+            await b.admit(key, 1)
 
     _run(kind, url, main)
 

@@ -414,6 +414,21 @@ def test_admission_queue_full_is_429_at_once_and_a_long_wait_is_503(worker: Thre
         assert orjson.loads(ok.text.split("data: ")[1].split("\n")[0])["model"] == "tiny"
 
 
+def test_a_request_the_admission_queue_refuses_does_not_use_up_the_keys_rpm(worker: ThreadedFakeWorker,
+                                                                             keys_file: Path) -> None:
+    with gateway([worker.url], keys_file, worker_concurrency=1, queue_size=0) as gw:
+        worker.options.token_delay = 0.05
+        held = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 200}, auth("alice"))
+        assert worker.wait_for(lambda s: s.in_flight == 1, 5)
+        assert_error(post(gw, CHAT, auth("slow-rpm")), 429, "queue_full")
+        held.close()
+        assert worker.wait_for(lambda s: s.in_flight == 0, 5)
+        worker.options.token_delay = 0.0
+        first = post(gw, CHAT, auth("slow-rpm"))  # the key's rpm is 2: both still there
+        assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert post(gw, CHAT, auth("slow-rpm")).status_code == 200
+
+
 def test_a_queued_request_proceeds_when_a_slot_frees(worker: ThreadedFakeWorker) -> None:
     settings = {"discovery_interval": 60.0, "worker_concurrency": 1, "queue_size": 4, "queue_timeout": 10.0}
     with run_gateway(Settings(upstream=[worker.url], **settings), ready_timeout=20) as gw:
