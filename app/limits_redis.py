@@ -19,6 +19,9 @@ from .limits import Subject, Ticket, over_requests, over_tokens, too_large, too_
 
 log = logging.getLogger("tokengate.limits")
 
+_VOID_RETRY = 1.0  # seconds between attempts to void the admits given up on
+_MAX_VOIDS = 10_000
+
 
 # Shared by the scripts: Redis's clock in ms (one clock for every replica) and the token bucket's state.
 _LUA_LIB = """
@@ -35,10 +38,12 @@ local function store(key, tokens, tpm, window)
 end
 """
 
-# KEYS: rpm zset, tpm hash, concurrency zset. ARGV: rpm, tpm, max_concurrent (0: none), estimate, ticket id,
-# lease ms, window ms. Returns {status, retry ms, remaining requests, remaining tokens}; status 0 admitted,
-# 1 concurrency, 2 rpm, 3 tpm, 4 too large. Remaining -1: no such limit.
+# KEYS: rpm zset, tpm hash, concurrency zset, the ticket's void mark. ARGV: rpm, tpm, max_concurrent (0: none),
+# estimate, ticket id, lease ms, window ms. Returns {status, retry ms, remaining requests, remaining tokens}; status 0
+# admitted, 1 concurrency, 2 rpm, 3 tpm, 4 too large, 5 voided (given up on before it ran). Remaining -1: no such
+# limit.
 _ADMIT = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return {5, 0, -1, -1} end
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local est, id, lease, window = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 if conc > 0 then
@@ -86,6 +91,18 @@ if tpm > 0 and delta ~= 0 then store(KEYS[2], math.min(tpm, bucket(KEYS[2], tpm,
 return 1
 """
 
+# KEYS: rpm zset, tpm hash, concurrency zset, the ticket's void mark. ARGV: tpm (0: none), estimate, ticket id,
+# window ms, mark ms. For an admit the gateway gave up on (Redis stalled past the timeout, or the request was
+# cancelled) that may still run, or may have run: the mark stops it from running later; if it ran, what it took is
+# given back. (A key with only a tpm leaves no trace of an admit, so its reservation refills with the bucket.)
+_VOID = """
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
+local ran = redis.call('ZREM', KEYS[3], ARGV[3]) + redis.call('ZREM', KEYS[1], ARGV[3])
+local tpm, est, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+if ran > 0 and tpm > 0 then store(KEYS[2], math.min(tpm, bucket(KEYS[2], tpm, window) + est), tpm, window) end
+return ran
+"""
+
 # KEYS: concurrency zset. ARGV: ticket id, lease ms. Extends a live slot's lease; a lapsed slot stays gone.
 _RENEW = """
 if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 1 then
@@ -123,7 +140,9 @@ class RedisLimiter:
         self._admit = client.register_script(_LUA_LIB + _ADMIT)
         self._settle = client.register_script(_LUA_LIB + _SETTLE)
         self._renew = client.register_script(_LUA_LIB + _RENEW)
+        self._void = client.register_script(_LUA_LIB + _VOID)
         self._live: dict[str, Ticket] = {}  # tickets holding a concurrency slot, renewed by the heartbeat
+        self._voids: dict[str, Ticket] = {}  # admits given up on, voided by the heartbeat once Redis answers
         self._heartbeat: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -134,6 +153,9 @@ class RedisLimiter:
 
     def _keys(self, name: str) -> list[str]:  # one hash slot per key name (Redis Cluster)
         return [f"{self.prefix}:{{{name}}}:{kind}" for kind in ("rpm", "tpm", "conc")]
+
+    def _ticket_keys(self, ticket: Ticket) -> list[str]:
+        return [*self._keys(ticket.key), f"{self.prefix}:{{{ticket.key}}}:void:{ticket.id}"]
 
     async def ping(self) -> None:
         """Fail fast at startup when Redis is unreachable."""
@@ -150,8 +172,12 @@ class RedisLimiter:
         counts = (limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0, estimated_tokens)
         args = (*counts, ticket.id, self.lease * 1000, self.window * 1000)
         try:
-            status, retry_ms, left_requests, left_tokens = await self._admit(keys=self._keys(name), args=args)
-        except (RedisError, OSError) as exc:
+            status, retry_ms, left_requests, left_tokens = await self._admit(keys=self._ticket_keys(ticket), args=args)
+        except (RedisError, OSError, asyncio.CancelledError) as exc:
+            # the script may be queued in a stalled Redis, or may have run and its answer been lost
+            self._give_up(ticket)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             if not self.fail_open:
                 raise _unavailable(exc) from exc
             log.warning("rate limiter unavailable, admitting %r unmetered: %s", name, exc)
@@ -169,9 +195,18 @@ class RedisLimiter:
         ticket.remaining_tokens = None if limits.tpm is None else int(left_tokens)
         if limits.max_concurrent is not None:
             self._live[ticket.id] = ticket
-            if self._heartbeat is None or self._heartbeat.done():
-                self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="limits-heartbeat")
+            self._start_heartbeat()
         return ticket
+
+    def _give_up(self, ticket: Ticket) -> None:
+        if len(self._voids) >= _MAX_VOIDS:  # a long outage: the oldest lapse with their leases and the window
+            del self._voids[next(iter(self._voids))]
+        self._voids[ticket.id] = ticket
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="limits-heartbeat")
 
     async def settle(self, ticket: Ticket, actual_tokens: int, *, unsent: bool = False) -> None:
         done, ticket.settled = ticket.settled, True
@@ -193,11 +228,15 @@ class RedisLimiter:
 
     async def _beat(self) -> None:
         # stopped by an event, never cancelled: redis-py can lose a cancellation mid-command (redis-py#2028, #2551)
-        while self._live:
+        while self._live or self._voids:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.lease / 3)
+                await asyncio.wait_for(self._stop.wait(), _VOID_RETRY if self._voids else self.lease / 3)
                 return  # aclose()
+            if self._voids:
+                await self._flush_voids()
             tickets = list(self._live.values())
+            if not tickets:
+                continue
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for t in tickets:
@@ -206,12 +245,29 @@ class RedisLimiter:
             except (RedisError, OSError) as exc:
                 log.warning("rate limiter: could not renew %d concurrency slots: %s", len(tickets), exc)
 
+    async def _flush_voids(self) -> None:
+        tickets = list(self._voids.values())
+        mark = int(2 * max(self.window, self.lease) * 1000)  # outlives any admit still queued behind a stall
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for t in tickets:
+                    args = (t.limits.tpm or 0, t.reserved, t.id, self.window * 1000, mark)
+                    await self._void(keys=self._ticket_keys(t), args=args, client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("rate limiter: could not void %d unanswered admits yet: %s", len(tickets), exc)
+            return
+        for t in tickets:
+            self._voids.pop(t.id, None)
+
     async def aclose(self) -> None:
         self._stop.set()
         if self._heartbeat is not None:
             await self._heartbeat
         for ticket in list(self._live.values()):
             await self.settle(ticket, ticket.reserved)
+        if self._voids:
+            await self._flush_voids()
         if self._owns:
             await self.client.aclose()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 
 from app.auth import OPEN, Principal
 from app.errors import NoWorkerAvailable, RateLimited, render
@@ -374,6 +375,59 @@ def test_unreachable_redis_fails_closed_with_503_or_open_when_asked() -> None:
             await _close(closed, fail_open)
 
     asyncio.run(main())
+
+
+def test_an_admit_given_up_on_in_a_stalled_redis_takes_nothing_when_redis_resumes() -> None:
+    """Redis stalls past the admit timeout (503 for the request), then resumes and runs the queued script: what that
+    admit took (concurrency slot, rpm place, tokens) is given back, not held for the lease and the window."""
+    with redis_server() as url:
+        pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+        prefix = _prefix()
+
+        async def main() -> None:
+            stalled = RedisLimiter.from_url(url, timeout=0.5, prefix=prefix)
+            other = RedisLimiter.from_url(url, prefix=prefix)
+            key = _key(rpm=2, tpm=100, max_concurrent=1)
+            try:
+                await stalled.settle(await stalled.admit(_key(rpm=1), 1), 1)  # the script is loaded in Redis
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    with pytest.raises(NoWorkerAvailable):
+                        await stalled.admit(key, 60)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        t = await other.admit(key, 60)
+                        break
+                    except RateLimited as exc:  # the stalled admit ran, and holds the slot until it is voided
+                        assert exc.error_code == "concurrency_limit_exceeded" and time.monotonic() < deadline
+                        await asyncio.sleep(0.1)
+                assert t.remaining_requests == 1  # its rpm place is back
+                assert t.remaining_tokens is not None and 40 <= t.remaining_tokens <= 41  # and its tokens
+                await other.settle(t, 60)
+            finally:
+                await _close(stalled, other)
+
+        asyncio.run(main())
+
+
+def test_a_voided_admit_that_reaches_redis_afterwards_takes_nothing(redis_url: str) -> None:
+    """The other order: the void is applied first, and the stalled admit script runs after it."""
+    async def main(a: Limiter, b: Limiter) -> None:
+        assert isinstance(a, RedisLimiter)
+        key = _key(rpm=1, tpm=100, max_concurrent=1)
+        lost = Ticket(key.name, key.limits, 60)
+        a._give_up(lost)
+        await a._flush_voids()
+        late = await a._admit(keys=a._ticket_keys(lost), args=(1, 100, 1, 60, lost.id, 30_000, 60_000))
+        assert int(late[0]) == 5  # voided
+        t = await b.admit(key, 100)  # slot, rpm place and every token still there
+        assert t.remaining_requests == 0 and t.remaining_tokens == 0
+        await b.settle(t, 100)
+
+    _run("redis", redis_url, main)
 
 
 def test_limits_hold_under_concurrent_load_from_two_replicas(redis_url: str) -> None:
