@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import multiproc
-from .errors import AuthenticationFailed, ModelNotFound, PermissionDenied
+from .errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
 from .routing import placement_names
 from .state import AppState
 from .workers.logs import tail
@@ -72,7 +72,7 @@ async def list_models(request: Request, state: State, region: RegionQuery = None
     """Every model a ready worker serves that the caller's key may use, with the context cap the gateway enforces
     (the key's own, if lower) as ``max_model_len``. With a region (``?region=``, else ``x-tokengate-region`` as
     generation requests send it): only what a request for that region would reach (its fallbacks included)."""
-    return {"object": "list", "data": _model_cards(request, state, region or x_tokengate_region)}
+    return {"object": "list", "data": _model_cards(request, state, region, x_tokengate_region)}
 
 
 @router.get("/v1/models/{model:path}", tags=["openai"])
@@ -80,19 +80,25 @@ async def retrieve_model(model: str, request: Request, state: State, region: Reg
                          x_tokengate_region: RegionHeader = None) -> dict[str, Any]:
     """One model's card, as in ``/v1/models`` (the openai SDK's ``models.retrieve``); 404 when the key can't see
     it."""
-    for card in _model_cards(request, state, region or x_tokengate_region):
+    for card in _model_cards(request, state, region, x_tokengate_region):
         if card["id"] == model:
             return card
     raise ModelNotFound(f"The model `{model[:256]}` does not exist.", param="model")
 
 
-def _model_cards(request: Request, state: AppState, region: str | None) -> list[dict[str, Any]]:
-    """The cards of the models a request could use: with a region, those the region or its fallbacks serve, else
-    every one."""
+def _model_cards(request: Request, state: AppState, query: str | None, header: str | None) -> list[dict[str, Any]]:
+    """The cards of the models a request could use: with a region (``?region=``, else the header), those the region
+    or its fallbacks serve, else every one. A region that does not exist is a 400, as on the generation routes."""
     principal = state.proxy.keys.authenticate(request.headers.get("authorization"))
     snapshot = state.registry.snapshot
-    region = (region or "").strip() or None
-    route = None if region is None else [region, *state.proxy.fallback_regions.get(region, ())]
+    region = (query or header or "").strip() or None
+    route = None
+    if region is not None:
+        try:
+            route = state.proxy.regions_for(region, snapshot.workers)
+        except InvalidRequest as exc:
+            exc.param = "region" if (query or "").strip() else exc.param
+            raise
     if route is not None and not principal.allows_region(route[0]):
         return []  # a generation request naming it would be refused (403), whatever its fallbacks serve
     data = []

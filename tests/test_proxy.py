@@ -722,7 +722,11 @@ def test_models_list_follows_the_region_a_request_would_use() -> None:
         assert ids({"x-tokengate-region": "fr"}) == ["tiny"]  # as a generation request with this header routes
         assert ids({"x-tokengate-region": "uae"}) == ["other"]
         assert ids({"x-tokengate-region": "de"}) == ["other"]  # through its fallback
-        assert ids({"x-tokengate-region": "mars"}) == []
+        for headers, query, param in (({"x-tokengate-region": "mars"}, "", "x-tokengate-region"),
+                                      ({"x-tokengate-region": "fr"}, "?region=mars", "region")):
+            r = httpx.get(gw.base + "/models" + query, headers=headers)  # as a generation request naming it is
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region", r.text
+            assert r.json()["error"]["param"] == param
         assert ids({"x-tokengate-region": "fr"}, "?region=uae") == ["other"]  # the query names it first
         r = httpx.get(gw.base + "/models/other", headers={"x-tokengate-region": "fr"})
         assert r.status_code == 404, r.text
