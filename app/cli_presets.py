@@ -11,8 +11,9 @@ the model's config.json, an unknown region, preset or GPU type (argparse exits 2
 
 ``pick --json`` prints one object. ``preset`` is the bare preset name (``region`` beside it), null when nothing fits;
 the per-preset fields then describe the largest candidate (most GPUs, then most memory), or are null when the region
-has no candidates. ``kv_cache_bytes_per_token`` is the whole model's; ``..._per_gpu`` is one GPU's share after the
-TP/PP split. Keys: ``preset region context concurrency model_params`` + ``CANDIDATE_KEYS`` less ``preset fits reasons``
+has no candidates. Per GPU, as the issue's memory math is: ``weights_bytes_per_gpu`` after the TP×PP split, and
+``kv_cache_bytes_per_token`` one GPU's share after the TP/PP split (``..._per_gpu`` says the same, by name);
+``kv_cache_bytes_per_token_model`` is the whole model's. Keys: ``preset region context concurrency model_params`` + ``CANDIDATE_KEYS`` less ``preset fits reasons``
 + ``reserve_formula suggestions candidates`` (a list of objects with ``CANDIDATE_KEYS``).
 """
 
@@ -45,6 +46,7 @@ CANDIDATE_KEYS = (
     "weights_bytes_per_gpu",
     "kv_cache_bytes_per_token",
     "kv_cache_bytes_per_token_per_gpu",
+    "kv_cache_bytes_per_token_model",
     "budget_bytes_per_gpu",
     "reserve_bytes_per_gpu",
     "kv_capacity_tokens",
@@ -166,8 +168,10 @@ def candidate_json(c: Candidate) -> dict[str, Any]:
         "dtype": c.dtype,
         "quantization": c.quantization,
         "weights_bytes_per_gpu": c.weights_bytes_per_gpu,
-        "kv_cache_bytes_per_token": c.kv_cache_bytes_per_token,
+        # per GPU, as weights_bytes_per_gpu: kv_capacity_tokens = KV budget per GPU / this
+        "kv_cache_bytes_per_token": c.kv_cache_bytes_per_token_per_gpu,
         "kv_cache_bytes_per_token_per_gpu": c.kv_cache_bytes_per_token_per_gpu,
+        "kv_cache_bytes_per_token_model": c.kv_cache_bytes_per_token,
         "budget_bytes_per_gpu": c.budget_bytes_per_gpu,
         "reserve_bytes_per_gpu": c.reserve_bytes_per_gpu,
         "kv_capacity_tokens": c.kv_capacity_tokens,

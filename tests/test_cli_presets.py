@@ -26,6 +26,7 @@ CANDIDATE_KEYS = {
     "weights_bytes_per_gpu",
     "kv_cache_bytes_per_token",
     "kv_cache_bytes_per_token_per_gpu",
+    "kv_cache_bytes_per_token_model",
     "budget_bytes_per_gpu",
     "reserve_bytes_per_gpu",
     "kv_capacity_tokens",
@@ -141,7 +142,9 @@ def test_pick_json(llama_8b: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["suggestions"] == []
     assert [c["preset"] for c in doc["candidates"]] == ["h100-1x", "h100-2x", "h100-4x", "h100-8x", "h100-16x"]
     assert all(set(c) == CANDIDATE_KEYS for c in doc["candidates"])
-    assert doc["candidates"][1]["kv_cache_bytes_per_token_per_gpu"] == 65_536
+    two = doc["candidates"][1]  # TP 2: each GPU holds half of every token's KV cache (the "split over TP")
+    assert two["kv_cache_bytes_per_token"] == two["kv_cache_bytes_per_token_per_gpu"] == 65_536
+    assert two["kv_cache_bytes_per_token_model"] == 131_072
 
 
 def test_pick_nothing_fits_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
