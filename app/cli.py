@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .caps import CapConfig
-from .settings import Settings
+from .settings import Settings, describe_errors
 from .state import AppState
 from .workers.supervisor import WorkerSpec
 
@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"tokengate serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"tokengate serve: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -369,7 +369,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         try:
             args.state_dir = Settings().state_dir
         except ValidationError as exc:
-            print(f"tokengate logs: invalid settings:\n{exc}", file=sys.stderr)
+            print(f"tokengate logs: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
             return 2
     log_dir = args.state_dir / "logs"
     files = sorted(log_dir.glob(f"{args.worker}.log" if args.worker else "*.log"))

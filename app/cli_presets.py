@@ -13,8 +13,9 @@ the model's config.json, an unknown region, preset or GPU type (argparse exits 2
 the per-preset fields then describe the largest candidate (most GPUs, then most memory), or are null when the region
 has no candidates. Per GPU, as the issue's memory math is: ``weights_bytes_per_gpu`` after the TP×PP split, and
 ``kv_cache_bytes_per_token`` one GPU's share after the TP/PP split (``..._per_gpu`` says the same, by name);
-``kv_cache_bytes_per_token_model`` is the whole model's. Keys: ``preset region context concurrency model_params`` + ``CANDIDATE_KEYS`` less ``preset fits reasons``
-+ ``reserve_formula suggestions candidates`` (a list of objects with ``CANDIDATE_KEYS``).
+``kv_cache_bytes_per_token_model`` is the whole model's. Keys: ``preset region context concurrency model_params``
++ ``CANDIDATE_KEYS`` less ``preset fits reasons`` + ``reserve_formula suggestions candidates`` (a list of objects
+with ``CANDIDATE_KEYS``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ model on one CPU worker). Upstreams and managed workers may be mixed.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,7 +55,8 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
     notes: list[str] = []
     if settings.upstream and settings.model is None and settings.preset is None:
         return Deployment(settings, [], None, notes)
-    if settings.model is None:
+    embedded = settings.model is None
+    if embedded:
         if settings.preset not in (None, CPU_PRESET):
             raise PlanError("--preset needs --model (a model directory)")
         from .tinymodel import build_tiny_model
@@ -78,7 +81,19 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
     )
     log_dir = settings.state_dir / "logs"
     extra_env = settings.worker_environment()
-    found = settings.gpus if settings.gpus is not None else gpus()
+    if not embedded:
+        try:
+            _check_model_source(model.path, extra_env)
+        except PlanError as exc:
+            if not dry_run:
+                raise
+            notes.append(f"{exc}: workers started here would fail (the dry-run shows the plan all the same)")
+    if settings.preset == CPU_PRESET:
+        found: list[int] = []  # (GPUs are none of its business)
+    elif settings.gpus is not None:
+        found = _check_gpus_exist(settings.gpus, gpus)
+    else:
+        found = gpus()
     if settings.preset is None:
         if found:
             raise PlanError(
@@ -95,6 +110,11 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
     assert settings.region is not None and settings.preset is not None
     preset = catalog.get(settings.region, settings.preset)
     shape = _check_parallelism(model.path, preset, catalog)
+    if (shape is not None and model.max_model_len is not None and model.max_model_len > shape.max_model_len
+            and extra_env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") != "1"):
+        raise PlanError(f"--max-model-len {model.max_model_len} is above {model.path}'s own context of "
+                        f"{shape.max_model_len} tokens: vLLM refuses to start with it (unless told otherwise: "
+                        "--worker-env VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
     if shape is not None and model.max_model_len is None and shape.max_model_len < preset.max_model_len:
         notes.append(f"{model.path}: the model's own context is {shape.max_model_len} tokens, below preset "
                      f"{preset.key}'s max_model_len {preset.max_model_len}: workers get --max-model-len "
@@ -135,3 +155,51 @@ def _check_parallelism(model: str, preset: Preset, catalog: Catalog) -> ModelSha
         return None
     check_model_fits_parallelism(shape, preset, catalog.sources.get((preset.region, preset.name)))
     return shape
+
+
+def _check_model_source(model: str, worker_env: dict[str, str]) -> None:
+    """A model workers can load, or a ``PlanError`` now: a directory with a readable ``config.json``, or a Hugging
+    Face name already in the cache (workers run offline unless ``--worker-env HF_HUB_OFFLINE=0``). Else every worker
+    would fail at start, over and over."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        try:
+            doc = json.loads(config.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"--model {model}: no config.json in it (a model directory, as save_pretrained writes "
+                            "one)") from None
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"--model {model}: cannot read {config}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise PlanError(f"--model {model}: {config} is not a JSON object")
+        return
+    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise PlanError(f"--model {model}: no such model directory")
+    env = {**os.environ, **worker_env}
+    if env.get("HF_HUB_OFFLINE", "1").lower() in ("0", "false", "no", "off", ""):
+        return  # workers may download it
+    cache = _hf_cache(env)
+    if not (cache / ("models--" + model.replace("/", "--"))).is_dir():
+        raise PlanError(f"--model {model}: no such directory, and not in the Hugging Face cache ({cache}); workers "
+                        "run offline (HF_HUB_OFFLINE=1): pass a model directory, download it first, or allow "
+                        "downloads with --worker-env HF_HUB_OFFLINE=0")
+
+
+def _hf_cache(env: dict[str, str]) -> Path:
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
+
+
+def _check_gpus_exist(chosen: list[int], detect: Callable[[], list[int]]) -> list[int]:
+    """``--gpus``, once checked against the GPUs this machine has where it can tell (nvidia-smi, or
+    CUDA_VISIBLE_DEVICES)."""
+    present = detect()
+    missing = [g for g in chosen if g not in present]
+    if present and missing:
+        raise PlanError(f"--gpus {','.join(map(str, chosen))}: no GPU {','.join(map(str, missing))} on this machine "
+                        f"(it has {','.join(map(str, present))})")
+    return chosen

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CapPolicy = Literal["clamp", "reject"]
@@ -55,6 +55,29 @@ class UpstreamSpec:
         if not parts.hostname:
             raise ValueError(f"no host in upstream {text!r}")
         return cls(url.rstrip("/"), region, preset)
+
+
+# What a managed worker's launch sets and a --worker-env/--worker-arg must not change: each worker has its own GPU
+# slice and parallelism from its preset, listens on loopback only, and takes the internal key (vLLM's last flag wins,
+# so an appended --host 0.0.0.0 would open a worker to the network).
+_MANAGED_ENV = {
+    "CUDA_VISIBLE_DEVICES": "each worker's GPU slice; choose the GPUs with --gpus",
+    "VLLM_API_KEY": "each worker's internal key",
+}
+_GATEWAY_SETS = "the gateway sets it for each worker"
+_MANAGED_ARGS = {
+    "--model": "the model is --model",
+    "--served-model-name": "use --served-model-name",
+    "--host": "workers listen on loopback only (" + _GATEWAY_SETS + ")",
+    "--port": _GATEWAY_SETS + " (a free loopback port)",
+    "--uds": "workers listen on a loopback port the gateway picks",
+    "--api-key": _GATEWAY_SETS + " (an internal key)",
+    "--max-model-len": "use --max-model-len",
+    "--tensor-parallel-size": "it comes from the preset (choose another --preset)",
+    "-tp": "it comes from the preset (choose another --preset)",
+    "--pipeline-parallel-size": "it comes from the preset (choose another --preset)",
+    "-pp": "it comes from the preset (choose another --preset)",
+}
 
 
 class Settings(BaseSettings):
@@ -160,9 +183,16 @@ class Settings(BaseSettings):
     @field_validator("gpus", mode="before")
     @classmethod
     def _gpu_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [int(x) for x in value.replace(",", " ").split()]
-        return value
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        if not all(str(x).isdigit() for x in items):  # (isdigit: no sign, no space, no UUID)
+            raise ValueError(f"GPU indices are comma-separated integers from 0, as nvidia-smi numbers them "
+                             f"(got {','.join(map(str, items))[:80]!r})")
+        gpus = [int(x) for x in items]
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"a GPU is named twice (got {','.join(map(str, gpus))})")
+        return gpus
 
     @field_validator("upstream")
     @classmethod
@@ -182,8 +212,20 @@ class Settings(BaseSettings):
     @classmethod
     def _env(cls, items: list[str]) -> list[str]:
         for item in items:
-            if "=" not in item or not item.partition("=")[0]:
+            name = item.partition("=")[0]
+            if "=" not in item or not name:
                 raise ValueError(f"worker env {item!r} is not KEY=VALUE")
+            if name in _MANAGED_ENV:
+                raise ValueError(f"worker env {name} is the gateway's to set ({_MANAGED_ENV[name]})")
+        return items
+
+    @field_validator("worker_extra_args")
+    @classmethod
+    def _worker_args(cls, items: list[str]) -> list[str]:
+        for item in items:
+            flag = item.partition("=")[0].replace("_", "-")  # vLLM takes --max_model_len for --max-model-len too
+            if flag in _MANAGED_ARGS:
+                raise ValueError(f"worker arg {item!r}: {_MANAGED_ARGS[flag]}")
         return items
 
     @field_validator("tokenizers")
@@ -235,3 +277,16 @@ class Settings(BaseSettings):
 
     def worker_environment(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.worker_env)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A ``ValidationError`` as lines a user reads: ``  replicas: Input should be ... (got 0)`` — without pydantic's
+    documentation links and error types."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "settings"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if err["type"] == "value_error" or isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {field}: {msg}{shown}")
+    return "\n".join(lines)

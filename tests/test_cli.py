@@ -135,7 +135,7 @@ def test_dry_run_states_both_parallel_sizes_of_the_preset(preset: str, tp: int,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--dry-run", "--region", "fr", "--preset", preset, "--model", "/models/m",
                  "--gpus", "0,1,2,3,4,5,6,7"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "--model" in line]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--model" in line and line[0] != "#"]
     assert len(lines) == 8 // tp
     assert all(f"--tensor-parallel-size {tp} " in line and "--pipeline-parallel-size 1 " in line for line in lines)
 
@@ -175,9 +175,69 @@ def test_workers_never_get_a_longer_context_than_the_model_has(tmp_path: Path,
         out = capsys.readouterr().out
         assert "--max-model-len 16384" in out and "the model's own context is 16384 tokens" in out
         assert f"--model {model} " in out and "--served-model-name qwen" in out
-    assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", str(model), "--gpus", "0",
-                 "--max-model-len", "20000"]) == 0  # said outright: the user's (vLLM will say if it can't)
+    longer = ["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", str(model), "--gpus", "0",
+              "--max-model-len", "20000"]
+    assert main(longer) == 2  # vLLM would refuse it at every start
+    err = capsys.readouterr().err
+    assert "above" in err and "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in err, err
+    assert main([*longer, "--worker-env", "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"]) == 0  # vLLM's own override
     assert "--max-model-len 20000" in capsys.readouterr().out
+
+
+def test_a_model_workers_could_not_load_fails_at_start_and_is_a_note_in_a_dry_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    cases = [("/nonexistent/model", "no such model directory"), (str(broken), "cannot read"),
+             (str(tmp_path), "no config.json"), ("org/not-downloaded", "not in the Hugging Face cache")]
+    for model, said in cases:
+        argv = ["serve", "--region", "fr", "--preset", "h100-1x", "--model", model, "--gpus", "0",
+                "--state-dir", str(tmp_path / "state")]
+        assert main(argv) == 2  # before any worker is started
+        err = capsys.readouterr().err
+        assert err.startswith("tokengate serve: ") and said in err and "Traceback" not in err, err
+        assert main(["serve", "--dry-run", *argv[1:]]) == 0
+        assert said in capsys.readouterr().out  # the plan still shows, with the warning
+    (tmp_path / "hf" / "hub" / "models--org--cached").mkdir(parents=True)
+    assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", "org/cached",
+                 "--gpus", "0"]) == 0
+    assert "Hugging Face cache" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--worker-arg=--host=0.0.0.0"], "loopback only"),
+    (["--worker-arg=--tensor_parallel_size=4"], "from the preset"),
+    (["--worker-arg=--port", "--worker-arg=9000"], "free loopback port"),
+    (["--worker-env", "CUDA_VISIBLE_DEVICES=0,1"], "--gpus"),
+    (["--gpus=-1,2"], "integers from 0"),
+    (["--gpus", "1,1"], "named twice"),
+], ids=str)
+def test_worker_overrides_may_not_undo_what_the_gateway_sets(args: list[str], said: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    model = _model_dir(tmp_path / "m")
+    argv = ["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", str(model), "--gpus", "0,1"]
+    assert main([*argv, *args]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "pydantic" not in err and "Traceback" not in err, err
+
+
+def test_gpus_must_exist_and_uuids_are_refused_with_the_way_out(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.deployment import plan_deployment
+    from app.presets import builtin_presets_dir, load_catalog
+    from app.workers.plan import PlanError, detect_gpus
+
+    model = _model_dir(tmp_path / "m")
+    catalog = load_catalog([builtin_presets_dir()])
+    settings = Settings(region="fr", preset="h100-1x", model=str(model), gpus=[0, 9], state_dir=tmp_path)
+    with pytest.raises(PlanError, match="no GPU 9 on this machine"):
+        plan_deployment(settings, catalog, gpus=lambda: [0, 1])
+    assert len(plan_deployment(settings, catalog, gpus=lambda: []).specs) == 2  # can't tell: as asked
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5c5d1a4e-2b9f-4c3e")
+    with pytest.raises(PlanError, match="--gpus"):
+        detect_gpus()
 
 
 def test_dry_run_unknown_preset_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:

@@ -244,7 +244,10 @@ def serve_fake(fake_vllm: Path, state_dir: Path, *args: str, env: tuple[str, ...
     """`tokengate serve --model ... --preset cpu` whose planned vLLM command lines run the fake worker."""
     worker_env = [f"PYTHONPATH={fake_vllm}{os.pathsep}{ROOT}", *env]
     flags = [x for item in worker_env for x in ("--worker-env", item)]
-    return gateway_process("--model", str(state_dir / "fake-model"), "--served-model-name", "tiny",
+    model = state_dir / "fake-model"  # a model directory as far as the plan looks (the fake worker loads nothing)
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text("{}")
+    return gateway_process("--model", str(model), "--served-model-name", "tiny",
                            "--preset", "cpu", "--state-dir", str(state_dir), "--log-level", "warning",
                            *flags, *args, env=FAST_ENV, ready_timeout=30)
 

@@ -31,7 +31,11 @@ def detect_gpus() -> list[int]:
     """GPU indices visible to us: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists, else none."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+        entries = [x.strip() for x in visible.split(",") if x.strip()]
+        if entries and not all(x.isdigit() or x == "-1" for x in entries):
+            raise PlanError(f"CUDA_VISIBLE_DEVICES={visible[:80]} names GPUs by UUID (or MIG instance): workers are "
+                            "given GPU slices by index; pass --gpus 0,1,... (nvidia-smi's indices) instead")
+        return [int(x) for x in entries if x.isdigit()]
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
