@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Coroutine
@@ -31,6 +33,7 @@ import orjson
 from . import __version__
 from .loadtest.client import Driver, Endpoint, Progress
 from .loadtest.report import (
+    BRIEF,
     PNG_HINT,
     parse_goodput,
     render_table,
@@ -183,6 +186,29 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def _make_out_dir(out: Path) -> bool:
+    """Create ``--out`` before the first request (a bad one must not cost a whole run); True if it is new."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(20, "exists and is not a directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(13, "not writable")
+    if (out / "results.json").exists():
+        print(f"tokengate bench: {out} holds an earlier run's reports: this run's replace them", file=sys.stderr)
+    return created
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def prompts_of(prompts: dict[int, PromptSet | str], n: int) -> PromptSet:
+    ps = prompts[n]
+    assert isinstance(ps, PromptSet)  # (only runnable lengths were sent)
+    return ps
+
+
 def _error_lines(shape: dict[str, Any]) -> list[str]:
     return [f"    {n} × {kind}: {shape['error_samples'].get(kind, '')}"[:200] for kind, n in shape["errors"].items()]
 
@@ -233,6 +259,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not runnable:
         print("tokengate bench: no shape can run:\n  " + "\n  ".join(sorted({s["reason"] for s in skipped})), file=err)
         return EXIT_BAD_INPUT
+    out_dir = _out_dir(args)
+    try:
+        created = _make_out_dir(out_dir)
+    except OSError as exc:
+        print(f"tokengate bench: --out {out_dir}: {exc.strerror or exc}", file=err)
+        return EXIT_BAD_INPUT
     sets = [p for p in prompts.values() if isinstance(p, PromptSet)]
     exact = counter.exact and all(p.stable and p.measured == p.target for p in sets)
     summary: dict[str, Any] = {
@@ -263,10 +295,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bar = _ProgressLine(err, args.progress)
     status = {"connected": True, "interrupted": False}
 
+    start = int.from_bytes(os.urandom(6), "big")  # the first prompt of each length: a re-run sends others
+    sent: dict[int, int] = {}  # prompt length → prompts used so far: each shape goes on from there
+
     async def run_all() -> None:
         first_shape, first_prompts = runnable[0]
         probe = Driver(endpoint, body_factory(first_prompts, model=args.model, output_tokens=2, chat=args.chat,
-                                              ignore_eos=args.ignore_eos), timeout=args.timeout)
+                                              ignore_eos=args.ignore_eos, first=start - 1), timeout=args.timeout)
         rec = (await probe.run(concurrency=1, requests=1)).records[0]
         if rec.error == "connect":
             status["connected"] = False
@@ -281,8 +316,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"tokengate bench: warning: the probe request failed ({rec.error}: {rec.detail})", file=err)
         for n, (shape, ps) in enumerate(runnable, 1):
             progress = Progress()
+            used = sent.get(shape.prompt_tokens, 0)
             driver = Driver(endpoint, body_factory(ps, model=args.model, output_tokens=shape.output_tokens,
-                                                   chat=args.chat, ignore_eos=args.ignore_eos),
+                                                   chat=args.chat, ignore_eos=args.ignore_eos, first=start + used),
                             timeout=args.timeout, progress=progress)
             head = f"[{n}/{len(runnable)}] {shape.label}"
             task = asyncio.ensure_future(driver.run(concurrency=shape.concurrency, requests=args.requests,
@@ -292,6 +328,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 bar.show(head, progress, args.requests, duration, final=False)
                 await asyncio.wait([task], timeout=0.25)
             run = task.result()
+            sent[shape.prompt_tokens] = used + len(run.records)
             bar.show(head, progress, args.requests, duration, final=True)
             shape_summary = summarize_shape(shape, run, slos=args.goodput, rate=_rate_label(args.request_rate))
             if args.requests is not None:
@@ -302,20 +339,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"tokengate bench: {shape.label}: {shape_summary['failed']} of {shape_summary['requests']} "
                       "requests failed:", *_error_lines(shape_summary), sep="\n", file=err)
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill saves what finished, as Ctrl-C does
     try:
         _run(run_all())
     except KeyboardInterrupt:
         status["interrupted"] = True
         print("\ntokengate bench: interrupted; writing the shapes finished so far", file=err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not status["connected"]:
+        if created:
+            out_dir.rmdir()  # (nothing in it)
         return EXIT_FAILED
     summary["finished_at"] = datetime.now().astimezone().isoformat()
     summary["series"] = series(summary["shapes"])
-    files = write_reports(_out_dir(args), summary, log)
+    repeated = {n: used for n, used in sent.items() if used > prompts_of(prompts, n).distinct}
+    if repeated:
+        summary["prompts"]["repeated"] = {str(n): used for n, used in repeated.items()}
+        print("tokengate bench: warning: prompts repeated, so a prefix cache may have served some (this tokenizer "
+              "has few one-token words for the nonce): " + ", ".join(
+                  f"{used} requests of {n} tokens, {prompts_of(prompts, n).distinct} distinct prompts"
+                  for n, used in repeated.items()), file=err)
+    try:
+        files = write_reports(out_dir, summary, log)
+    except OSError as exc:
+        print(f"tokengate bench: could not write the reports to {out_dir}: {exc}; the results follow as JSON",
+              file=err)
+        sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_FAILED
     if args.json:
         sys.stdout.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        print(render_table(summary))
+        print(render_table(summary, BRIEF))  # (the files have p90 and p95 too)
         print("wrote " + ", ".join(str(f) for f in files))
     if not any(f.name == "report.png" for f in files):
         print(f"tokengate bench: {PNG_HINT}", file=err)

@@ -164,6 +164,42 @@ def test_without_a_tokenize_route_prompts_are_sized_by_the_servers_usage(tmp_pat
     assert probes and all(p["stream"] is False for p in probes)  # one-token, unstreamed counting requests
 
 
+def test_no_prompt_is_sent_twice_across_shapes_the_probe_or_runs(worker: ThreadedFakeWorker, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Shapes of one prompt length numbered their prompts from 0 alike, and a re-run sent the same again: vLLM's
+    prefix cache served them, and TTFT fell with concurrency."""
+    def prompts_of_a_run(out: Path) -> list[str]:
+        before = len(worker.received)
+        rc, _, err = run(small(worker, out), capsys)
+        assert rc == 0, err
+        return [q.json()["messages"][0]["content"] for q in list(worker.received)[before:]
+                if q.path == "/v1/chat/completions"]
+
+    first, second = prompts_of_a_run(tmp_path / "a"), prompts_of_a_run(tmp_path / "b")
+    assert len(first) == len(second) == 1 + 2 * 4  # the probe, then two shapes of four requests
+    assert len(set(first)) == len(first) and not set(first) & set(second)
+
+
+def test_a_bad_out_is_refused_before_any_request(worker: ThreadedFakeWorker, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for out, said in ((taken, "not a directory"), (taken / "below", "Not a directory")):
+        rc, _, err = run(small(worker, out), capsys)
+        assert rc == 2 and f"--out {out}" in err and said in err and "Traceback" not in err, err
+    assert not [q for q in worker.received if q.path == "/v1/chat/completions"]  # no run lost to it
+
+
+def test_a_pipe_closed_early_ends_quietly() -> None:
+    import subprocess
+    import sys
+
+    for _ in range(3):
+        done = subprocess.run(f"{sys.executable} -m app.cli presets list | head -1", shell=True, capture_output=True,
+                              text=True, timeout=60)
+        assert done.stdout.startswith("REGION") and "Traceback" not in done.stderr, done.stderr
+
+
 def test_nothing_listening_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -158,7 +158,7 @@ svg .t{font-weight:600;font-size:13px}svg text{font-size:11px;fill:#333}svg .xl{
 svg .yl{text-anchor:end}svg .g{stroke:#eee}svg .a{stroke:#999}.note{color:#555}code{background:#f4f4f4}"""
 
 
-def render_html(summary: dict[str, Any], columns: tuple[str, ...], table: list[list[str]]) -> str:
+def render_html(summary: dict[str, Any], columns: list[str], table: list[list[str]]) -> str:
     """The whole report page; ``columns``/``table`` are the per-shape table as text cells."""
     e = html.escape
     cfg, prompts = summary["config"], summary["prompts"]

@@ -177,11 +177,16 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-TABLE_COLUMNS = ("conc", "in", "out", "ok", "err", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
-                 "TPOT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "goodput")
+BRIEF = (50, 99)  # the terminal's table; results.md and report.html have every one of QUANTILES
+_METRICS = (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms"))
 
 
-def table_rows(shapes: list[dict[str, Any]]) -> list[list[str]]:
+def table_columns(quantiles: tuple[int, ...] = QUANTILES) -> list[str]:
+    return ["conc", "in", "out", "ok", "err", "req/s", "out tok/s",
+            *(f"{name} p{q}" for name, _ in _METRICS for q in quantiles), "goodput"]
+
+
+def table_rows(shapes: list[dict[str, Any]], quantiles: tuple[int, ...] = QUANTILES) -> list[list[str]]:
     rows = []
     for s in shapes:
         actual = s["prompt_tokens_actual"]["mean"]
@@ -190,16 +195,15 @@ def table_rows(shapes: list[dict[str, Any]]) -> list[list[str]]:
             tokens_in += f" (~{actual:g})"
         rows.append([str(s["concurrency"]), tokens_in, str(s["output_tokens"]), str(s["completed"]),
                      str(s["failed"]), _fmt(s["request_throughput"], 2), _fmt(s["output_throughput"]),
-                     _fmt(s["ttft_ms"]["p50"]), _fmt(s["ttft_ms"]["p99"]), _fmt(s["tpot_ms"]["p50"]),
-                     _fmt(s["tpot_ms"]["p99"]), _fmt(s["itl_ms"]["p50"]), _fmt(s["itl_ms"]["p99"]),
-                     _fmt(s["e2e_ms"]["p50"]), _fmt(s["e2e_ms"]["p99"]), _fmt(s["goodput"], 2)])
+                     *(_fmt(s[key][f"p{q}"]) for _, key in _METRICS for q in quantiles), _fmt(s["goodput"], 2)])
     return rows
 
 
-def render_table(summary: dict[str, Any]) -> str:
+def render_table(summary: dict[str, Any], quantiles: tuple[int, ...] = QUANTILES) -> str:
     """The per-shape table in markdown (times in ms, throughput per second)."""
-    rows = [list(TABLE_COLUMNS), *table_rows(summary["shapes"])]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
+    columns = table_columns(quantiles)
+    rows = [columns, *table_rows(summary["shapes"], quantiles)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
     notes = [f"Times in ms; prompts: {summary['prompts']['source']}."]
@@ -248,7 +252,7 @@ def write_png(summary: dict[str, Any], path: Path) -> bool:
 def write_reports(out_dir: Path, summary: dict[str, Any], request_log: list[bytes]) -> list[Path]:
     """Write every report file; returns the paths written (no PNG without matplotlib)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    page = render_html(summary, TABLE_COLUMNS, table_rows(summary["shapes"]))
+    page = render_html(summary, table_columns(), table_rows(summary["shapes"]))
     files = {"results.json": orjson.dumps(summary, option=orjson.OPT_INDENT_2),
              "results.md": render_table(summary).encode(), "report.html": page.encode(),
              "requests.jsonl": b"".join(request_log)}

@@ -3,14 +3,16 @@
 Prompts are counted the way the server counts them, best source first: the model's own tokenizer on this machine
 (``--tokenizer``, or the ``root`` that ``GET /v1/models`` reports when that directory exists here), else the
 server's ``POST /tokenize`` (vLLM's), else an estimate of one token per word.  A prompt is a fixed first word, a
-nonce of ``NONCE_WORDS`` words that makes every request distinct (so a prefix cache can't serve it), and filler
-words.  With a local tokenizer the words are taken from its vocabulary — single tokens after a space — so every
-nonce costs the same and the length is exact; the report carries the counts the server returned in ``usage``.
+nonce that makes every request distinct (so a prefix cache can't serve it: as many one-token words as give
+``NONCE_SPACE`` prompts), and filler words.  With a local tokenizer the words are taken from its vocabulary —
+single tokens after a space — so every nonce costs the same and the length is exact; the report carries the counts
+the server returned in ``usage``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ import orjson
 
 from ..tokenizer import LocalTokenizer, has_local_tokenizer
 
-NONCE_WORDS = 4
+NONCE_SPACE = 2**20  # distinct prompts per length, at least (as the length allows): a prefix cache never repeats one
+MAX_NONCE_WORDS = 20
 _ENGLISH = (
     "time year people way day man thing woman life child world school state family student group country problem "
     "hand part place case week company system program question work government number night point home water room "
@@ -255,7 +258,7 @@ def build_prompts(target: int, counter: Counter, words: list[str], *, seed: int 
     nonce = tuple(_nonce_words(counter, first, words))
     rng = random.Random(seed * 1_000_003 + target)
     filler = rng.choices(words, k=target + 64)
-    k = NONCE_WORDS
+    k = min(MAX_NONCE_WORDS, math.ceil(math.log(NONCE_SPACE, max(2, len(nonce)))))
     while k > 0 and counter.count(" ".join([first, *nonce[:1] * k])) > target:
         k -= 1  # a very short prompt: fewer distinct prompts rather than a longer one
     head = " ".join([first, *nonce[:1] * k])
@@ -307,15 +310,17 @@ def prompt_words(counter: Counter) -> list[str]:
 
 
 def body_factory(prompts: PromptSet, *, model: str, output_tokens: int, chat: bool,
-                 ignore_eos: bool) -> Callable[[int], bytes]:
-    """``body(i)``: the JSON body of request i — streaming, usage requested, ``max_tokens`` = output tokens."""
+                 ignore_eos: bool, first: int = 0) -> Callable[[int], bytes]:
+    """``body(i)``: the JSON body of request i — streaming, usage requested, ``max_tokens`` = output tokens — with
+    prompt ``first + i`` of the set (a run starts at a random one and each shape goes on where the last stopped:
+    neither a re-run nor the next shape meets a prompt a prefix cache holds)."""
     template: dict[str, Any] = {"model": model, "max_tokens": output_tokens, "stream": True,
                                 "stream_options": {"include_usage": True}}
     if ignore_eos:
         template["ignore_eos"] = True
 
     def body(i: int) -> bytes:
-        text = prompts.text(i)
+        text = prompts.text(first + i)
         if chat:
             return orjson.dumps({**template, "messages": [{"role": "user", "content": text}]})
         return orjson.dumps({**template, "prompt": text})
