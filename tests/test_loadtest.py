@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,15 @@ def test_open_loop_caps_in_flight_at_concurrency() -> None:
     assert len(run.records) == 4 and all(r.ok for r in run.records)
     starts = sorted(r.start for r in run.records)
     assert all(b - a >= 0.09 for a, b in zip(starts, starts[1:], strict=False))  # one at a time
+
+
+def test_an_open_loop_sends_its_first_request_at_once() -> None:
+    """As vLLM's bench serve does: a Poisson gap before the first send made a low-rate run's req/s too high (the
+    duration ran from a first send that came late)."""
+    with ThreadedFakeWorker(tokens=1) as w:
+        t0 = time.perf_counter()
+        run = drive(w.url, concurrency=1, requests=1, rate=0.1, seed=1)  # a mean gap of 10 s
+    assert len(run.records) == 1 and run.records[0].start - t0 < 1.0
 
 
 def test_duration_stops_sending_and_finishes_in_flight() -> None:

@@ -365,7 +365,8 @@ class Driver:
         at = time.perf_counter()
         i = 0
         while i < limit:
-            at += rng.expovariate(rate)
+            if i:  # the first at once, then Poisson gaps (as vLLM's bench serve sends): the run starts with a send
+                at += rng.expovariate(rate)
             if at > deadline:
                 break
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
