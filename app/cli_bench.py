@@ -284,9 +284,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "server": {"max_model_len": info.max_model_len, "root": info.root},
         "shapes": [], "skipped": skipped,
     }
-    if not exact:
-        print(f"tokengate bench: prompts by {counter.source}: lengths are approximate "
-              "(--tokenizer PATH makes them exact)", file=err)
     if args.requests is not None and any(c > args.requests for c in args.concurrency):
         over = ", ".join(str(c) for c in args.concurrency if c > args.requests)
         print(f"tokengate bench: warning: --requests {args.requests} is below concurrency {over}: those shapes "
@@ -314,6 +311,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return
         if not rec.ok:
             print(f"tokengate bench: warning: the probe request failed ({rec.error}: {rec.detail})", file=err)
+        if not exact:  # (said once the server answered: an unreachable one is why nothing could count)
+            print(f"tokengate bench: prompts by {counter.source}: lengths are approximate "
+                  "(--tokenizer PATH makes them exact)", file=err)
         for n, (shape, ps) in enumerate(runnable, 1):
             progress = Progress()
             used = sent.get(shape.prompt_tokens, 0)

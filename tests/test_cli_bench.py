@@ -207,6 +207,7 @@ def test_nothing_listening_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture
     rc, _, err = run(["--url", f"http://127.0.0.1:{port}", "--model", "m", "--requests", "1", "--out",
                       str(tmp_path), "--no-progress"], capsys)
     assert rc == 1 and "cannot connect" in err
+    assert "approximate" not in err  # the cause first: not a side effect of it
 
 
 def test_bad_input_exits_2(worker: ThreadedFakeWorker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
