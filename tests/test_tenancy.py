@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import threading
@@ -349,13 +350,8 @@ def test_limits_hold_across_two_gateway_replicas_through_redis(worker: ThreadedF
         assert_error(post(a, CHAT, auth("slow-rpm")), 429)
         assert_error(post(b, CHAT, auth("slow-rpm")), 429)
         # concurrency: a stream held open on replica a blocks the key on replica b
-        worker.options.token_delay = 0.05
-        sock = open_request(a.url, "/v1/chat/completions", {**CHAT, "max_tokens": 100}, auth("one-at-a-time"))
-        assert worker.wait_for(lambda s: s.in_flight == 1, 5)
-        assert_error(post(b, CHAT, auth("one-at-a-time")), 429, "concurrency_limit_exceeded")
-        sock.close()
-        assert worker.wait_for(lambda s: s.in_flight == 0, 5)
-        worker.options.token_delay = 0.0
+        with held_stream(worker, a, auth("one-at-a-time")):
+            assert_error(post(b, CHAT, auth("one-at-a-time")), 429, "concurrency_limit_exceeded")
         wait_until(lambda: post(b, CHAT, auth("one-at-a-time")).status_code == 200, 5, "slot freed on b")
 
 
@@ -366,6 +362,20 @@ def test_memory_limits_are_per_replica_without_redis(worker: ThreadedFakeWorker,
         for gw in (a, b, a, b):
             assert post(gw, CHAT, auth("slow-rpm")).status_code == 200
         assert_error(post(a, CHAT, auth("slow-rpm")), 429)
+
+
+@contextlib.contextmanager
+def held_stream(worker: ThreadedFakeWorker, gw: Any, headers: dict[str, str]) -> Iterator[None]:
+    """One slow stream in flight through ``gw`` for the block; the worker is fast again after it."""
+    worker.options.token_delay = 0.05
+    sock = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 200}, headers)
+    try:
+        assert worker.wait_for(lambda s: s.in_flight == 1, 5)
+        yield
+    finally:
+        sock.close()
+        assert worker.wait_for(lambda s: s.in_flight == 0, 5)
+        worker.options.token_delay = 0.0
 
 
 def _hold(gw: Any, n: int) -> list[socket.socket]:
@@ -417,13 +427,8 @@ def test_admission_queue_full_is_429_at_once_and_a_long_wait_is_503(worker: Thre
 def test_a_request_the_admission_queue_refuses_does_not_use_up_the_keys_rpm(worker: ThreadedFakeWorker,
                                                                              keys_file: Path) -> None:
     with gateway([worker.url], keys_file, worker_concurrency=1, queue_size=0) as gw:
-        worker.options.token_delay = 0.05
-        held = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 200}, auth("alice"))
-        assert worker.wait_for(lambda s: s.in_flight == 1, 5)
-        assert_error(post(gw, CHAT, auth("slow-rpm")), 429, "queue_full")
-        held.close()
-        assert worker.wait_for(lambda s: s.in_flight == 0, 5)
-        worker.options.token_delay = 0.0
+        with held_stream(worker, gw, auth("alice")):
+            assert_error(post(gw, CHAT, auth("slow-rpm")), 429, "queue_full")
         first = post(gw, CHAT, auth("slow-rpm"))  # the key's rpm is 2: both still there
         assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "1"
         assert post(gw, CHAT, auth("slow-rpm")).status_code == 200
