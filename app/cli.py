@@ -154,25 +154,18 @@ def _serve_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _logs_parser(sub: Any) -> None:
-    p = sub.add_parser("logs", help="show the tail of managed workers' logs")
-    p.add_argument("worker", nargs="?", help="worker name (default: every worker)")
-    p.add_argument("--lines", type=int, default=50)
-    p.add_argument("--state-dir", type=Path, help="[TOKENGATE_STATE_DIR]")
-    p.set_defaults(func=cmd_logs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokengate", description="OpenAI-compatible serving gateway over vLLM.")
     parser.add_argument("--version", action="version", version=f"tokengate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    _logs_parser(sub)
     from .cli_advise import add_advise_parser
     from .cli_bench import add_bench_parser
     from .cli_keys import add_keys_parser
+    from .cli_logs import add_logs_parser
     from .cli_presets import add_presets_parser
 
+    add_logs_parser(sub)
     add_presets_parser(sub)
     add_bench_parser(sub)
     add_advise_parser(sub)
@@ -363,26 +356,6 @@ class DrainingServer(uvicorn.Server):
                 self.config.timeout_graceful_shutdown = max(0, math.ceil(left))
                 super().handle_exit(sig, None)
         return await super().on_tick(counter)
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    if args.state_dir is None:
-        try:
-            args.state_dir = Settings().state_dir
-        except ValidationError as exc:
-            print(f"tokengate logs: invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
-            return 2
-    log_dir = args.state_dir / "logs"
-    files = sorted(log_dir.glob(f"{args.worker}.log" if args.worker else "*.log"))
-    if not files:
-        print(f"no worker logs in {log_dir}", file=sys.stderr)
-        return 1
-    from .workers.logs import tail
-
-    for f in files:
-        print(f"==> {f.name} <==")
-        sys.stdout.write(tail(f, args.lines))
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

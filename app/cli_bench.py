@@ -203,7 +203,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def prompts_of(prompts: dict[int, PromptSet | str], n: int) -> PromptSet:
+def _prompts_of(prompts: dict[int, PromptSet | str], n: int) -> PromptSet:
     ps = prompts[n]
     assert isinstance(ps, PromptSet)  # (only runnable lengths were sent)
     return ps
@@ -353,12 +353,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     summary["finished_at"] = datetime.now().astimezone().isoformat()
     summary["series"] = series(summary["shapes"])
-    repeated = {n: used for n, used in sent.items() if used > prompts_of(prompts, n).distinct}
+    repeated = {n: used for n, used in sent.items() if used > _prompts_of(prompts, n).distinct}
     if repeated:
         summary["prompts"]["repeated"] = {str(n): used for n, used in repeated.items()}
         print("tokengate bench: warning: prompts repeated, so a prefix cache may have served some (this tokenizer "
               "has few one-token words for the nonce): " + ", ".join(
-                  f"{used} requests of {n} tokens, {prompts_of(prompts, n).distinct} distinct prompts"
+                  f"{used} requests of {n} tokens, {_prompts_of(prompts, n).distinct} distinct prompts"
                   for n, used in repeated.items()), file=err)
     try:
         files = write_reports(out_dir, summary, log)

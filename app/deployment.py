@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .caps import CapConfig
 from .presets import Catalog, Preset
 from .settings import Settings
+from .workers.launch import COMMON_ENV
 from .workers.plan import (
     CPU_PRESET,
     ModelSpec,
@@ -111,7 +112,7 @@ def plan_deployment(settings: Settings, catalog: Catalog, *, dry_run: bool = Fal
     preset = catalog.get(settings.region, settings.preset)
     shape = _check_parallelism(model.path, preset, catalog)
     if (shape is not None and model.max_model_len is not None and model.max_model_len > shape.max_model_len
-            and extra_env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") != "1"):
+            and _worker_env(extra_env).get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") != "1"):
         raise PlanError(f"--max-model-len {model.max_model_len} is above {model.path}'s own context of "
                         f"{shape.max_model_len} tokens: vLLM refuses to start with it (unless told otherwise: "
                         "--worker-env VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
@@ -174,9 +175,9 @@ def _check_model_source(model: str, worker_env: dict[str, str]) -> None:
         if not isinstance(doc, dict):
             raise PlanError(f"--model {model}: {config} is not a JSON object")
         return
-    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") != 1:
+    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1:
         raise PlanError(f"--model {model}: no such model directory")
-    env = {**os.environ, **worker_env}
+    env = _worker_env(worker_env)
     if env.get("HF_HUB_OFFLINE", "1").lower() in ("0", "false", "no", "off", ""):
         return  # workers may download it
     cache = _hf_cache(env)
@@ -184,6 +185,11 @@ def _check_model_source(model: str, worker_env: dict[str, str]) -> None:
         raise PlanError(f"--model {model}: no such directory, and not in the Hugging Face cache ({cache}); workers "
                         "run offline (HF_HUB_OFFLINE=1): pass a model directory, download it first, or allow "
                         "downloads with --worker-env HF_HUB_OFFLINE=0")
+
+
+def _worker_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment a worker will have (``launch``: the gateway's, the workers' common one, ``--worker-env``)."""
+    return {**os.environ, **COMMON_ENV, **extra}
 
 
 def _hf_cache(env: dict[str, str]) -> Path:
@@ -197,7 +203,10 @@ def _hf_cache(env: dict[str, str]) -> Path:
 def _check_gpus_exist(chosen: list[int], detect: Callable[[], list[int]]) -> list[int]:
     """``--gpus``, once checked against the GPUs this machine has where it can tell (nvidia-smi, or
     CUDA_VISIBLE_DEVICES)."""
-    present = detect()
+    try:
+        present = detect()
+    except PlanError:  # CUDA_VISIBLE_DEVICES by UUID: no telling, and --gpus gives each worker its own anyway
+        return chosen
     missing = [g for g in chosen if g not in present]
     if present and missing:
         raise PlanError(f"--gpus {','.join(map(str, chosen))}: no GPU {','.join(map(str, missing))} on this machine "

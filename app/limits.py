@@ -171,6 +171,8 @@ class MemoryLimiter:
             return unmetered(subject, estimated_tokens)
         now = self._clock()
         st = self._state(name, limits, now)
+        if limits.tpm is not None and estimated_tokens > limits.tpm:  # first: no wait cures it (no retry)
+            raise too_large(name, limits.tpm, estimated_tokens, st.tokens)
         if limits.max_concurrent is not None and st.active >= limits.max_concurrent:
             raise too_many_concurrent(name, limits.max_concurrent)
         if limits.rpm is not None:
@@ -179,8 +181,6 @@ class MemoryLimiter:
             if len(st.requests) >= limits.rpm:
                 raise over_requests(name, limits.rpm, st.requests[-limits.rpm] + self.window - now)
         if limits.tpm is not None:
-            if estimated_tokens > limits.tpm:
-                raise too_large(name, limits.tpm, estimated_tokens, st.tokens)
             if st.tokens < estimated_tokens:
                 wait = (estimated_tokens - st.tokens) * self.window / limits.tpm
                 raise over_tokens(name, limits.tpm, estimated_tokens, st.tokens, wait)

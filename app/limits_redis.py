@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -20,7 +21,7 @@ from .limits import Subject, Ticket, over_requests, over_tokens, too_large, too_
 log = logging.getLogger("tokengate.limits")
 
 _VOID_RETRY = 1.0  # seconds between attempts to void the admits given up on
-_MAX_VOIDS = 10_000
+_MAX_VOIDS = 1_000
 
 
 # Shared by the scripts: Redis's clock in ms (one clock for every replica) and the token bucket's state.
@@ -46,6 +47,7 @@ _ADMIT = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return {5, 0, -1, -1} end
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local est, id, lease, window = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+if tpm > 0 and est > tpm then return {4, 0, -1, math.floor(bucket(KEYS[2], tpm, window))} end
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= conc then return {1, 1000, -1, -1} end
@@ -62,7 +64,6 @@ end
 local tokens = -1
 if tpm > 0 then
   tokens = bucket(KEYS[2], tpm, window)
-  if est > tpm then return {4, math.ceil(window), -1, math.floor(tokens)} end
   if tokens < est then return {3, math.ceil((est - tokens) * window / tpm), -1, math.floor(tokens)} end
   tokens = tokens - est
   store(KEYS[2], tokens, tpm, window)
@@ -144,7 +145,8 @@ class RedisLimiter:
         self._live: dict[str, Ticket] = {}  # tickets holding a concurrency slot, renewed by the heartbeat
         self._voids: dict[str, Ticket] = {}  # admits given up on, voided by the heartbeat once Redis answers
         self._heartbeat: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self._poke = asyncio.Event()  # wakes the heartbeat: a void to send, or aclose()
+        self._closing = False
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 2.0, **kwargs: Any) -> RedisLimiter:
@@ -174,8 +176,8 @@ class RedisLimiter:
         try:
             status, retry_ms, left_requests, left_tokens = await self._admit(keys=self._ticket_keys(ticket), args=args)
         except (RedisError, OSError, asyncio.CancelledError) as exc:
-            # the script may be queued in a stalled Redis, or may have run and its answer been lost
-            self._give_up(ticket)
+            if isinstance(exc, asyncio.CancelledError) or "connecting to" not in str(exc):
+                self._give_up(ticket)  # the script may be queued in a stalled Redis, or ran and its answer is lost
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if not self.fail_open:
@@ -191,6 +193,8 @@ class RedisLimiter:
             raise over_tokens(name, limits.tpm or 0, estimated_tokens, int(left_tokens), wait)
         if status == 4:
             raise too_large(name, limits.tpm or 0, estimated_tokens, int(left_tokens))
+        if status != 0:  # (5: voided, which only an admit given up on can meet)
+            raise _unavailable(RuntimeError(f"admit status {status}"))
         ticket.remaining_requests = None if int(left_requests) < 0 else int(left_requests)
         ticket.remaining_tokens = None if limits.tpm is None else int(left_tokens)
         if limits.max_concurrent is not None:
@@ -203,6 +207,7 @@ class RedisLimiter:
             del self._voids[next(iter(self._voids))]
         self._voids[ticket.id] = ticket
         self._start_heartbeat()
+        self._poke.set()  # (a void should not wait for the slots' next renewal)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
@@ -228,15 +233,20 @@ class RedisLimiter:
 
     async def _beat(self) -> None:
         # stopped by an event, never cancelled: redis-py can lose a cancellation mid-command (redis-py#2028, #2551)
+        renew_at = time.monotonic() + self.lease / 3
         while self._live or self._voids:
+            wait = renew_at - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), _VOID_RETRY if self._voids else self.lease / 3)
-                return  # aclose()
+                await asyncio.wait_for(self._poke.wait(), min(wait, _VOID_RETRY) if self._voids else wait)
+            self._poke.clear()
+            if self._closing:
+                return
             if self._voids:
                 await self._flush_voids()
             tickets = list(self._live.values())
-            if not tickets:
+            if not tickets or time.monotonic() < renew_at:
                 continue
+            renew_at = time.monotonic() + self.lease / 3
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for t in tickets:
@@ -249,6 +259,7 @@ class RedisLimiter:
         tickets = list(self._voids.values())
         mark = int(2 * max(self.window, self.lease) * 1000)  # outlives any admit still queued behind a stall
         try:
+            await self.client.ping()  # (Redis still away: no pipeline of every void built for nothing)
             async with self.client.pipeline(transaction=False) as pipe:
                 for t in tickets:
                     args = (t.limits.tpm or 0, t.reserved, t.id, self.window * 1000, mark)
@@ -261,7 +272,8 @@ class RedisLimiter:
             self._voids.pop(t.id, None)
 
     async def aclose(self) -> None:
-        self._stop.set()
+        self._closing = True
+        self._poke.set()
         if self._heartbeat is not None:
             await self._heartbeat
         for ticket in list(self._live.values()):

