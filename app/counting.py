@@ -59,6 +59,13 @@ class PromptCounter:
         self._offloop = offloop_bytes
 
     def size(self, req: ParsedRequest, tokenizer: LocalTokenizer | None, remote: RemoteCount) -> PromptSize:
+        size = self._size(req, tokenizer, remote)
+        keep = req.body.get("truncate_prompt_tokens")
+        if type(keep) is int and keep >= 1:  # vLLM keeps the prompt's last `keep` tokens: what the context holds
+            return _truncated(size, keep)
+        return size
+
+    def _size(self, req: ParsedRequest, tokenizer: LocalTokenizer | None, remote: RemoteCount) -> PromptSize:
         body = req.body
         if req.route == "chat":
             messages: list[dict[str, Any]] = body["messages"]
@@ -137,3 +144,11 @@ def _const(n: int) -> Callable[[], Awaitable[int]]:
     async def value() -> int:
         return n
     return value
+
+
+def _truncated(size: PromptSize, keep: int) -> PromptSize:
+    """A prompt vLLM cuts to its last ``keep`` tokens: no bigger than that, and counted only when it may be less."""
+    async def exact() -> int:
+        return min(await size.exact(), keep)
+
+    return PromptSize(keep if size.bound is None else min(size.bound, keep), exact)

@@ -166,6 +166,9 @@ def parse_request(route: Route, raw: bytes, body: dict[str, Any] | None = None) 
     include_usage = False
     opts = body.get("stream_options")
     if opts is not None:
+        if not stream:  # as vLLM and OpenAI answer it (the gateway streams from the worker either way)
+            raise _bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options",
+                       "invalid_request")
         if not isinstance(opts, dict):
             raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
         usage = opts.get("include_usage", False)

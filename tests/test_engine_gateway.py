@@ -290,6 +290,30 @@ def test_context_cap_prompt_param_for_completions(engine: Engine) -> None:
         assert body["code"] == "context_length_exceeded"
 
 
+def test_a_prompt_vllm_truncates_is_counted_as_truncated(engine: Engine) -> None:
+    """truncate_prompt_tokens: vLLM keeps the prompt's last k tokens, so the caps see k (a longer prompt was refused
+    as over the context, and one near it had its max_tokens clamped for room it did not need)."""
+    cap = 64
+    with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:
+        c = client(gw)
+        for route in ("chat", "completions"):
+            extra = {"truncate_prompt_tokens": 20, "ignore_eos": True}
+            if route == "chat":
+                raw = c.chat.completions.with_raw_response.create(
+                    model="tiny-llama", messages=_chat_with_tokens(engine, cap + 40), max_tokens=30, stream=False,
+                    extra_body=extra)
+            else:
+                raw = c.completions.with_raw_response.create(
+                    model="tiny-llama", prompt=[7] * (cap + 40), max_tokens=30, stream=False, extra_body=extra)
+            answer = raw.parse()
+            assert answer.usage is not None and answer.usage.prompt_tokens == 20, route
+            assert answer.usage.completion_tokens == 30 and "x-tokengate-max-tokens-clamped" not in raw.headers
+        with pytest.raises(openai.BadRequestError) as err:  # kept longer than the cap: still over it
+            c.completions.create(model="tiny-llama", prompt=[7] * (cap + 40), max_tokens=3,
+                                 extra_body={"truncate_prompt_tokens": cap + 1})
+        assert isinstance(err.value.body, dict) and err.value.body["code"] == "context_length_exceeded"
+
+
 def test_prompt_plus_max_tokens_over_cap_is_clamped_to_what_is_left(engine: Engine) -> None:
     cap = 128
     with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:

@@ -28,10 +28,18 @@ def test_non_streaming_clients_still_get_a_streaming_worker_request() -> None:
 
 
 def test_beam_search_is_not_streamed_upstream() -> None:
-    req = parse_request("completions", raw({"model": "m", "prompt": "x", "stream": False, "use_beam_search": True,
-                                            "stream_options": {"include_usage": True}}))
+    req = parse_request("completions", raw({"model": "m", "prompt": "x", "stream": False, "use_beam_search": True}))
     sent = orjson.loads(upstream_body(req))
     assert sent["stream"] is False and "stream_options" not in sent
+
+
+def test_stream_options_without_a_stream_are_refused_as_openai_and_vllm_refuse_them() -> None:
+    for route, body in (("chat", {"messages": [{"role": "user", "content": "x"}]}), ("completions", {"prompt": "x"})):
+        unstreamed = {"model": "m", **body, "stream": False}
+        with pytest.raises(InvalidRequest) as info:
+            parse_request(route, raw({**unstreamed, "stream_options": {"include_usage": True}}))
+        assert info.value.param == "stream_options" and "only allowed when 'stream' is enabled" in info.value.message
+        assert parse_request(route, raw({**unstreamed, "stream_options": None})).stream is False
 
 
 @pytest.mark.parametrize(("route", "extra"), [

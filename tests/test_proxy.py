@@ -99,12 +99,15 @@ def test_non_stream_is_one_object_built_from_a_worker_stream(worker: ThreadedFak
 def test_non_stream_unary_passes_the_workers_own_answer_through(worker: ThreadedFakeWorker) -> None:
     with gateway(worker, non_stream_upstream="unary") as gw:
         r = httpx.post(gw.base + "/chat/completions",
-                       json={**CHAT, "stream": False, "stream_options": {"include_usage": True}}, timeout=10)
+                       json={**CHAT, "stream": False}, timeout=10)
         doc = r.json()
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
         assert doc["object"] == "chat.completion" and doc["usage"]["completion_tokens"] == 8
         sent = worker.received[-1].json()  # type: ignore[index]
         assert sent["stream"] is False and "stream_options" not in sent  # vLLM refuses stream_options unstreamed
+        refused = httpx.post(gw.base + "/chat/completions", timeout=10,
+                             json={**CHAT, "stream": False, "stream_options": {"include_usage": True}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options"
         samples = scrape(gw.url + "/metrics")
         assert metric_sum(samples, "tokengate_completion_tokens_total") == 8
         assert metric_sum(samples, "tokengate_requests_total", status="200") == 1
