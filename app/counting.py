@@ -58,10 +58,13 @@ class PromptCounter:
         self._executor = executor
         self._offloop = offloop_bytes
 
-    def size(self, req: ParsedRequest, tokenizer: LocalTokenizer | None, remote: RemoteCount) -> PromptSize:
+    def size(self, req: ParsedRequest, tokenizer: LocalTokenizer | None, remote: RemoteCount, *,
+             max_model_len: int) -> PromptSize:
         size = self._size(req, tokenizer, remote)
         keep = req.body.get("truncate_prompt_tokens")
-        if type(keep) is int and keep >= 1:  # vLLM keeps the prompt's last `keep` tokens: what the context holds
+        if type(keep) is int and keep == -1:  # vLLM 0.32: as much as the worker's context holds, less one
+            keep = max_model_len - 1
+        if type(keep) is int and keep >= 1:  # vLLM cuts the prompt to `keep` tokens: what the context holds
             return _truncated(size, keep)
         return size
 

@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .errors import NoWorkerAvailable
@@ -146,11 +148,14 @@ class RedisLimiter:
         self._voids: dict[str, Ticket] = {}  # admits given up on, voided by the heartbeat once Redis answers
         self._heartbeat: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()  # wakes the heartbeat: a void to send, or aclose()
+        self._poke_for_void = False
         self._closing = False
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 2.0, **kwargs: Any) -> RedisLimiter:
-        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        # no retries: a re-sent admit would reserve twice, and one that failed "connecting" would not be voided
+        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 0))
         return cls(client, owns_client=True, **kwargs)
 
     def _keys(self, name: str) -> list[str]:  # one hash slot per key name (Redis Cluster)
@@ -207,9 +212,12 @@ class RedisLimiter:
             del self._voids[next(iter(self._voids))]
         self._voids[ticket.id] = ticket
         self._start_heartbeat()
-        self._poke.set()  # (a void should not wait for the slots' next renewal)
+        self._poke_for_void = True
+        self._poke.set()  # (a void should not wait for the slots' next renewal, nor a retry's pause)
 
     def _start_heartbeat(self) -> None:
+        if self._closing:
+            return
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="limits-heartbeat")
 
@@ -232,21 +240,27 @@ class RedisLimiter:
             await asyncio.shield(call)
 
     async def _beat(self) -> None:
-        # stopped by an event, never cancelled: redis-py can lose a cancellation mid-command (redis-py#2028, #2551)
-        renew_at = time.monotonic() + self.lease / 3
-        while self._live or self._voids:
-            wait = renew_at - time.monotonic()
+        # stopped by a flag, never cancelled: redis-py can lose a cancellation mid-command (redis-py#2028, #2551)
+        now = time.monotonic()
+        renew_at, void_at = now + self.lease / 3, now
+        while (self._live or self._voids) and not self._closing:
+            due = min(renew_at, void_at) if self._voids else renew_at
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), min(wait, _VOID_RETRY) if self._voids else wait)
+                await asyncio.wait_for(self._poke.wait(), max(0.0, due - time.monotonic()))
             self._poke.clear()
             if self._closing:
                 return
-            if self._voids:
-                await self._flush_voids()
-            tickets = list(self._live.values())
-            if not tickets or time.monotonic() < renew_at:
+            now = time.monotonic()
+            if self._voids and (now >= void_at or self._poke_for_void):
+                self._poke_for_void = False
+                if not await self._flush_voids():
+                    void_at = time.monotonic() + _VOID_RETRY  # Redis still away: not again at once
+            if now < renew_at:
                 continue
-            renew_at = time.monotonic() + self.lease / 3
+            renew_at = now + self.lease / 3
+            tickets = list(self._live.values())
+            if not tickets:
+                continue
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for t in tickets:
@@ -255,7 +269,7 @@ class RedisLimiter:
             except (RedisError, OSError) as exc:
                 log.warning("rate limiter: could not renew %d concurrency slots: %s", len(tickets), exc)
 
-    async def _flush_voids(self) -> None:
+    async def _flush_voids(self) -> bool:
         tickets = list(self._voids.values())
         mark = int(2 * max(self.window, self.lease) * 1000)  # outlives any admit still queued behind a stall
         try:
@@ -267,9 +281,10 @@ class RedisLimiter:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("rate limiter: could not void %d unanswered admits yet: %s", len(tickets), exc)
-            return
+            return False
         for t in tickets:
             self._voids.pop(t.id, None)
+        return True
 
     async def aclose(self) -> None:
         self._closing = True

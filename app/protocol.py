@@ -166,7 +166,7 @@ def parse_request(route: Route, raw: bytes, body: dict[str, Any] | None = None) 
     include_usage = False
     opts = body.get("stream_options")
     if opts is not None:
-        if not stream:  # as vLLM and OpenAI answer it (the gateway streams from the worker either way)
+        if opts and not stream:  # as vLLM and OpenAI answer it (the gateway streams from the worker either way)
             raise _bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options",
                        "invalid_request")
         if not isinstance(opts, dict):

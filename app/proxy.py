@@ -286,7 +286,8 @@ class Proxy:
             )
         names = placements(snapshot, pool)
         caps = ctx.principal.caps.apply(self.caps_for(req.model, info, names))
-        size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self.dispatcher.remote_count(pool, p))
+        size = self.counter.size(req, self.tokenizers.get(req.model), lambda p: self.dispatcher.remote_count(pool, p),
+                                 max_model_len=caps.model_max_len)
         try:
             ctx.decision = decision = await decide(
                 caps, req.max_tokens, req.max_tokens_param, size,

@@ -67,7 +67,7 @@ async def measure(raw: bytes, tok: LocalTokenizer, runs: int, offloop: int) -> d
     for _ in range(runs):
         t0 = time.perf_counter()
         req = parse_request("chat", raw)
-        size = counter.size(req, tok, _no_remote)
+        size = counter.size(req, tok, _no_remote, max_model_len=caps.model_max_len)
         decision = await decide(caps, req.max_tokens, req.max_tokens_param, size, prompt_param="messages",
                                 model="tiny")
         times.append(time.perf_counter() - t0)

@@ -312,6 +312,11 @@ def test_a_prompt_vllm_truncates_is_counted_as_truncated(engine: Engine) -> None
             c.completions.create(model="tiny-llama", prompt=[7] * (cap + 40), max_tokens=3,
                                  extra_body={"truncate_prompt_tokens": cap + 1})
         assert isinstance(err.value.body, dict) and err.value.body["code"] == "context_length_exceeded"
+    with run_gateway(gateway_settings(engine)) as gw:  # -1: what the worker's context holds (vLLM: less one)
+        answer = client(gw).completions.create(model="tiny-llama", prompt=[7] * (engine.max_model_len + 10),
+                                               max_tokens=5, stream=False, extra_body={"truncate_prompt_tokens": -1})
+        assert answer.usage is not None and answer.usage.prompt_tokens == engine.max_model_len - 1
+        assert answer.usage.completion_tokens == 1
 
 
 def test_prompt_plus_max_tokens_over_cap_is_clamped_to_what_is_left(engine: Engine) -> None:

@@ -445,6 +445,29 @@ def test_a_voided_admit_that_reaches_redis_afterwards_takes_nothing(redis_url: s
     _run("redis", redis_url, main)
 
 
+def test_voids_waiting_for_an_unreachable_redis_are_retried_at_a_pace() -> None:
+    """No live slots, Redis refusing connections: the void is retried about once a second, not in a hot loop."""
+    async def main() -> None:
+        lim = RedisLimiter.from_url(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.5, lease=0.3)
+        attempts = 0
+        flush = lim._flush_voids
+
+        async def counted() -> bool:
+            nonlocal attempts
+            attempts += 1
+            return await flush()
+
+        lim._flush_voids = counted  # type: ignore[method-assign]
+        key = _key(max_concurrent=1)
+        lim._give_up(Ticket(key.name, key.limits, 1))
+        await asyncio.sleep(2.5)
+        assert 2 <= attempts <= 5, attempts
+        assert lim._voids  # still owed
+        await lim.aclose()
+
+    asyncio.run(main())
+
+
 def test_limits_hold_under_concurrent_load_from_two_replicas(redis_url: str) -> None:
     async def main(a: Limiter, b: Limiter) -> None:
         key = _key(rpm=25)

@@ -437,7 +437,9 @@ def test_a_request_the_admission_queue_refuses_does_not_use_up_the_keys_rpm(work
 def test_a_request_given_up_while_queued_is_charged_nothing(worker: ThreadedFakeWorker, keys_file: Path) -> None:
     with gateway([worker.url], keys_file, worker_concurrency=1, queue_size=4, queue_timeout=30.0) as gw:
         with held_stream(worker, gw, auth("alice")):
-            queued = open_request(gw.url, "/v1/chat/completions", {**CHAT, "max_tokens": 100}, auth("tpm"))
+            # most of the key's 400 tokens a minute: charged, its prompt would take most of a minute to refill
+            long = {**CHAT, "messages": [{"role": "user", "content": "word " * 280}], "max_tokens": 10}
+            queued = open_request(gw.url, "/v1/chat/completions", long, auth("tpm"))
             proxy = gw.state.proxy
             wait_until(lambda: proxy.gates.queued("tiny", proxy.default_region) == 1, 5, "queued")
             queued.close()  # the client gives up before any worker saw it
