@@ -103,6 +103,7 @@ class Dispatcher:
                 resp = await self.pool.request(worker.origin, "POST", path, body, headers=headers,
                                                timeout=s.read_timeout)
                 ctx.awaiting_head = False
+                ctx.reached = True
                 ctx.resp = resp
                 if resp.status != 200:
                     data = await resp.read(s.read_timeout, limit=1024 * 1024)
@@ -125,6 +126,7 @@ class Dispatcher:
                     ctx.resp = None
                 # still running there only when the wait for its answer timed out (abort it on the way out)
                 ctx.awaiting_head = _after_send(exc)
+                ctx.reached = ctx.reached or ctx.awaiting_head
                 self.worker_failed(worker, exc, generating=not req.upstream_stream)
                 last = exc
         if last is not None:

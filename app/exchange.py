@@ -59,6 +59,7 @@ class Exchange:
     client: ClientWriter | None = None  # direct writes to the client's connection, where the server offers them
     relay: Splice | None = None  # a stream's relay, when taken on before the worker's first byte (open_relay)
     awaiting_head: bool = False  # the request went to ``worker``, which has not answered its head yet
+    reached: bool = False  # a worker answered it, or may be working on it (limits: it counts as one of the key's)
 
     def stalled(self, since: float) -> None:
         self.sending_since = since

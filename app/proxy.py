@@ -219,7 +219,8 @@ class Proxy:
         if prompt is None and ctx.decision is not None:
             prompt = ctx.decision.prompt_tokens
         used = (prompt or 0) + (rec.completion_tokens or 0)
-        unsent = rec.dispatched is None
+        # queued, then refused or given up; or every worker tried was unreachable (not: cancelled mid-request)
+        unsent = not (ctx.reached or ctx.awaiting_head)
         if unsent or (rec.status >= 400 and rec.status != 499 and not rec.completion_tokens):
             used = 0  # refused, failed before any work, or given up while queued: charge nothing
         # one that never reached a worker (the admission queue was full, or timed out) is not one of the key's
@@ -308,7 +309,6 @@ class Proxy:
             # a key with one pays its exact count (it was refused as "too large" for a prompt that fits)
             prompt_estimate = await size.exact() if ctx.principal.limits.tpm is not None else (size.bound or 0)
         ctx.ticket = await self.limiter.admit(ctx.principal, prompt_estimate + decision.max_tokens * req.n)
-        ctx.headers.extend(ctx.ticket.headers())
         gate = self.gates.get(req.model, regions[0], len(pool))
         queue_time = self.metrics.queue_timer(req.model, regions[0])
         try:
@@ -319,6 +319,7 @@ class Proxy:
                 queue_time.observe(self.settings.queue_timeout)
             raise
         queue_time.observe(ctx.slot.queued)
+        ctx.headers.extend(ctx.ticket.headers())  # (not on an admission refusal: that gives the key's place back)
         body = upstream_body(req)
         # the worker's id for it is always this request's own: a client's X-Request-Id (echoed back to it) may be
         # reused — a retry, or another client's — and vLLM would take two requests with one id for one, aborts too

@@ -428,7 +428,9 @@ def test_a_request_the_admission_queue_refuses_does_not_use_up_the_keys_rpm(work
                                                                              keys_file: Path) -> None:
     with gateway([worker.url], keys_file, worker_concurrency=1, queue_size=0) as gw:
         with held_stream(worker, gw, auth("alice")):
-            assert_error(post(gw, CHAT, auth("slow-rpm")), 429, "queue_full")
+            full = post(gw, CHAT, auth("slow-rpm"))
+            assert_error(full, 429, "queue_full")
+            assert "x-ratelimit-remaining-requests" not in full.headers  # (the key's count before its refund)
         first = post(gw, CHAT, auth("slow-rpm"))  # the key's rpm is 2: both still there
         assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "1"
         assert post(gw, CHAT, auth("slow-rpm")).status_code == 200
@@ -447,6 +449,24 @@ def test_a_request_given_up_while_queued_is_charged_nothing(worker: ThreadedFake
         r = post(gw, {**CHAT, "stream": False}, auth("tpm"))
         assert r.status_code == 200
         assert _remaining_tokens(r) == 400 - (r.json()["usage"]["prompt_tokens"] + CHAT["max_tokens"])
+
+
+def test_a_request_no_worker_could_be_reached_for_costs_the_key_nothing(keys_file: Path, tmp_path: Path) -> None:
+    """Counted on the gateway (so the key is charged before dispatch), then every worker refuses the connection:
+    502, and the key keeps its place in the rpm window (the SDK's two retries had used up three of them)."""
+    from app.limits import MemoryLimiter
+    from app.tinymodel import build_tiny_model
+
+    root = build_tiny_model(tmp_path / "tiny")
+    worker = ThreadedFakeWorker()
+    worker.__enter__()
+    with gateway([worker.url], keys_file, tokenizers=[f"tiny={root}"]) as gw:
+        worker.__exit__(None, None, None)  # gone, while the gateway still counts it ready
+        r = post(gw, CHAT, auth("slow-rpm"))
+        assert_error(r, 502, "worker_unreachable")
+        limiter = gw.state.proxy.limiter
+        assert isinstance(limiter, MemoryLimiter)
+        assert len(limiter._keys["slow-rpm"].requests) == 0
 
 
 def test_a_queued_request_proceeds_when_a_slot_frees(worker: ThreadedFakeWorker) -> None:
