@@ -125,21 +125,15 @@ class RateLimited(_RetryAfter):
     code = "rate_limit_exceeded"
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None,
-                 limit: tuple[str, int, int] | None = None, retry: bool = True) -> None:
+                 rate_headers: list[tuple[bytes, bytes]] | None = None, retry: bool = True) -> None:
         super().__init__(message, retry_after=retry_after, code=code)
-        self.limit = limit  # (unit: "requests" or "tokens", its limit, what is left): OpenAI's x-ratelimit-* headers
+        self.rate_headers = rate_headers or []  # OpenAI's x-ratelimit-* of the key's limits (limits.Budget)
         self.retry = retry  # False: no wait makes it succeed, and clients are told not to retry (x-should-retry)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         # the openai SDKs retry a 429 on their own (twice, by default) unless told otherwise
         out = super().headers() if self.retry else [(b"x-should-retry", b"false")]
-        if self.limit is not None:
-            unit, limit, left = self.limit
-            out += [(f"x-ratelimit-limit-{unit}".encode(), b"%d" % limit),
-                    (f"x-ratelimit-remaining-{unit}".encode(), b"%d" % max(0, left))]
-            if self.retry:
-                out.append((f"x-ratelimit-reset-{unit}".encode(), duration(self.retry_after)))
-        return out
+        return out + self.rate_headers
 
 
 def duration(seconds: float) -> bytes:

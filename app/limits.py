@@ -29,7 +29,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .errors import RateLimited, duration
@@ -75,19 +75,37 @@ class Ticket:
     admitted_at: float = 0.0  # (MemoryLimiter: its entry in the rpm window)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers for the limits this key has. ``reset``: until the budget is whole
-        again — for requests, when this one leaves the sliding window; for tokens, when the bucket has refilled."""
+        """OpenAI's ``x-ratelimit-*`` headers for the limits this key has, after this admission."""
+        return Budget(self.limits, self.window, self.remaining_requests, self.remaining_tokens).headers()
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What a key has left at one moment: requests in the window and tokens in the bucket (None: no such limit)."""
+
+    limits: Limits
+    window: float
+    requests: int | None = None
+    tokens: float | None = None
+
+    def headers(self, *, requests_reset: float | None = None, tokens_reset: float | None = None
+                ) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``. ``reset``: until the budget is whole
+        again (requests: when the newest leaves the window, at most a window; tokens: when the bucket has refilled),
+        or what the caller says (a 429's wait for the unit it ran out of)."""
         out: list[tuple[bytes, bytes]] = []
         rpm, tpm = self.limits.rpm, self.limits.tpm
-        if rpm is not None and self.remaining_requests is not None:
+        if rpm is not None and self.requests is not None:
+            reset = self.window if requests_reset is None else requests_reset
             out += [(b"x-ratelimit-limit-requests", b"%d" % rpm),
-                    (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
-                    (b"x-ratelimit-reset-requests", duration(self.window))]
-        if tpm is not None and self.remaining_tokens is not None:
-            refill = max(0, tpm - self.remaining_tokens) * self.window / tpm
+                    (b"x-ratelimit-remaining-requests", b"%d" % max(0, self.requests)),
+                    (b"x-ratelimit-reset-requests", duration(reset))]
+        if tpm is not None and self.tokens is not None:
+            left = max(0, math.floor(self.tokens))
+            reset = (tpm - min(tpm, left)) * self.window / tpm if tokens_reset is None else tokens_reset
             out += [(b"x-ratelimit-limit-tokens", b"%d" % tpm),
-                    (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),
-                    (b"x-ratelimit-reset-tokens", duration(refill))]
+                    (b"x-ratelimit-remaining-tokens", b"%d" % left),
+                    (b"x-ratelimit-reset-tokens", duration(reset))]
         return out
 
 
@@ -111,33 +129,36 @@ def _seconds(value: float) -> float:
     return float(max(1, math.ceil(value - 1e-9)))
 
 
-def _over(name: str, what: str, detail: str, wait: float, limit: int, left: int) -> RateLimited:
+def _over(name: str, what: str, detail: str, wait: float, headers: list[tuple[bytes, bytes]]) -> RateLimited:
     s = _seconds(wait)
     msg = f"Rate limit reached for API key '{name}' on {what} per minute: {detail}. Please try again in {s:.0f}s."
-    return RateLimited(msg, retry_after=s, limit=(what, limit, left))
+    return RateLimited(msg, retry_after=s, rate_headers=headers)
 
 
-def over_requests(name: str, rpm: int, wait: float) -> RateLimited:
-    return _over(name, "requests", f"limit {rpm}", wait, rpm, 0)
+def over_requests(name: str, budget: Budget, wait: float) -> RateLimited:
+    headers = replace(budget, requests=0).headers(requests_reset=_seconds(wait))
+    return _over(name, "requests", f"limit {budget.limits.rpm}", wait, headers)
 
 
-def over_tokens(name: str, tpm: int, needed: int, left: float, wait: float) -> RateLimited:
-    have = max(0, math.floor(left))
-    return _over(name, "tokens", f"limit {tpm}, requested {needed}, {have} left", wait, tpm, have)
+def over_tokens(name: str, budget: Budget, needed: int, wait: float) -> RateLimited:
+    have = max(0, math.floor(budget.tokens or 0))
+    detail = f"limit {budget.limits.tpm}, requested {needed}, {have} left"
+    return _over(name, "tokens", detail, wait, budget.headers(tokens_reset=_seconds(wait)))
 
 
-def too_large(name: str, tpm: int, needed: int, left: float) -> RateLimited:
+def too_large(name: str, budget: Budget, needed: int) -> RateLimited:
     """No wait makes such a request fit: no Retry-After, and ``x-should-retry: false`` (the SDKs' own retries)."""
     msg = (
         f"Request too large for API key '{name}': it may use up to {needed} tokens (prompt + max_tokens), above "
-        f"its limit of {tpm} tokens per minute. Lower max_tokens or shorten the prompt."
+        f"its limit of {budget.limits.tpm} tokens per minute. Lower max_tokens or shorten the prompt."
     )
-    return RateLimited(msg, code="request_too_large", limit=("tokens", tpm, max(0, math.floor(left))), retry=False)
+    return RateLimited(msg, code="request_too_large", rate_headers=budget.headers(), retry=False)
 
 
-def too_many_concurrent(name: str, limit: int) -> RateLimited:
+def too_many_concurrent(name: str, budget: Budget) -> RateLimited:
+    limit = budget.limits.max_concurrent
     msg = f"API key '{name}' already has {limit} requests in flight, its limit. Please retry when one finishes."
-    return RateLimited(msg, retry_after=1.0, code="concurrency_limit_exceeded")
+    return RateLimited(msg, retry_after=1.0, code="concurrency_limit_exceeded", rate_headers=budget.headers())
 
 
 @dataclass(slots=True)
@@ -171,19 +192,21 @@ class MemoryLimiter:
             return unmetered(subject, estimated_tokens)
         now = self._clock()
         st = self._state(name, limits, now)
-        if limits.tpm is not None and estimated_tokens > limits.tpm:  # first: no wait cures it (no retry)
-            raise too_large(name, limits.tpm, estimated_tokens, st.tokens)
-        if limits.max_concurrent is not None and st.active >= limits.max_concurrent:
-            raise too_many_concurrent(name, limits.max_concurrent)
         if limits.rpm is not None:
             while st.requests and st.requests[0] <= now - self.window:
                 st.requests.popleft()
-            if len(st.requests) >= limits.rpm:
-                raise over_requests(name, limits.rpm, st.requests[-limits.rpm] + self.window - now)
+        budget = Budget(limits, self.window, None if limits.rpm is None else limits.rpm - len(st.requests),
+                        None if limits.tpm is None else st.tokens)
+        if limits.tpm is not None and estimated_tokens > limits.tpm:  # first: no wait cures it (no retry)
+            raise too_large(name, budget, estimated_tokens)
+        if limits.max_concurrent is not None and st.active >= limits.max_concurrent:
+            raise too_many_concurrent(name, budget)
+        if limits.rpm is not None and len(st.requests) >= limits.rpm:
+            raise over_requests(name, budget, st.requests[-limits.rpm] + self.window - now)
         if limits.tpm is not None:
             if st.tokens < estimated_tokens:
                 wait = (estimated_tokens - st.tokens) * self.window / limits.tpm
-                raise over_tokens(name, limits.tpm, estimated_tokens, st.tokens, wait)
+                raise over_tokens(name, budget, estimated_tokens, wait)
             st.tokens -= estimated_tokens
         if limits.rpm is not None:
             st.requests.append(now)

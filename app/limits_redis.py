@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .errors import NoWorkerAvailable
-from .limits import Subject, Ticket, over_requests, over_tokens, too_large, too_many_concurrent, unmetered
+from .limits import Budget, Subject, Ticket, over_requests, over_tokens, too_large, too_many_concurrent, unmetered
 
 log = logging.getLogger("tokengate.limits")
 
@@ -42,45 +42,44 @@ end
 """
 
 # KEYS: rpm zset, tpm hash, concurrency zset, the ticket's void mark. ARGV: rpm, tpm, max_concurrent (0: none),
-# estimate, ticket id, lease ms, window ms. Returns {status, retry ms, remaining requests, remaining tokens}; status 0
-# admitted, 1 concurrency, 2 rpm, 3 tpm, 4 too large, 5 voided (given up on before it ran). Remaining -1: no such
-# limit.
+# estimate, ticket id, lease ms, window ms. Returns {status, retry ms, requests left, tokens left} (what is left
+# after an admission, or at a refusal; meaningless for a limit the key lacks); status 0 admitted, 1 concurrency,
+# 2 rpm, 3 tpm, 4 too large, 5 voided (given up on before it ran).
 _ADMIT = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return {5, 0, -1, -1} end
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local est, id, lease, window = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-if tpm > 0 and est > tpm then return {4, 0, -1, math.floor(bucket(KEYS[2], tpm, window))} end
-if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= conc then return {1, 1000, -1, -1} end
-end
-local used = 0
+local used, tokens = 0, 0
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
   used = redis.call('ZCARD', KEYS[1])
-  if used >= rpm then
-    local oldest = redis.call('ZRANGE', KEYS[1], used - rpm, used - rpm, 'WITHSCORES')
-    return {2, math.ceil(tonumber(oldest[2]) + window - now), 0, -1}
-  end
 end
-local tokens = -1
+if tpm > 0 then tokens = bucket(KEYS[2], tpm, window) end
+local left = rpm - used
+if tpm > 0 and est > tpm then return {4, 0, left, math.floor(tokens)} end
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= conc then return {1, 1000, left, math.floor(tokens)} end
+end
+if rpm > 0 and used >= rpm then
+  local oldest = redis.call('ZRANGE', KEYS[1], used - rpm, used - rpm, 'WITHSCORES')
+  return {2, math.ceil(tonumber(oldest[2]) + window - now), 0, math.floor(tokens)}
+end
 if tpm > 0 then
-  tokens = bucket(KEYS[2], tpm, window)
-  if tokens < est then return {3, math.ceil((est - tokens) * window / tpm), -1, math.floor(tokens)} end
+  if tokens < est then return {3, math.ceil((est - tokens) * window / tpm), left, math.floor(tokens)} end
   tokens = tokens - est
   store(KEYS[2], tokens, tpm, window)
-  tokens = math.floor(tokens)
 end
 if rpm > 0 then
   redis.call('ZADD', KEYS[1], now, id)
   redis.call('PEXPIRE', KEYS[1], math.ceil(window))
-  used = rpm - used - 1
-else used = -1 end
+  left = left - 1
+end
 if conc > 0 then
   redis.call('ZADD', KEYS[3], now + lease, id)
   redis.call('PEXPIRE', KEYS[3], math.ceil(2 * lease))
 end
-return {0, 0, used, tokens}
+return {0, 0, left, math.floor(tokens)}
 """
 
 # KEYS: rpm zset, tpm hash, concurrency zset. ARGV: tpm (0: none), reserved - actual, ticket id, window ms, whether
@@ -190,18 +189,20 @@ class RedisLimiter:
             log.warning("rate limiter unavailable, admitting %r unmetered: %s", name, exc)
             return unmetered(subject, estimated_tokens)
         wait = int(retry_ms) / 1000
+        budget = Budget(limits, self.window, None if limits.rpm is None else int(left_requests),
+                        None if limits.tpm is None else int(left_tokens))
         if status == 1:
-            raise too_many_concurrent(name, limits.max_concurrent or 0)
+            raise too_many_concurrent(name, budget)
         if status == 2:
-            raise over_requests(name, limits.rpm or 0, wait)
+            raise over_requests(name, budget, wait)
         if status == 3:
-            raise over_tokens(name, limits.tpm or 0, estimated_tokens, int(left_tokens), wait)
+            raise over_tokens(name, budget, estimated_tokens, wait)
         if status == 4:
-            raise too_large(name, limits.tpm or 0, estimated_tokens, int(left_tokens))
+            raise too_large(name, budget, estimated_tokens)
         if status != 0:  # (5: voided, which only an admit given up on can meet)
             raise _unavailable(RuntimeError(f"admit status {status}"))
-        ticket.remaining_requests = None if int(left_requests) < 0 else int(left_requests)
-        ticket.remaining_tokens = None if limits.tpm is None else int(left_tokens)
+        ticket.remaining_requests = budget.requests
+        ticket.remaining_tokens = None if budget.tokens is None else int(budget.tokens)
         if limits.max_concurrent is not None:
             self._live[ticket.id] = ticket
             self._start_heartbeat()

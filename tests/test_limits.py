@@ -235,6 +235,29 @@ def test_a_request_that_never_reached_a_worker_gives_its_budget_back(kind: str, 
     _run(kind, url, main)
 
 
+def test_every_429_carries_both_units_headers_as_openai_sends_them(kind: str, url: str) -> None:
+    async def main(a: Limiter, b: Limiter) -> None:
+        key = _key(rpm=2, tpm=100, max_concurrent=1)
+        held = await a.admit(key, 30)
+        with pytest.raises(RateLimited) as info:
+            await b.admit(key, 10)  # the one slot is taken
+        got = dict(info.value.headers())
+        assert info.value.error_code == "concurrency_limit_exceeded" and got[b"retry-after"] == b"1"
+        assert (got[b"x-ratelimit-limit-requests"], got[b"x-ratelimit-remaining-requests"]) == (b"2", b"1")
+        assert got[b"x-ratelimit-reset-requests"] == b"1m0s"
+        assert got[b"x-ratelimit-limit-tokens"] == b"100" and got[b"x-ratelimit-remaining-tokens"] in (b"70", b"71")
+        assert got[b"x-ratelimit-reset-tokens"] == b"18s"  # 30 tokens at 100 a minute
+        await a.settle(held, 30)
+        await a.settle(await a.admit(key, 10), 10)
+        with pytest.raises(RateLimited) as info:
+            await b.admit(key, 10)  # the minute's two requests are used
+        got = dict(info.value.headers())
+        assert info.value.error_code == "rate_limit_exceeded" and got[b"x-ratelimit-remaining-requests"] == b"0"
+        assert got[b"x-ratelimit-remaining-tokens"] in (b"59", b"60", b"61")  # the other unit too
+
+    _run(kind, url, main)
+
+
 def test_unlimited_keys_are_not_metered(kind: str, url: str) -> None:
     async def main(a: Limiter, b: Limiter) -> None:
         for _ in range(50):
