@@ -8,6 +8,7 @@ with ``--enable-scale-out``, which managed workers get) the gateway says it outr
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
@@ -46,7 +47,7 @@ class WorkerCalls:
                 f"worker answered HTTP {resp.status} to POST /tokenize, so it cannot count the prompt (is it vLLM?); "
                 f"give the gateway the model's tokenizer instead (--tokenizer {payload.get('model')}=PATH)")
         if resp.status != 200:
-            raise UpstreamStatus(resp.status, data)
+            raise UpstreamStatus(resp.status, _as_chat_error(data) if "messages" in payload else data)
         try:
             count = orjson.loads(data)["count"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -95,3 +96,29 @@ class WorkerCalls:
 def _names_a_model(body: bytes) -> bool:
     """An error body about a model (vLLM: "The model `x` does not exist."), not about a missing route."""
     return b"model" in body.lower()
+
+
+_PROMPT_MISSING = "'loc': 'body.prompt'"
+_LOC = re.compile(r"'loc': '([^']*)'")
+
+
+def _as_chat_error(data: bytes) -> bytes:
+    """vLLM's validation error for a chat counted through ``/tokenize``, as its chat route would word it: /tokenize
+    takes a prompt or messages, so its error also says the prompt is missing, and names ``body.prompt``."""
+    try:
+        doc = orjson.loads(data)
+        message = doc["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return data
+    if not isinstance(message, str) or _PROMPT_MISSING not in message:
+        return data
+    head, *lines = message.split("\n")
+    kept = [line for line in lines if _PROMPT_MISSING not in line]
+    count = re.match(r"(\d+) validation errors?:", head)
+    if not kept or count is None:
+        return data
+    n = int(count.group(1)) - (len(lines) - len(kept))
+    doc["error"]["message"] = "\n".join([f"{n} validation {'error' if n == 1 else 'errors'}:", *kept])
+    loc = _LOC.search(kept[0])
+    doc["error"]["param"] = loc.group(1) if loc else None
+    return orjson.dumps(doc)

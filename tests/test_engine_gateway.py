@@ -278,6 +278,19 @@ def test_context_cap_exact_boundary_for_messages_vllm_rewrites(engine: Engine, s
         assert f"your prompt is {cap + 1} tokens" in over.json()["error"]["message"]
 
 
+def test_a_chat_the_worker_refuses_while_counting_it_gets_the_chat_routes_error(gw: RunningGateway,
+                                                                                engine: Engine) -> None:
+    """Counted through the worker's /tokenize (a null content is not counted locally), whose validation error also
+    said "body.prompt: Field required" and named body.prompt: the client gets the error its chat route gives."""
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": None}], "max_tokens": 3, "stream": False}
+    direct = httpx.post(engine.url + "/v1/chat/completions", json=body, headers=engine.headers, timeout=30)
+    through = httpx.post(gw.base + "/chat/completions", json=body, timeout=30)
+    assert direct.status_code == through.status_code == 400, through.text
+    mine, theirs = through.json()["error"], direct.json()["error"]
+    assert "body.prompt" not in mine["message"] and mine["param"] == theirs["param"], (mine, theirs)
+    assert mine["message"].split(":")[0] == theirs["message"].split(":")[0]  # "N validation errors"
+
+
 def test_context_cap_prompt_param_for_completions(engine: Engine) -> None:
     cap = 64
     with run_gateway(gateway_settings(engine, context_cap=cap)) as gw:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+
 from app.upstream import UpstreamPool
-from app.worker_calls import WorkerCalls
+from app.worker_calls import WorkerCalls, _as_chat_error
 from app.workers.registry import Worker
 
 
@@ -41,3 +43,12 @@ def test_an_abort_whose_answer_never_ends_does_not_keep_its_connection() -> None
     hung_up, explicit = asyncio.run(_abort_against_a_late_body())
     assert hung_up  # one socket per abort had been left open
     assert explicit
+
+
+def test_a_count_error_not_worded_as_vllms_validation_passes_through_as_it_came() -> None:
+    for body in (b"not json", b'{"error": "flat"}', b'{"error": {"message": 3}}',
+                 b'{"error": {"message": "1 validation error:\\n  {\'loc\': \'body.prompt\'}"}}'):
+        assert _as_chat_error(body) == body  # (the last: nothing would be left once the prompt's error goes)
+    two = b'{"error": {"message": "2 validation errors:\\n  {\'loc\': \'body.prompt\'}\\n  {\'loc\': \'body.x\'}"}}'
+    assert orjson.loads(_as_chat_error(two))["error"] == {
+        "message": "1 validation error:\n  {'loc': 'body.x'}", "param": "body.x"}
