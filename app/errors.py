@@ -8,6 +8,7 @@
     ├── PermissionDenied               403 permission_error
     ├── ModelNotFound                  404 code=model_not_found
     ├── PayloadTooLarge                413 code=request_too_large
+    ├── UnsupportedEncoding            415 code=unsupported_content_encoding (a compressed request body)
     ├── HeadersTooLarge                431 code=request_header_fields_too_large
     ├── RequestTimeout                 408 code=request_timeout     (body not received in time)
     ├── RateLimited                    429 rate_limit_error        (Retry-After)
@@ -93,6 +94,12 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedEncoding(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
 
 
 class HeadersTooLarge(GatewayError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
 
 REGION_HEADER = b"x-tokengate-region"
 
@@ -39,6 +39,10 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable() and " " not in text:
                 request_id = text
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            raise UnsupportedEncoding(  # (it read as invalid JSON: "str is not valid UTF-8: surrogates not allowed")
+                f"request bodies with Content-Encoding '{value.decode('latin-1')[:32]}' are not supported: send "
+                "the JSON uncompressed", param=None)
     return region, request_id, length, authorization
 
 

@@ -699,6 +699,22 @@ def test_clamp_header_with_remote_counting(worker: ThreadedFakeWorker) -> None:
         assert worker.received[-1].json()["max_tokens"] == 16  # type: ignore[index]
 
 
+def test_a_compressed_request_body_is_refused_by_name(worker: ThreadedFakeWorker) -> None:
+    """It read as invalid JSON ("str is not valid UTF-8: surrogates not allowed")."""
+    import gzip
+
+    with gateway(worker) as gw:
+        body = gzip.compress(orjson.dumps(CHAT))
+        r = httpx.post(gw.base + "/chat/completions", content=body, timeout=10,
+                       headers={"content-type": "application/json", "content-encoding": "gzip"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding", r.text
+        assert "gzip" in r.json()["error"]["message"]
+        assert not [q for q in worker.received or () if q.path == "/v1/chat/completions"]
+        ok = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10,
+                        headers={"content-encoding": "identity"})
+        assert ok.status_code == 200
+
+
 def test_region_header(worker: ThreadedFakeWorker) -> None:
     with run_gateway(Settings(upstream=[f"fr=http://127.0.0.1:{worker.port}"], region="fr",
                               region_fallbacks=["uae=fr"])) as gw:
