@@ -13,29 +13,76 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .cors import Cors
+
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send)
 
 
+# scope key: headers every answer to this request carries (the CORS headers of an allowed origin); the generation
+# routes add them to their own (which they may write straight to the socket), everything else gets them in ``send``
+EXTRA_HEADERS = "tokengate.headers"
+
+
 class GatewayApp(FastAPI):
     fast_routes: dict[str, ASGIApp]
+    head_writers: frozenset[ASGIApp]  # fast routes that may write a response head themselves (EXTRA_HEADERS)
+    cors: Cors | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fast_routes = {}
+        self.head_writers = frozenset()
+        self.cors = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            own_send = send
+            if self.cors is not None:
+                scope, send, answered = await self._cross_origin(self.cors, scope, send)
+                if answered:
+                    return
             method = scope["method"]
             if method == "POST":
                 handler = self.fast_routes.get(scope["path"])
                 if handler is not None:
-                    await handler(scope, receive, send)
+                    await handler(scope, receive, own_send if handler in self.head_writers else send)
                     return
             elif method == "HEAD" and scope["path"] not in self.fast_routes:
                 # HEAD is GET without the body (RFC 9110 9.3.2; load balancers check health with it): the app
                 # answers as for GET, and the server, whose own scope still says HEAD, leaves the body out
                 scope = {**scope, "method": "GET"}
         await super().__call__(scope, receive, send)
+
+    @staticmethod
+    async def _cross_origin(cors: Cors, scope: Scope, send: Send) -> tuple[Scope, Send, bool]:
+        """A preflight answered (True), or the request with the headers its answer carries."""
+        origin = requested = method = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                method = value
+            elif name == b"access-control-request-headers":
+                requested = value
+        if origin is None:
+            return scope, send, False
+        if scope["method"] == "OPTIONS" and method is not None:
+            headers = cors.preflight(origin, requested)
+            if headers is not None:
+                await send({"type": "http.response.start", "status": 204, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+                return scope, send, True
+        extra = cors.headers(origin)
+        if extra is None:
+            return scope, send, False
+
+        async def send_with(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        scope = {**scope, EXTRA_HEADERS: extra}
+        return scope, send_with, False

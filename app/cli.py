@@ -39,6 +39,7 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "tokenizers",
                    "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
                    "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
+                   "cors_origins",
                    "header_timeout", "body_timeout", "write_timeout", "workers", "non_stream_upstream",
                    "busy_poll", "dry_run")
 
@@ -128,6 +129,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--forwarded-allow-ips", action="append", metavar="IP",
                    help="a reverse proxy whose X-Forwarded-For/-Proto are trusted (repeatable; default: none, "
                         "so clients cannot spoof their address) [TOKENGATE_FORWARDED_ALLOW_IPS]")
+    p.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
+                   help="a web page origin (https://app.example.com) allowed to call from a browser; '*' for any "
+                        "(repeatable; default: none) [TOKENGATE_CORS_ORIGINS]")
     p.add_argument("--header-timeout", type=float, metavar="S",
                    help="time a client has to send its request headers (default 10) [TOKENGATE_HEADER_TIMEOUT]")
     p.add_argument("--body-timeout", type=float, metavar="S",

@@ -16,6 +16,7 @@ from time import perf_counter
 from typing import Any
 
 from .admission import PoolGates
+from .asgi import EXTRA_HEADERS
 from .auth import KeyStore, check_access
 from .busypoll import BusyPoll
 from .caps import CapConfig, Caps, decide
@@ -143,6 +144,9 @@ class Proxy:
         if self.busy_poll is not None:
             self.busy_poll.wake()
         ctx = Exchange(asyncio.current_task())
+        extra = scope.get(EXTRA_HEADERS)
+        if extra is not None:  # (cors.py: an allowed page's request)
+            ctx.headers.extend(extra)
         extensions = scope.get("extensions")
         if extensions:
             ctx.client = extensions.get(CLIENT_WRITER)

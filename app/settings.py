@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="proxies whose X-Forwarded-* headers are trusted (default: none)"
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="web page origins allowed to call from a browser ('*': any; default: none)"
+    )
     tokenize_offloop_bytes: int = Field(4 * 1024, ge=0, description="prompts larger than this tokenise in a thread "
                                                                     "(4 KiB: at most ~2 ms of tokenising on the loop)")
 
@@ -179,7 +182,7 @@ class Settings(BaseSettings):
     access_log: bool = False
 
     _split = field_validator("upstream", "worker_extra_args", "worker_env", "region_fallbacks", "presets",
-                             "forwarded_allow_ips", "tokenizers",
+                             "forwarded_allow_ips", "cors_origins", "tokenizers",
                              "allow_fields", mode="before")(_split_list)
 
     @field_validator("gpus", mode="before")
