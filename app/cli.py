@@ -233,6 +233,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     for note in deployment.notes:
         log.info("%s", note)
+    served = {u.region or "local" for u in deployment.settings.upstreams()}
+    if deployment.settings.region is None and not deployment.specs and deployment.settings.default_region not in served:
+        log.warning("upstreams in regions %s and no --region: a request without x-tokengate-region goes to region "
+                    "'%s', which has no worker (503); choose the default with --region", ", ".join(sorted(served)),
+                    deployment.settings.default_region)
     return run_server(deployment.settings, deployment.specs, preset_caps(catalog), set(catalog.regions))
 
 

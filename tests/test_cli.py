@@ -118,6 +118,30 @@ def test_logs_with_a_bad_environment_exits_2(monkeypatch: pytest.MonkeyPatch,
     assert "invalid settings" in capsys.readouterr().err
 
 
+def test_upstreams_in_several_regions_without_a_default_are_warned_of(tmp_path: Path) -> None:
+    """Requests without x-tokengate-region go to region "local", where none of them is: every one a 503."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "app.cli", "serve", "--port", "0", "--upstream", "fr=http://127.0.0.1:9",
+            "--upstream", "uae=http://127.0.0.1:9", "--state-dir", str(tmp_path)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "Uvicorn running" in line or "Application startup complete" in line or len(lines) > 40:
+                break
+        said = "".join(lines)
+        assert "no --region" in said and "'local'" in said and "fr, uae" in said, said
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 def test_dry_run_prints_exact_worker_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code = main(["serve", "--dry-run", "--region", "fr", "--preset", "h100-4x", "--model", "/models/m",
                  "--gpus", "0,1,2,3,4,5,6,7", "--state-dir", str(tmp_path)])
