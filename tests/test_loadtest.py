@@ -20,6 +20,7 @@ from app.cli_bench import add_bench_parser
 from app.loadtest.charts import ChartSpec, svg_chart
 from app.loadtest.client import Driver, Endpoint, RequestResult, RunResult, _Conn
 from app.loadtest.report import (
+    BRIEF,
     distribution_ms,
     meets,
     parse_goodput,
@@ -404,6 +405,9 @@ def test_svg_chart_draws_one_line_per_series() -> None:
     assert svg.count("<polyline") == 2 and svg.count("<circle") == 3 and "http" not in svg
     assert "no data" in svg_chart(ChartSpec("t", "x", "y", []))
     assert render_table(_summary([])).startswith("| conc |")
+    full, brief = render_table(_summary([])).splitlines()[0], render_table(_summary([]), BRIEF).splitlines()[0]
+    assert all(f"{m} p{q}" in full for m in ("TTFT", "TPOT", "ITL", "E2E") for q in (50, 90, 95, 99))
+    assert "TTFT p99" in brief and "TTFT p90" not in brief  # the terminal's: p50 and p99
 
 
 # --- the real engine ----------------------------------------------------------------------------------------------
