@@ -199,10 +199,6 @@ def _make_out_dir(out: Path) -> bool:
     return created
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def _prompts_of(prompts: dict[int, PromptSet | str], n: int) -> PromptSet:
     ps = prompts[n]
     assert isinstance(ps, PromptSet)  # (only runnable lengths were sent)
@@ -296,6 +292,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sent: dict[int, int] = {}  # prompt length → prompts used so far: each shape goes on from there
 
     async def run_all() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, me.cancel)  # a kill saves what finished
         first_shape, first_prompts = runnable[0]
         probe = Driver(endpoint, body_factory(first_prompts, model=args.model, output_tokens=2, chat=args.chat,
                                               ignore_eos=args.ignore_eos, first=start - 1), timeout=args.timeout)
@@ -339,14 +338,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"tokengate bench: {shape.label}: {shape_summary['failed']} of {shape_summary['requests']} "
                       "requests failed:", *_error_lines(shape_summary), sep="\n", file=err)
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill saves what finished, as Ctrl-C does
     try:
         _run(run_all())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM (run_all's handler)
         status["interrupted"] = True
         print("\ntokengate bench: interrupted; writing the shapes finished so far", file=err)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if not status["connected"]:
         if created:
             out_dir.rmdir()  # (nothing in it)

@@ -188,7 +188,10 @@ class Proxy:
             if not ctx.begun():
                 status, headers, body = render(exc)
                 ctx.done = True
-                await send({"type": "http.response.start", "status": status, "headers": headers + ctx.headers})
+                extra = ctx.headers
+                if ctx.ticket is not None and not (ctx.reached or ctx.awaiting_head):  # given back (_settle): the
+                    extra = [h for h in extra if not h[0].startswith(b"x-ratelimit-")]  # count before is stale
+                await send({"type": "http.response.start", "status": status, "headers": headers + extra})
                 await send({"type": "http.response.body", "body": body, "more_body": False})
         except Exception:  # a bug: say so in OpenAI's shape (in-band once streaming), never a bare 500 or a hang
             log.exception("unhandled error on %s", scope.get("path"))

@@ -205,6 +205,26 @@ def test_a_pipe_closed_early_ends_quietly() -> None:
     assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_sigterm_writes_the_shapes_done_as_ctrl_c_does(worker: ThreadedFakeWorker, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "app.cli", "bench", "--url", worker.url, "--model", "tiny", "--concurrency", "1,2,4",
+            "--prompt-tokens", "32", "--output-tokens", "2", "--duration", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    with proc.stderr:
+        for line in proc.stderr:
+            if "[1/3]" in line:  # the first shape is done
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.stderr.read()
+    assert proc.wait(60) == 130 and "Traceback" not in rest, rest
+    shapes = json.loads((tmp_path / "results.json").read_text())["shapes"]
+    assert 1 <= len(shapes) < 3 and shapes[0]["completed"] > 0
+
+
 def test_nothing_listening_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

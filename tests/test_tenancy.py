@@ -464,6 +464,7 @@ def test_a_request_no_worker_could_be_reached_for_costs_the_key_nothing(keys_fil
         worker.__exit__(None, None, None)  # gone, while the gateway still counts it ready
         r = post(gw, CHAT, auth("slow-rpm"))
         assert_error(r, 502, "worker_unreachable")
+        assert "x-ratelimit-remaining-requests" not in r.headers  # (the count from before it was given back)
         limiter = gw.state.proxy.limiter
         assert isinstance(limiter, MemoryLimiter)
         assert len(limiter._keys["slow-rpm"].requests) == 0
