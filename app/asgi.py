@@ -21,20 +21,18 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send)
 
 
-# scope key: headers every answer to this request carries (the CORS headers of an allowed origin); the generation
-# routes add them to their own (which they may write straight to the socket), everything else gets them in ``send``
+# scope key: headers every answer to this request carries (the CORS headers of an allowed origin); the fast routes
+# add them to their own (the generation routes may write straight to the socket), FastAPI's get them in ``send``
 EXTRA_HEADERS = "tokengate.headers"
 
 
 class GatewayApp(FastAPI):
-    fast_routes: dict[str, ASGIApp]
-    head_writers: frozenset[ASGIApp]  # fast routes that may write a response head themselves (EXTRA_HEADERS)
+    fast_routes: dict[str, ASGIApp]  # pure ASGI, each adding EXTRA_HEADERS to its answers itself
     cors: Cors | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fast_routes = {}
-        self.head_writers = frozenset()
         self.cors = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,7 +46,7 @@ class GatewayApp(FastAPI):
             if method == "POST":
                 handler = self.fast_routes.get(scope["path"])
                 if handler is not None:
-                    await handler(scope, receive, own_send if handler in self.head_writers else send)
+                    await handler(scope, receive, own_send)
                     return
             elif method == "HEAD" and scope["path"] not in self.fast_routes:
                 # HEAD is GET without the body (RFC 9110 9.3.2; load balancers check health with it): the app

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .caps import CapConfig
-from .settings import Settings, describe_errors
+from .settings import UNLABELLED_REGION, Settings, describe_errors
 from .state import AppState
 from .workers.supervisor import WorkerSpec
 
@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     for note in deployment.notes:
         log.info("%s", note)
-    served = {u.region or "local" for u in deployment.settings.upstreams()}
+    served = {u.region or UNLABELLED_REGION for u in deployment.settings.upstreams()}
     if deployment.settings.region is None and not deployment.specs and deployment.settings.default_region not in served:
         log.warning("upstreams in regions %s and no --region: a request without x-tokengate-region goes to region "
                     "'%s', which has no worker (503); choose the default with --region", ", ".join(sorted(served)),

@@ -61,6 +61,11 @@ class Exchange:
     awaiting_head: bool = False  # the request went to ``worker``, which has not answered its head yet
     reached: bool = False  # a worker answered it, or may be working on it (limits: it counts as one of the key's)
 
+    @property
+    def sent_to_worker(self) -> bool:
+        """A worker answered it, or may be working on it (not: queued, refused, or every worker unreachable)."""
+        return self.reached or self.awaiting_head
+
     def stalled(self, since: float) -> None:
         self.sending_since = since
 

@@ -157,7 +157,6 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     # router too, for a method other than POST (405) and the OpenAPI document
     tokenize = tokenize_route.Tokenize(proxy)
     app.fast_routes = {**dict.fromkeys(ROUTES, proxy), tokenize_route.PATH: tokenize}
-    app.head_writers = frozenset({proxy})
     app.cors = Cors(settings.cors_origins) if settings.cors_origins else None
     app.router.routes.insert(0, Route("/v1/chat/completions", proxy, methods=["POST"]))
     app.router.routes.insert(1, Route("/v1/completions", proxy, methods=["POST"]))

@@ -189,8 +189,8 @@ class Proxy:
                 status, headers, body = render(exc)
                 ctx.done = True
                 extra = ctx.headers
-                if ctx.ticket is not None and not (ctx.reached or ctx.awaiting_head):  # given back (_settle): the
-                    extra = [h for h in extra if not h[0].startswith(b"x-ratelimit-")]  # count before is stale
+                if ctx.ticket is not None and not ctx.sent_to_worker:  # given back (_settle): the count before is
+                    extra = [h for h in extra if not h[0].startswith(b"x-ratelimit-")]  # stale
                 await send({"type": "http.response.start", "status": status, "headers": headers + extra})
                 await send({"type": "http.response.body", "body": body, "more_body": False})
         except Exception:  # a bug: say so in OpenAI's shape (in-band once streaming), never a bare 500 or a hang
@@ -226,8 +226,7 @@ class Proxy:
         if prompt is None and ctx.decision is not None:
             prompt = ctx.decision.prompt_tokens
         used = (prompt or 0) + (rec.completion_tokens or 0)
-        # queued, then refused or given up; or every worker tried was unreachable (not: cancelled mid-request)
-        unsent = not (ctx.reached or ctx.awaiting_head)
+        unsent = not ctx.sent_to_worker
         if unsent or (rec.status >= 400 and rec.status != 499 and not rec.completion_tokens):
             used = 0  # refused, failed before any work, or given up while queued: charge nothing
         # one that never reached a worker (the admission queue was full, or timed out) is not one of the key's

@@ -57,6 +57,8 @@ class UpstreamSpec:
         return cls(url.rstrip("/"), region, preset)
 
 
+UNLABELLED_REGION = "local"  # the region of an --upstream given as a bare URL, and the default without --region
+
 # What a managed worker's launch sets and a --worker-env/--worker-arg must not change: each worker has its own GPU
 # slice and parallelism from its preset, listens on loopback only, and takes the internal key (vLLM's last flag wins,
 # so an appended --host 0.0.0.0 would open a worker to the network).
@@ -263,8 +265,8 @@ class Settings(BaseSettings):
             return self.region
         named = {u.region for u in self.upstreams()}
         if len(named) == 1 and None not in named:
-            return named.pop() or "local"
-        return "local"
+            return named.pop() or UNLABELLED_REGION
+        return UNLABELLED_REGION
 
     def upstreams(self) -> list[UpstreamSpec]:
         return [UpstreamSpec.parse(u) for u in self.upstream]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .asgi import EXTRA_HEADERS
 from .auth import check_access
 from .errors import GatewayError, NoWorkerAvailable, UpstreamStatus, render
 from .policy import TOKENIZE_FIELDS
@@ -52,7 +53,8 @@ class Tokenize:
         except Exception:  # a bug: OpenAI-shaped all the same, never a bare 500
             log.exception("unhandled error on %s", PATH)
             status, headers, body = render(GatewayError("internal error in the gateway"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        extra = scope.get(EXTRA_HEADERS)  # (cors.py)
+        await send({"type": "http.response.start", "status": status, "headers": headers + extra if extra else headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _answer(self, scope: dict[str, Any], receive: Any, headers: list[tuple[bytes, bytes]]
