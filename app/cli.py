@@ -37,7 +37,8 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "tokenizers",
                    "region_fallbacks", "preset", "presets", "gpus", "replicas", "worker_env", "worker_extra_args",
                    "state_dir",
                    "drain_timeout", "prefix_affinity_bytes", "admin_key", "log_level", "keys_file",
-                   "redis_url", "worker_concurrency", "queue_size", "queue_timeout", "max_n", "max_logprobs",
+                   "redis_url", "redis_fail_open", "worker_concurrency", "queue_size", "queue_timeout", "max_n",
+                   "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
                    "cors_origins",
                    "header_timeout", "body_timeout", "write_timeout", "workers", "non_stream_upstream",
@@ -110,6 +111,9 @@ def _serve_parser(sub: Any) -> None:
                         "runs in OPEN mode: anyone who reaches the port can use it [TOKENGATE_KEYS_FILE]")
     p.add_argument("--redis", dest="redis_url", metavar="URL",
                    help="share rate limits across gateway replicas (redis://host:6379/0) [TOKENGATE_REDIS_URL]")
+    p.add_argument("--redis-fail-open", action="store_true", default=None,
+                   help="while that Redis cannot be reached (at start too), admit requests without their keys' "
+                        "limits, logged, instead of answering 503 [TOKENGATE_REDIS_FAIL_OPEN]")
     p.add_argument("--worker-concurrency", type=int, metavar="N",
                    help="requests in flight per worker before the gateway queues (default 256) "
                         "[TOKENGATE_WORKER_CONCURRENCY]")
@@ -246,7 +250,8 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     from .httpserver import server_config
     from .main import create_app
 
-    if settings.redis_url and (problem := _redis_problem(settings.redis_url)):
+    # (--redis-fail-open: the start goes on, and says so)
+    if settings.redis_url and not settings.redis_fail_open and (problem := _redis_problem(settings.redis_url)):
         print(f"tokengate serve: --redis: {problem}", file=sys.stderr)  # before anything starts
         return 2
     if settings.workers > 1:

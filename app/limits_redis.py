@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ log = logging.getLogger("tokengate.limits")
 
 _VOID_RETRY = 1.0  # seconds between attempts to void the admits given up on
 _MAX_VOIDS = 1_000
+# fail_open: an outage is logged at most this often (seconds), with the count of requests it let through
+_SAY_EVERY = 10.0
 
 
 # Shared by the scripts: Redis's clock in ms (one clock for every replica) and the token bucket's state.
@@ -149,6 +152,8 @@ class RedisLimiter:
         self._poke = asyncio.Event()  # wakes the heartbeat: a void to send, or aclose()
         self._poke_for_void = False
         self._closing = False
+        self._said_at = -math.inf  # the outage was last logged (fail_open)
+        self._unmetered = 0  # requests admitted unmetered since
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 2.0, **kwargs: Any) -> RedisLimiter:
@@ -186,7 +191,7 @@ class RedisLimiter:
                 raise
             if not self.fail_open:
                 raise _unavailable(exc) from exc
-            log.warning("rate limiter unavailable, admitting %r unmetered: %s", name, exc)
+            self._say_unmetered(exc)
             return unmetered(subject, estimated_tokens)
         wait = int(retry_ms) / 1000
         budget = Budget(limits, self.window, None if limits.rpm is None else int(left_requests),
@@ -207,6 +212,16 @@ class RedisLimiter:
             self._live[ticket.id] = ticket
             self._start_heartbeat()
         return ticket
+
+    def _say_unmetered(self, exc: BaseException) -> None:
+        """Log the outage once per ``_SAY_EVERY`` seconds, with how many requests went unmetered meanwhile (one
+        line per request would be a log flood at the moment the logs matter)."""
+        self._unmetered += 1
+        now = time.monotonic()
+        if now - self._said_at >= _SAY_EVERY:
+            log.warning("rate limiter unavailable, %d request(s) admitted without their keys' limits "
+                        "(--redis-fail-open): %s", self._unmetered, exc)
+            self._said_at, self._unmetered = now, 0
 
     def _give_up(self, ticket: Ticket) -> None:
         if len(self._voids) >= _MAX_VOIDS:  # a long outage: the oldest lapse with their leases and the window

@@ -83,7 +83,8 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     keys = load_keys(settings.keys_file) if settings.keys_file is not None else KeyStore.open()
     if keys.is_open:
         log.warning("OPEN MODE: no API keys configured (--keys FILE); anyone who can reach this port can use it")
-    limiter: Limiter = RedisLimiter.from_url(settings.redis_url) if settings.redis_url else MemoryLimiter()
+    limiter: Limiter = (RedisLimiter.from_url(settings.redis_url, fail_open=settings.redis_fail_open)
+                        if settings.redis_url else MemoryLimiter())
     policy = RequestPolicy(max_n=settings.max_n, max_logprobs=settings.max_logprobs,
                            allow_fields=frozenset(settings.allow_fields),
                            allow_unknown_fields=settings.allow_unknown_fields,
@@ -105,7 +106,13 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if isinstance(limiter, RedisLimiter):
-            await limiter.ping()  # fail at start, before any worker is launched, not on the first request
+            try:
+                await limiter.ping()  # fail at start, before any worker is launched, not on the first request
+            except GatewayError as exc:
+                if not limiter.fail_open:
+                    raise
+                log.warning("%s (%s); starting anyway (--redis-fail-open): requests are admitted without their keys' "
+                            "limits until it answers", exc, exc.__cause__)
         for worker in external_workers(settings):
             registry.add(worker)
         if supervisor is not None:

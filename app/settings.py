@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     # tenancy and admission
     keys_file: Path | None = Field(None, description="API keys (hashes) and per-key limits; unset: OPEN mode")
     redis_url: str | None = Field(None, description="share rate limits across gateway replicas")
+    redis_fail_open: bool = Field(False, description="while the limits' Redis cannot be reached, admit requests "
+                                                     "unmetered (logged) instead of answering 503")
     worker_concurrency: int = Field(256, ge=1, description="requests in flight per worker before queueing")
     queue_size: int = Field(1024, ge=0, description="requests waiting per worker pool before 429")
     queue_timeout: float = Field(30.0, gt=0, description="longest wait in the queue before 503")

@@ -391,7 +391,7 @@ def test_a_request_too_large_for_the_budget_is_said_so_before_any_other_limit(ki
     _run(kind, url, main)
 
 
-def test_unreachable_redis_fails_closed_with_503_or_open_when_asked() -> None:
+def test_unreachable_redis_fails_closed_with_503_or_open_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     url = f"redis://127.0.0.1:{_free_port()}/0"
 
     async def main() -> None:
@@ -407,6 +407,10 @@ def test_unreachable_redis_fails_closed_with_503_or_open_when_asked() -> None:
             assert not t.metered
             await fail_open.settle(t, 1)
             assert not closed._voids and not fail_open._voids  # refused at connect: nothing sent, nothing to void
+            for _ in range(5):
+                assert not (await fail_open.admit(_key(rpm=1), 1)).metered
+            said = [r.getMessage() for r in caplog.records if "admitted without" in r.getMessage()]
+            assert len(said) == 1 and said[0].startswith("rate limiter unavailable, 1 request(s)"), said  # not 6
         finally:
             await _close(closed, fail_open)
 

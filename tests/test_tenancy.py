@@ -15,13 +15,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis
 import yaml
 
 from app.auth import hash_key
 from app.settings import Settings
 from bench.fakeworker import ThreadedFakeWorker
 
-from .utils import metric_sum, open_request, redis_server, run_gateway, scrape, wait_until
+from .utils import free_port, metric_sum, open_request, redis_server, run_gateway, scrape, wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 KEYS = {
@@ -353,6 +354,26 @@ def test_limits_hold_across_two_gateway_replicas_through_redis(worker: ThreadedF
         with held_stream(worker, a, auth("one-at-a-time")):
             assert_error(post(b, CHAT, auth("one-at-a-time")), 429, "concurrency_limit_exceeded")
         wait_until(lambda: post(b, CHAT, auth("one-at-a-time")).status_code == 200, 5, "slot freed on b")
+
+
+def test_redis_fail_open_admits_without_the_limits_while_redis_is_gone(worker: ThreadedFakeWorker, keys_file: Path,
+                                                                      redis_url: str) -> None:
+    with gateway([worker.url], keys_file, redis_url=redis_url, redis_fail_open=True) as open_gw, \
+            gateway([worker.url], keys_file, redis_url=redis_url) as closed_gw:
+        assert post(open_gw, CHAT, auth("slow-rpm")).status_code == 200
+        assert post(open_gw, CHAT, auth("slow-rpm")).status_code == 200
+        assert_error(post(open_gw, CHAT, auth("slow-rpm")), 429)  # metered while Redis answers
+        redis.Redis.from_url(redis_url).shutdown(nosave=True)
+        for _ in range(3):
+            assert post(open_gw, CHAT, auth("slow-rpm")).status_code == 200
+        assert_error(post(closed_gw, CHAT, auth("slow-rpm")), 503, "rate_limiter_unavailable")
+
+
+def test_redis_fail_open_starts_a_gateway_whose_redis_is_down(worker: ThreadedFakeWorker, keys_file: Path) -> None:
+    with gateway([worker.url], keys_file, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                 redis_fail_open=True) as gw:
+        for _ in range(3):
+            assert post(gw, CHAT, auth("slow-rpm")).status_code == 200
 
 
 def test_memory_limits_are_per_replica_without_redis(worker: ThreadedFakeWorker, keys_file: Path) -> None:
