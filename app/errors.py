@@ -102,6 +102,12 @@ class UnsupportedEncoding(GatewayError):
     code = "unsupported_content_encoding"
 
 
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class HeadersTooLarge(GatewayError):
     status = 431
     type = "invalid_request_error"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
+from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding, UnsupportedMediaType
 
 REGION_HEADER = b"x-tokengate-region"
 
@@ -39,11 +39,22 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable() and " " not in text:
                 request_id = text
+        elif name == b"content-type" and not _is_json(value):
+            # a browser sends text/plain and the form types cross-origin without asking first (no CORS
+            # preflight): refusing them keeps a web page from spending a local open-mode gateway's GPUs
+            raise UnsupportedMediaType(
+                f"request bodies of Content-Type '{value.decode('latin-1')[:64]}' are not supported: send the JSON "
+                "as application/json", param=None)
         elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             raise UnsupportedEncoding(  # (it read as invalid JSON: "str is not valid UTF-8: surrogates not allowed")
                 f"request bodies with Content-Encoding '{value.decode('latin-1')[:32]}' are not supported: send "
                 "the JSON uncompressed", param=None)
     return region, request_id, length, authorization
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 async def read_body(receive: Any, length: int | None, limit: int, timeout: float) -> bytes:

@@ -715,6 +715,32 @@ def test_a_compressed_request_body_is_refused_by_name(worker: ThreadedFakeWorker
         assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/xml"])
+def test_a_body_that_is_not_declared_json_is_refused(worker: ThreadedFakeWorker, content_type: str) -> None:
+    """text/plain and the form types are what a web page may send cross-origin without a CORS preflight: taken
+    as JSON, any page could make a local open-mode gateway generate."""
+    def sent() -> int:
+        return len([q for q in worker.received or () if q.path in ("/v1/chat/completions", "/v1/completions",
+                                                                  "/tokenize")])
+
+    with gateway(worker) as gw:
+        before = sent()
+        for route in ("/chat/completions", "/completions", "/tokenize"):
+            body = CHAT if route != "/completions" else {"model": "tiny", "prompt": "hi"}
+            r = httpx.post(gw.base.removesuffix("/v1") + route if route == "/tokenize" else gw.base + route,
+                           content=orjson.dumps(body), headers={"content-type": content_type}, timeout=10)
+            assert r.status_code == 415, (route, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "unsupported_media_type" and "application/json" in err["message"], err
+        assert sent() == before  # nothing reached a worker
+        for ok_type in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json", None):
+            headers = {} if ok_type is None else {"content-type": ok_type}
+            r = httpx.post(gw.base + "/chat/completions", content=orjson.dumps({**CHAT, "stream": False}),
+                           headers=headers, timeout=10)
+            assert r.status_code == 200, (ok_type, r.text)
+
+
 def test_region_header(worker: ThreadedFakeWorker) -> None:
     with run_gateway(Settings(upstream=[f"fr=http://127.0.0.1:{worker.port}"], region="fr",
                               region_fallbacks=["uae=fr"])) as gw:
