@@ -3,7 +3,8 @@ origin carries so the page may read it.
 
 Off by default: a gateway that holds API keys is called by servers; a page that calls it directly (a playground,
 an internal tool) is allowed by name, or ``*`` for any. Credentials (cookies) are never allowed: the key travels in
-``Authorization``, which the preflight allows by echoing the headers the page asks for.
+``Authorization``, which the preflight allows by echoing the headers the page asks for. A page not allowed is
+refused by the routes that generate (``requestio.read_headers``), not only kept from reading their answers.
 """
 
 from __future__ import annotations

@@ -102,6 +102,12 @@ class UnsupportedEncoding(GatewayError):
     code = "unsupported_content_encoding"
 
 
+class OriginNotAllowed(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "origin_not_allowed"
+
+
 class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"

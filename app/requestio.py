@@ -9,7 +9,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding, UnsupportedMediaType
+from .asgi import EXTRA_HEADERS
+from .errors import (
+    InvalidRequest,
+    OriginNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedEncoding,
+    UnsupportedMediaType,
+)
 
 REGION_HEADER = b"x-tokengate-region"
 
@@ -39,6 +47,12 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable() and " " not in text:
                 request_id = text
+        elif name == b"origin" and EXTRA_HEADERS not in scope:  # (set for a page --cors-origin allows)
+            # a page's request the browser sends without asking first (no CORS preflight: a body without a type);
+            # its answer would be kept from the page, but the generation would run
+            raise OriginNotAllowed(
+                f"requests from web pages at origin '{value.decode('latin-1')[:100]}' are not allowed: the gateway "
+                "allows a page with --cors-origin", param=None)
         elif name == b"content-type" and not _is_json(value):
             # a browser sends text/plain and the form types cross-origin without asking first (no CORS
             # preflight): refusing them keeps a web page from spending a local open-mode gateway's GPUs

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
 
 from app.cors import Cors
@@ -28,6 +29,25 @@ def test_allowed_origins_by_name_or_any() -> None:
     pre = dict(named.preflight(PAGE.encode(), b"authorization, content-type, x-tokengate-region") or [])
     assert pre[b"access-control-allow-headers"] == b"authorization, content-type, x-tokengate-region"
     assert b"POST" in pre[b"access-control-allow-methods"] and named.preflight(b"https://evil.example", None) is None
+
+
+@pytest.mark.parametrize("cors", [[], [PAGE]])
+def test_a_page_not_allowed_cannot_make_the_gateway_generate(cors: list[str]) -> None:
+    """A page may POST a body without a type cross-origin with no preflight (fetch of a Blob, mode no-cors): the
+    browser keeps the answer from it, but the gateway would have generated."""
+    with ThreadedFakeWorker(record=True) as w, \
+            run_gateway(Settings(upstream=[w.url], cors_origins=cors), ready_timeout=20) as gw:
+        def generated() -> int:
+            return len([q for q in w.received or () if q.path in ("/v1/chat/completions", "/tokenize")])
+
+        before = generated()
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = httpx.post(gw.url + path, content=orjson.dumps(CHAT), headers={"origin": "https://evil.example"})
+            assert r.status_code == 403, r.text
+            err = r.json()["error"]
+            assert err["code"] == "origin_not_allowed" and "--cors-origin" in err["message"] and not _cors(r), err
+        assert generated() == before
+        assert httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}).status_code == 200
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +90,12 @@ def test_every_kind_of_answer_carries_the_headers_once(gw: object) -> None:
     assert all(_cors(r) == [PAGE] for r in answers), [r.headers for r in answers]
     other = httpx.post(base + "/chat/completions", json={**CHAT, "stream": False},
                        headers={"origin": "https://evil.example"})
-    assert other.status_code == 200 and not _cors(other)  # (the browser keeps the answer from that page)
+    assert other.status_code == 403 and not _cors(other), other.text
 
 
 def test_without_cors_origins_no_answer_says_anything() -> None:
     with ThreadedFakeWorker() as w, run_gateway(Settings(upstream=[w.url]), ready_timeout=20) as gw:
-        r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, headers={"origin": PAGE})
+        r = httpx.get(gw.base + "/models", headers={"origin": PAGE})
         assert r.status_code == 200 and not _cors(r)
         pre = httpx.options(gw.base + "/chat/completions",
                             headers={"origin": PAGE, "access-control-request-method": "POST"})
