@@ -32,6 +32,14 @@ class ParsedRequest:
     n: int
     upstream_stream: bool = True
 
+    @property
+    def batch(self) -> int:
+        """Prompts in the request: vLLM generates for each of a completions batch (texts or token-id lists)."""
+        prompt = self.body.get("prompt") if self.route == "completions" else None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            return len(prompt)
+        return 1
+
 
 def _bad(message: str, param: str | None, code: str = "invalid_request") -> InvalidRequest:
     return InvalidRequest(message, param=param, code=code)

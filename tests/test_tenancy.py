@@ -303,6 +303,18 @@ def test_n_times_max_tokens_counts_against_the_limit(worker: ThreadedFakeWorker,
         assert_error(post(gw, {**CHAT, "max_tokens": 150, "n": 3}, auth("tpm")), 429, "request_too_large")
 
 
+def test_each_prompt_of_a_completions_batch_counts_against_the_limit(worker: ThreadedFakeWorker,
+                                                                     keys_file: Path) -> None:
+    with gateway([worker.url], keys_file) as gw:
+        body = {"model": "tiny", "prompt": [[1, 2]] * 3, "max_tokens": 50, "stream": False}
+        r = httpx.post(gw.base + "/completions", json=body, headers=auth("tpm"), timeout=10)
+        assert r.status_code == 200, r.text
+        assert 400 - _remaining_tokens(r) == 3 * (2 + 50)  # (one prompt of them reserved 52)
+        four = {**body, "prompt": [[1, 2]] * 4, "n": 2}  # 4 x (2 + 2 x 50) = 408 > 400
+        r = httpx.post(gw.base + "/completions", json=four, headers=auth("tpm"), timeout=10)
+        assert_error(r, 429, "request_too_large")
+
+
 def test_tokens_streamed_before_a_disconnect_are_charged(worker: ThreadedFakeWorker, keys_file: Path) -> None:
     with gateway([worker.url], keys_file) as gw:
         worker.options.token_delay = 0.05
