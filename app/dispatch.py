@@ -49,7 +49,8 @@ class Dispatcher:
         self.pool = pool
         self.metrics = metrics
         self.calls = calls
-        self._turn = 0
+        self._turn = 0  # ties between the least-loaded workers, taken in turn by requests
+        self._own_turn = 0  # and, apart (or they would skip workers in step), by the gateway's own calls
         self._batch: RelayBatch | None = None
 
     def relay_batch(self) -> RelayBatch:
@@ -153,8 +154,8 @@ class Dispatcher:
         ``retry_attempts``): for the gateway's own calls; ``send`` keeps its loop (the hot path)."""
         tried: list[Worker] = []
         for _ in range(self.settings.retry_attempts):
-            self._turn += 1
-            worker = pick(pool, monotonic(), self._turn, tried)
+            self._own_turn += 1
+            worker = pick(pool, monotonic(), self._own_turn, tried)
             if worker is None:
                 return
             tried.append(worker)

@@ -265,6 +265,20 @@ def test_503_from_a_worker_is_retried_then_passed_through() -> None:
             assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 503
 
 
+def test_idle_workers_take_turns() -> None:
+    """Ties go round. The gateway's own calls (here: counting each prompt through a worker's /tokenize) take
+    turns apart from the requests: they shared one turn, and with two workers every request went to the same one."""
+    with ThreadedFakeWorker() as a, ThreadedFakeWorker() as b:
+        with gateway(a, b) as gw:
+            before = (a.stats.completed, b.stats.completed)
+            for _ in range(10):
+                r = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10)
+                assert r.status_code == 200, r.text
+            wait_until(lambda: a.stats.completed + b.stats.completed - sum(before) == 10, 5, "ten answers")
+            got = (a.stats.completed - before[0], b.stats.completed - before[1])
+            assert sorted(got) == [5, 5], got
+
+
 def test_fewest_requests_in_flight_wins() -> None:
     with ThreadedFakeWorker(token_delay=0.05) as a, ThreadedFakeWorker(token_delay=0.05) as b:
         with gateway(a, b) as gw:
