@@ -41,7 +41,8 @@ _SETTINGS_FLAGS = ("host", "port", "upstream", "upstream_api_key", "tokenizers",
                    "max_logprobs",
                    "allow_fields", "allow_unknown_fields", "allow_remote_media", "forwarded_allow_ips",
                    "cors_origins",
-                   "header_timeout", "body_timeout", "write_timeout", "workers", "non_stream_upstream",
+                   "header_timeout", "body_timeout", "write_timeout", "connect_timeout", "read_timeout",
+                   "stream_idle_timeout", "workers", "non_stream_upstream",
                    "busy_poll", "dry_run")
 
 
@@ -140,6 +141,14 @@ def _serve_parser(sub: Any) -> None:
                    help="time a client has to send its request headers (default 10) [TOKENGATE_HEADER_TIMEOUT]")
     p.add_argument("--body-timeout", type=float, metavar="S",
                    help="time a client has to send its request body (default 30) [TOKENGATE_BODY_TIMEOUT]")
+    p.add_argument("--connect-timeout", type=float, metavar="S",
+                   help="time to connect to a worker before another is tried (default 5) [TOKENGATE_CONNECT_TIMEOUT]")
+    p.add_argument("--read-timeout", type=float, metavar="S",
+                   help="time a worker has to answer a request sent to it and send its first token: queueing and "
+                        "prefill included, then 504 (default 600) [TOKENGATE_READ_TIMEOUT]")
+    p.add_argument("--stream-idle-timeout", type=float, metavar="S",
+                   help="longest silence allowed between a worker's tokens before the stream ends with an error "
+                        "event (default 120) [TOKENGATE_STREAM_IDLE_TIMEOUT]")
     p.add_argument("--workers", type=int, metavar="N",
                    help="gateway processes sharing the port, metrics summed across them (external workers "
                         "only; give them --redis for shared limits) [TOKENGATE_WORKERS]")

@@ -129,9 +129,11 @@ class Settings(BaseSettings):
                                                            "worker (vLLM prefix cache); 0 = off")
 
     # upstream transport
-    connect_timeout: float = Field(5.0, gt=0)
-    read_timeout: float = Field(600.0, gt=0, description="time allowed for the worker's response headers")
-    stream_idle_timeout: float = Field(120.0, gt=0, description="longest silence allowed mid-stream")
+    connect_timeout: float = Field(5.0, gt=0, allow_inf_nan=False)
+    read_timeout: float = Field(600.0, gt=0, allow_inf_nan=False,
+                                description="time allowed for the worker's response headers and its first token")
+    stream_idle_timeout: float = Field(120.0, gt=0, allow_inf_nan=False,
+                                       description="longest silence allowed mid-stream")
     non_stream_upstream: Literal["stream", "unary"] = Field(
         "stream", description="how a non-streaming request is asked of the worker: 'stream' (the answer is "
         "gathered from the worker's stream: decode-speed metrics, the idle timeout, and an abort the worker can't "
