@@ -63,6 +63,20 @@ def test_repeated_failures_eject_for_a_backoff_but_never_the_last_one() -> None:
     assert a.routable(time.monotonic())
 
 
+def test_a_health_check_of_a_ready_worker_does_not_clear_its_failures() -> None:
+    """A worker that answers /health but whose requests time out: the health loop (every few seconds) cleared its
+    count each time, so with a read timeout longer than that it was never ejected. Coming back from not ready does."""
+    reg, (a, _b) = registry_with(("a", "fr", 0), ("b", "fr", 0))
+    reg.record_failure(a)
+    reg.update(a, ready=True)  # the health loop: still ready
+    reg.record_failure(a)
+    assert not a.routable(time.monotonic())
+    reg.update(a, ready=False, reason="down")
+    reg.update(a, ready=True)
+    reg.record_failure(a)
+    assert a.consecutive_failures == 1
+
+
 def test_the_last_worker_of_a_region_is_never_ejected_for_a_peer_in_another_region() -> None:
     # routing never crosses regions, so a healthy fr worker can't stand in for uae's only one
     reg, (_fr, uae) = registry_with(("fr0", "fr", 0), ("uae0", "uae", 0))

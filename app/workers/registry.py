@@ -100,12 +100,13 @@ class Registry:
         changed = worker.ready != ready or (models is not None and models != worker.models)
         if ready and not worker.ready:
             worker.explicit_abort = True  # back (maybe restarted, maybe upgraded): its abort endpoint is asked again
+            # a fresh start; a health check of a worker already ready does not clear its requests' failures (one
+            # that answers /health but not its requests — hung past the read timeout — would never be ejected)
+            worker.consecutive_failures = 0
         worker.ready = ready
         worker.reason = reason
         if models is not None:
             worker.models = models
-        if ready:
-            worker.consecutive_failures = 0
         if changed:
             self._publish()
 
