@@ -13,17 +13,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .cors import Cors
+from .cors import EXTRA_HEADERS, Cors
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]  # (scope, receive, send)
-
-
-# scope key: headers every answer to this request carries (the CORS headers of an allowed origin); the fast routes
-# add them to their own (the generation routes may write straight to the socket), FastAPI's get them in ``send``
-EXTRA_HEADERS = "tokengate.headers"
 
 
 class GatewayApp(FastAPI):

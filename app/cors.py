@@ -3,8 +3,9 @@ origin carries so the page may read it.
 
 Off by default: a gateway that holds API keys is called by servers; a page that calls it directly (a playground,
 an internal tool) is allowed by name, or ``*`` for any. Credentials (cookies) are never allowed: the key travels in
-``Authorization``, which the preflight allows by echoing the headers the page asks for. A page not allowed is
-refused by the routes that generate (``requestio.read_headers``), not only kept from reading their answers.
+``Authorization``, which the preflight allows by echoing the headers the page asks for. A page not allowed
+cannot have the gateway generate either: the one request it may send without the browser asking first that the
+gateway would take (a body without a type) is refused (``requestio.read_headers``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ EXPOSED = b", ".join((
       for what in (b"limit", b"remaining", b"reset")),
 ))
 Headers = list[tuple[bytes, bytes]]
+
+# scope key: headers every answer to this request carries (the CORS headers of an allowed origin; asgi.py sets it).
+# The fast routes add them to their own (the generation routes may write straight to the socket), FastAPI's get them
+# in ``send``; a request without it whose Origin names a page is one from a page not allowed (requestio.py).
+EXTRA_HEADERS = "tokengate.headers"
 
 
 class Cors:

@@ -9,6 +9,7 @@
     ├── ModelNotFound                  404 code=model_not_found
     ├── PayloadTooLarge                413 code=request_too_large
     ├── UnsupportedEncoding            415 code=unsupported_content_encoding (a compressed request body)
+    ├── UnsupportedMediaType           415 code=unsupported_media_type (a body not declared JSON)
     ├── HeadersTooLarge                431 code=request_header_fields_too_large
     ├── RequestTimeout                 408 code=request_timeout     (body not received in time)
     ├── RateLimited                    429 rate_limit_error        (Retry-After)
@@ -100,12 +101,6 @@ class UnsupportedEncoding(GatewayError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_content_encoding"
-
-
-class OriginNotAllowed(GatewayError):
-    status = 403
-    type = "invalid_request_error"
-    code = "origin_not_allowed"
 
 
 class UnsupportedMediaType(GatewayError):

@@ -16,11 +16,11 @@ from time import perf_counter
 from typing import Any
 
 from .admission import PoolGates
-from .asgi import EXTRA_HEADERS
 from .auth import KeyStore, check_access
 from .busypoll import BusyPoll
 from .caps import CapConfig, Caps, decide
 from .clientwriter import CLIENT_WRITER
+from .cors import EXTRA_HEADERS
 from .counting import PromptCounter
 from .dispatch import Dispatcher
 from .errors import (

@@ -9,17 +9,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .asgi import EXTRA_HEADERS
-from .errors import (
-    InvalidRequest,
-    OriginNotAllowed,
-    PayloadTooLarge,
-    RequestTimeout,
-    UnsupportedEncoding,
-    UnsupportedMediaType,
-)
+from .cors import EXTRA_HEADERS
+from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding, UnsupportedMediaType
 
 REGION_HEADER = b"x-tokengate-region"
+# the request headers read_headers reads (every other one is skipped at the cost of one set lookup)
+_READ = frozenset((b"content-length", b"authorization", REGION_HEADER, b"x-request-id", b"content-type", b"origin",
+                   b"content-encoding"))
 
 
 class ClientGone(Exception):
@@ -31,7 +27,11 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
     region = request_id = None
     length: int | None = None
     authorization: bytes | None = None
+    page: bytes | None = None  # the Origin of a web page --cors-origin does not allow
+    typed = False
     for name, value in scope["headers"]:
+        if name not in _READ:
+            continue
         if name == b"content-length":
             try:
                 length = int(value)
@@ -47,22 +47,27 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable() and " " not in text:
                 request_id = text
-        elif name == b"origin" and EXTRA_HEADERS not in scope:  # (set for a page --cors-origin allows)
-            # a page's request the browser sends without asking first (no CORS preflight: a body without a type);
-            # its answer would be kept from the page, but the generation would run
-            raise OriginNotAllowed(
-                f"requests from web pages at origin '{value.decode('latin-1')[:100]}' are not allowed: the gateway "
-                "allows a page with --cors-origin", param=None)
-        elif name == b"content-type" and not _is_json(value):
-            # a browser sends text/plain and the form types cross-origin without asking first (no CORS
-            # preflight): refusing them keeps a web page from spending a local open-mode gateway's GPUs
-            raise UnsupportedMediaType(
-                f"request bodies of Content-Type '{value.decode('latin-1')[:64]}' are not supported: send the JSON "
-                "as application/json", param=None)
-        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+        elif name == b"content-type":
+            if value.strip():  # (an empty one is no type)
+                if not _is_json(value):
+                    raise UnsupportedMediaType(
+                        f"request bodies of Content-Type '{value.decode('latin-1')[:64]}' are not supported: send "
+                        "the JSON as application/json", param=None)
+                typed = True
+        elif name == b"origin":
+            if EXTRA_HEADERS not in scope:  # (set for a page --cors-origin allows)
+                page = value
+        elif value.strip().lower() not in (b"", b"identity"):  # content-encoding
             raise UnsupportedEncoding(  # (it read as invalid JSON: "str is not valid UTF-8: surrogates not allowed")
                 f"request bodies with Content-Encoding '{value.decode('latin-1')[:32]}' are not supported: send "
                 "the JSON uncompressed", param=None)
+    if page is not None and not typed:
+        # What a page may send cross-origin without the browser asking first (no CORS preflight) is a body of
+        # text/plain, a form type (refused above) or no type at all. A page that declares JSON is asked about
+        # first, and refused unless allowed; a typeless one would have had a local open-mode gateway generate.
+        raise UnsupportedMediaType(
+            f"a request from the web page at '{page.decode('latin-1')[:100]}' must declare Content-Type: "
+            "application/json (the gateway answers pages --cors-origin allows)", param=None)
     return region, request_id, length, authorization
 
 

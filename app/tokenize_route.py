@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .asgi import EXTRA_HEADERS
 from .auth import check_access
+from .cors import EXTRA_HEADERS
 from .errors import GatewayError, NoWorkerAvailable, UpstreamStatus, render
 from .policy import TOKENIZE_FIELDS
 from .policy import check as check_policy
