@@ -259,8 +259,8 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     from .httpserver import server_config
     from .main import create_app
 
-    # (--redis-fail-open: the start goes on, and says so)
-    if settings.redis_url and not settings.redis_fail_open and (problem := _redis_problem(settings.redis_url)):
+    # (--redis-fail-open: a Redis that does not answer is no reason not to start; a URL that can't work still is)
+    if settings.redis_url and (problem := _redis_problem(settings.redis_url, ping=not settings.redis_fail_open)):
         print(f"tokengate serve: --redis: {problem}", file=sys.stderr)  # before anything starts
         return 2
     if settings.workers > 1:
@@ -318,8 +318,9 @@ def _run_processes(settings: Settings) -> int:
     return 0
 
 
-def _redis_problem(url: str) -> str | None:
-    """Why the limits' Redis can't be used, in one line (its password left out), or None when it answers a PING."""
+def _redis_problem(url: str, *, ping: bool = True) -> str | None:
+    """Why the limits' Redis can't be used, in one line (its password left out), or None when it answers a PING
+    (``ping=False``: when the URL is one)."""
     import asyncio
     from urllib.parse import urlsplit
 
@@ -329,7 +330,8 @@ def _redis_problem(url: str) -> str | None:
     async def ping() -> None:
         limiter = RedisLimiter.from_url(url)
         try:
-            await limiter.ping()
+            if ping:
+                await limiter.ping()
         finally:
             await limiter.aclose()
 
