@@ -179,7 +179,8 @@ class Dispatcher:
                 last = UpstreamStatus(status, data, retry_after)
                 self.worker_failed(worker, last)
                 continue
-            self.registry.record_success(worker)
+            # (no record_success: /tokenize is answered by vLLM's API server, also while its engine hangs, so it
+            # must not clear the failures of the generations timing out there — only a generation's first byte does)
             return status, data, retry_after
         if last is not None:
             raise last

@@ -3,6 +3,8 @@ another worker (the end-to-end retries run in tests/test_proxy.py against fake w
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -14,6 +16,7 @@ from app.settings import Settings
 from app.upstream import UpstreamPool
 from app.worker_calls import WorkerCalls
 from app.workers.registry import Registry, Worker
+from bench.fakeworker import ThreadedFakeWorker
 
 
 def _dispatcher() -> tuple[Dispatcher, GatewayMetrics, Registry]:
@@ -77,3 +80,22 @@ def test_a_timeout_after_sending_is_never_retried() -> None:
     assert w.consecutive_failures == 1
     d.worker_failed(w, UpstreamTimeout("connect", code="worker_connect_timeout"))  # before sending: retried
     assert w.consecutive_failures == 2
+
+
+def test_a_tokenize_answer_does_not_clear_a_workers_failures() -> None:
+    """vLLM's API server answers /tokenize also while its engine hangs: the generations timing out there must still
+    add up to an ejection. Only a generation's first byte clears the count."""
+    d, _, _ = _dispatcher()
+    with ThreadedFakeWorker() as fake:
+        w = Worker("w", fake.url)
+        w.ready = True
+        d.worker_failed(w, UpstreamError("connection refused"))
+        async def ask() -> tuple[int, bytes, bytes | None]:
+            try:
+                return await d.tokenize((w,), b'{"model": "tiny", "prompt": "hi"}')
+            finally:
+                await d.pool.close()
+
+        status, data, _ = asyncio.run(ask())
+        assert status == 200 and b"count" in data
+        assert w.consecutive_failures == 1
