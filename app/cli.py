@@ -327,7 +327,7 @@ def _redis_problem(url: str, *, ping: bool = True) -> str | None:
     from .errors import GatewayError
     from .limits_redis import RedisLimiter
 
-    async def ping() -> None:
+    async def check() -> None:
         limiter = RedisLimiter.from_url(url)
         try:
             if ping:
@@ -336,7 +336,7 @@ def _redis_problem(url: str, *, ping: bool = True) -> str | None:
             await limiter.aclose()
 
     try:
-        asyncio.run(ping())
+        asyncio.run(check())
     except ValueError as exc:  # not a Redis URL
         return str(exc)
     except GatewayError as exc:  # RedisLimiter.ping's "unavailable", raised from what Redis said
