@@ -107,6 +107,9 @@ class PromptSize:
 
     bound: int | None
     exact: Callable[[], Awaitable[int]]
+    # a completions batch: each prompt's exact count (its key's token budget takes the sum; the caps, in ``exact``,
+    # the longest); None for one prompt
+    each: Callable[[], Awaitable[list[int]]] | None = None
 
 
 async def decide(caps: Caps, requested: int | None, param: str, prompt: PromptSize, *, prompt_param: str,

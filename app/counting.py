@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
 
 from .caps import PromptSize
 from .errors import InvalidRequest
 from .protocol import ParsedRequest
 from .tokenizer import LocalTokenizer, TemplateError
+
+_T = TypeVar("_T")
 
 RemoteCount = Callable[[dict[str, Any]], Awaitable[int]]
 # request fields vLLM hands the chat template (an empty tools list too: templates test "tools is not none")
@@ -116,36 +118,50 @@ class PromptCounter:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return PromptSize(len(prompt), _const(len(prompt)))
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-            longest = max(len(p) for p in prompt)
-            return PromptSize(longest, _const(longest))
+            lengths = [len(p) for p in prompt]
+            return _batch(max(lengths), _const(lengths))
         texts: list[str] = [prompt] if isinstance(prompt, str) else prompt
         if tok is None:
-            async def via_worker() -> int:
-                counts = [await remote({"model": req.model, "prompt": t, "add_special_tokens": special})
-                          for t in texts]
-                return max(counts)
-            return PromptSize(None, via_worker)
+            async def via_worker() -> list[int]:
+                return [await remote({"model": req.model, "prompt": t, "add_special_tokens": special})
+                        for t in texts]
+            return _batch(None, via_worker)
         bounds = [tok.upper_bound(t, add_special_tokens=special) for t in texts]
         bound = None if any(b is None for b in bounds) else max(b for b in bounds if b is not None)
 
-        def count_all() -> int:
-            return max(tok.count(t, add_special_tokens=special) for t in texts)
+        def count_each() -> list[int]:
+            return [tok.count(t, add_special_tokens=special) for t in texts]
 
         if sum(len(t) for t in texts) > self._offloop:
-            return PromptSize(bound, lambda: self._offload(count_all))
+            return _batch(bound, lambda: self._offload(count_each))
 
-        async def exact() -> int:
-            return count_all()
+        async def each() -> list[int]:
+            return count_each()
 
-        return PromptSize(bound, exact)
+        return _batch(bound, each)
 
-    async def _offload(self, fn: Callable[[], int]) -> int:
+    async def _offload(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
 
-def _const(n: int) -> Callable[[], Awaitable[int]]:
-    async def value() -> int:
-        return n
+def _batch(bound: int | None, count_each: Callable[[], Awaitable[list[int]]]) -> PromptSize:
+    """The prompts of a completions request (one, or a batch), each counted once however often it is asked."""
+    memo: list[int] = []
+
+    async def each() -> list[int]:
+        if not memo:
+            memo.extend(await count_each())
+        return memo
+
+    async def longest() -> int:
+        return max(await each())
+
+    return PromptSize(bound, longest, each)
+
+
+def _const(v: _T) -> Callable[[], Awaitable[_T]]:
+    async def value() -> _T:
+        return v
     return value
 
 
@@ -154,4 +170,11 @@ def _truncated(size: PromptSize, keep: int) -> PromptSize:
     async def exact() -> int:
         return min(await size.exact(), keep)
 
-    return PromptSize(keep if size.bound is None else min(size.bound, keep), exact)
+    each = None
+    if size.each is not None:
+        whole = size.each
+
+        async def each_cut() -> list[int]:
+            return [min(n, keep) for n in await whole()]
+        each = each_cut
+    return PromptSize(keep if size.bound is None else min(size.bound, keep), exact, each)

@@ -314,9 +314,11 @@ class Proxy:
             # the bound that spared the count (bytes: ~4x the tokens of English) is no charge for a token budget:
             # a key with one pays its exact count (it was refused as "too large" for a prompt that fits)
             prompt_estimate = await size.exact() if ctx.principal.limits.tpm is not None else (size.bound or 0)
-        # a completions batch: each prompt (counted as the longest, an upper bound settled after) and its n answers
-        batch = req.batch
-        ctx.ticket = await self.limiter.admit(ctx.principal, (prompt_estimate + decision.max_tokens * req.n) * batch)
+        batch = req.batch  # a completions batch: n answers for each prompt, and each prompt (exact for a token budget)
+        prompts = prompt_estimate * batch
+        if batch > 1 and size.each is not None and ctx.principal.limits.tpm is not None:
+            prompts = sum(await size.each())
+        ctx.ticket = await self.limiter.admit(ctx.principal, prompts + decision.max_tokens * req.n * batch)
         gate = self.gates.get(req.model, regions[0], len(pool))
         queue_time = self.metrics.queue_timer(req.model, regions[0])
         try:

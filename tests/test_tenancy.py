@@ -315,6 +315,16 @@ def test_each_prompt_of_a_completions_batch_counts_against_the_limit(worker: Thr
         assert_error(r, 429, "request_too_large")
 
 
+def test_a_completions_batch_reserves_each_prompts_own_count(worker: ThreadedFakeWorker, keys_file: Path) -> None:
+    """Not the longest prompt times the prompts: 3 x (300 + 10) = 930 was "too large" for a tpm of 400 (never
+    retried), for a batch that costs 334."""
+    with gateway([worker.url], keys_file) as gw:
+        body = {"model": "tiny", "prompt": [[7] * 300, [1, 2], [1, 2]], "max_tokens": 10, "stream": False}
+        r = httpx.post(gw.base + "/completions", json=body, headers=auth("tpm"), timeout=10)
+        assert r.status_code == 200, r.text
+        assert 400 - _remaining_tokens(r) == 300 + 2 + 2 + 3 * 10
+
+
 def test_tokens_streamed_before_a_disconnect_are_charged(worker: ThreadedFakeWorker, keys_file: Path) -> None:
     with gateway([worker.url], keys_file) as gw:
         worker.options.token_delay = 0.05
