@@ -27,6 +27,7 @@ _VOID_RETRY = 1.0  # seconds between attempts to void the admits given up on
 _MAX_VOIDS = 1_000
 # fail_open: an outage is logged at most this often (seconds), with the count of requests it let through
 _SAY_EVERY = 10.0
+_SKIP_FOR = 1.0  # after a failure, seconds its requests are admitted unmetered without asking Redis
 
 
 # Shared by the scripts: Redis's clock in ms (one clock for every replica) and the token bucket's state.
@@ -152,8 +153,12 @@ class RedisLimiter:
         self._poke = asyncio.Event()  # wakes the heartbeat: a void to send, or aclose()
         self._poke_for_void = False
         self._closing = False
-        self._said_at = -math.inf  # the outage was last logged (fail_open)
-        self._unmetered = 0  # requests admitted unmetered since
+        # fail_open: what Redis last failed with (None: it answers), when that was last logged, requests admitted
+        # unmetered since, and until when Redis is not asked (a black-holed one would cost each request its timeout)
+        self._outage: BaseException | None = None
+        self._said_at = -math.inf
+        self._unmetered = 0
+        self._skip_until = 0.0
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 2.0, **kwargs: Any) -> RedisLimiter:
@@ -179,6 +184,9 @@ class RedisLimiter:
         limits, name = subject.limits, subject.name
         if limits.unlimited:
             return unmetered(subject, estimated_tokens)
+        if self._outage is not None and time.monotonic() < self._skip_until:  # (fail_open, Redis just failed)
+            self._say_unmetered(self._outage)
+            return unmetered(subject, estimated_tokens)
         ticket = Ticket(name, limits, estimated_tokens, window=self.window)
         counts = (limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0, estimated_tokens)
         args = (*counts, ticket.id, self.lease * 1000, self.window * 1000)
@@ -191,8 +199,13 @@ class RedisLimiter:
                 raise
             if not self.fail_open:
                 raise _unavailable(exc) from exc
+            self._skip_until = time.monotonic() + _SKIP_FOR
             self._say_unmetered(exc)
             return unmetered(subject, estimated_tokens)
+        if self._outage is not None:
+            log.warning("rate limiter back: %d request(s) admitted without their keys' limits since last said",
+                        self._unmetered)
+            self._outage, self._said_at, self._unmetered = None, -math.inf, 0
         wait = int(retry_ms) / 1000
         budget = Budget(limits, self.window, None if limits.rpm is None else int(left_requests),
                         None if limits.tpm is None else int(left_tokens))
@@ -214,8 +227,9 @@ class RedisLimiter:
         return ticket
 
     def _say_unmetered(self, exc: BaseException) -> None:
-        """Log the outage once per ``_SAY_EVERY`` seconds, with how many requests went unmetered meanwhile (one
-        line per request would be a log flood at the moment the logs matter)."""
+        """Log the outage at most once per ``_SAY_EVERY`` seconds, with how many requests went unmetered meanwhile
+        (one line per request would be a log flood at the moment the logs matter), and its end (``admit``)."""
+        self._outage = exc
         self._unmetered += 1
         now = time.monotonic()
         if now - self._said_at >= _SAY_EVERY:

@@ -391,6 +391,36 @@ def test_a_request_too_large_for_the_budget_is_said_so_before_any_other_limit(ki
     _run(kind, url, main)
 
 
+def test_fail_open_asks_a_stalled_redis_once_and_says_when_it_is_back(redis_url: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis that takes requests and answers none (host gone, partition; here CLIENT PAUSE) cost each request
+    the whole timeout before it was let through; now the first one pays it, and those after it for a second
+    do not ask."""
+    async def main() -> None:
+        limiter = RedisLimiter.from_url(redis_url, timeout=1.0, fail_open=True)
+        admin = redis.Redis.from_url(redis_url)
+        key = _key(rpm=100)
+        try:
+            assert (await limiter.admit(key, 1)).metered
+            admin.client_pause(2500)
+            start = time.monotonic()
+            assert not (await limiter.admit(key, 1)).metered
+            first = time.monotonic() - start
+            start = time.monotonic()
+            assert not (await limiter.admit(key, 1)).metered
+            second = time.monotonic() - start
+            assert first >= 0.9 and second < 0.5, (first, second)  # the second did not wait for Redis
+            await asyncio.sleep(2.0)  # the pause and the skip are over
+            assert (await limiter.admit(key, 1)).metered
+            back = [r.getMessage() for r in caplog.records if "rate limiter back" in r.getMessage()]
+            assert len(back) == 1 and back[0].startswith("rate limiter back: 1 request(s)"), back
+        finally:
+            admin.close()
+            await _close(limiter)
+
+    asyncio.run(main())
+
+
 def test_unreachable_redis_fails_closed_with_503_or_open_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     url = f"redis://127.0.0.1:{_free_port()}/0"
 
