@@ -144,11 +144,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--connect-timeout", type=float, metavar="S",
                    help="time to connect to a worker before another is tried (default 5) [TOKENGATE_CONNECT_TIMEOUT]")
     p.add_argument("--read-timeout", type=float, metavar="S",
-                   help="time a worker has to answer a request sent to it and send its first token: queueing and "
-                        "prefill included, then 504 (default 600) [TOKENGATE_READ_TIMEOUT]")
+                   help="time a worker has to answer a request sent to it, and again to send its first token "
+                        "(queueing and prefill), then 504 (default 600) [TOKENGATE_READ_TIMEOUT]")
     p.add_argument("--stream-idle-timeout", type=float, metavar="S",
                    help="longest silence allowed between a worker's tokens before the stream ends with an error "
-                        "event (default 120) [TOKENGATE_STREAM_IDLE_TIMEOUT]")
+                        "event (an unstreamed answer: 504) (default 120) [TOKENGATE_STREAM_IDLE_TIMEOUT]")
     p.add_argument("--workers", type=int, metavar="N",
                    help="gateway processes sharing the port, metrics summed across them (external workers "
                         "only; give them --redis for shared limits) [TOKENGATE_WORKERS]")
@@ -259,6 +259,9 @@ def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[st
     from .httpserver import server_config
     from .main import create_app
 
+    if settings.redis_fail_open and not settings.redis_url:
+        print("tokengate serve: --redis-fail-open needs --redis (limits are in memory without it)", file=sys.stderr)
+        return 2
     # (--redis-fail-open: a Redis that does not answer is no reason not to start; a URL that can't work still is)
     if settings.redis_url and (problem := _redis_problem(settings.redis_url, ping=not settings.redis_fail_open)):
         print(f"tokengate serve: --redis: {problem}", file=sys.stderr)  # before anything starts

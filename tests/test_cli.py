@@ -97,7 +97,7 @@ def test_bad_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     ["--drain-timeout", "inf"], ["--read-timeout", "inf"], ["--stream-idle-timeout", "0"],
     ["--upstream", "http://127.0.0.1:99999"], ["--upstream", "http://:80"],
     ["--upstream-api-key", "k\u00e9y"], ["--upstream-api-key", "a\r\nx-evil: 1"],
-    ["--redis", "notaurl"], ["--redis", "notaurl", "--redis-fail-open", "--workers", "2"],
+    ["--redis", "notaurl"], ["--redis", "notaurl", "--redis-fail-open", "--workers", "2"], ["--redis-fail-open"],
     ["--redis", "redis://:secret@127.0.0.1:1/0"],
     ["--keys", "/nonexistent/keys.yaml"], ["--keys", "BADKEYS"],
 ], ids=str)

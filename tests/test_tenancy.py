@@ -385,7 +385,8 @@ def test_redis_fail_open_admits_without_the_limits_while_redis_is_gone(worker: T
         assert post(open_gw, CHAT, auth("slow-rpm")).status_code == 200
         assert post(open_gw, CHAT, auth("slow-rpm")).status_code == 200
         assert_error(post(open_gw, CHAT, auth("slow-rpm")), 429)  # metered while Redis answers
-        redis.Redis.from_url(redis_url).shutdown(nosave=True)
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.shutdown(nosave=True)
         for _ in range(3):
             assert post(open_gw, CHAT, auth("slow-rpm")).status_code == 200
         assert_error(post(closed_gw, CHAT, auth("slow-rpm")), 503, "rate_limiter_unavailable")
