@@ -40,6 +40,10 @@ class ClientWriter(Protocol):
         """Wait until the client's connection takes writes again (or is gone)."""
         ...
 
+    def drop(self) -> None:
+        """Close the connection at once, unsent data discarded (a client that stopped reading), as one lost."""
+        ...
+
     def watch(self, on_lost: Callable[[], None]) -> bool:
         """Have ``on_lost`` called when the connection is lost before the response is complete; False when it
         is lost already."""

@@ -73,6 +73,12 @@ class ClientLink:
         if on_lost is not None and not self._cycle.response_complete:
             on_lost()
 
+    def drop(self) -> None:
+        c = self._cycle
+        c.disconnected = True  # (uvicorn logs an ASGI app that returns with its answer unfinished as an error)
+        c.transport.abort()  # not close(): that would wait for the unread data to go, i.e. keep the socket for ever
+        self.release()
+
     def release(self) -> None:
         """The response is over (or the connection is): let go of the exchange watching it and leave the
         request's scope. Both are reference cycles (scope -> link -> cycle -> scope; link -> exchange -> link)

@@ -2,7 +2,8 @@
 
 A client that stops reading fills its socket buffer, then the gateway's (both bounded), and then the relay waits
 in ``send``. An exchange marks when a write began (``sending_since``, two attribute writes per chunk); past
-``limit`` seconds the client is treated as gone, its task is cancelled and the proxy aborts the worker request.
+``limit`` seconds the client is treated as gone: its connection is closed, its task cancelled, and the proxy aborts
+the worker request.
 """
 
 from __future__ import annotations
@@ -47,4 +48,6 @@ class WriteWatchdog:
                 self._live.discard(ex)  # dropped once
                 ex.client_gone = True
                 self.stalls.inc()
+                if ex.client is not None:
+                    ex.client.drop()
                 ex.task.cancel()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -793,7 +794,11 @@ def test_models_list_follows_the_region_a_request_would_use() -> None:
 
 def test_a_client_that_stops_reading_is_dropped_and_the_worker_request_aborted(worker: ThreadedFakeWorker) -> None:
     worker.options.max_tokens_limit = worker.options.max_model_len = 100_000
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
     with gateway(worker, write_timeout=1.0, max_tokens_cap=50_000) as gw:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # (after uvicorn has configured its logging)
         # 30k tokens (~7 MB): more than every socket buffer between the worker and the client holds
         worker.options.token_delay = 0.0002
         sock = socket.socket()
@@ -808,9 +813,17 @@ def test_a_client_that_stops_reading_is_dropped_and_the_worker_request_aborted(w
         assert time.monotonic() - t0 < 6
         assert worker.stats.generation_tokens < 30_000  # it never got to the end
         assert metric_sum(scrape(gw.url + "/metrics"), "tokengate_write_stalls_total") == 1
+        sock.settimeout(5)
+        try:  # the gateway closed the connection (reset: the data the client never read was thrown away)
+            while sock.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass
         sock.close()
         worker.options.token_delay = 0.0
         assert httpx.post(gw.base + "/chat/completions", json=CHAT, timeout=10).status_code == 200
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not errors, errors  # a dropped client is no server error ("ASGI callable returned without completing")
 
 
 def test_caps_hold_exactly_under_concurrent_load(tmp_path_factory: pytest.TempPathFactory) -> None:
