@@ -211,7 +211,15 @@ from bench.fakeworker import main
 
 argv = sys.argv[1:]
 if os.environ.get("FAKE_ENGINE_CHILD"):  # like vLLM's EngineCore: a child in the server's process group
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    # (with FAKE_SHM=NAME, holding a segment in /dev/shm mapped, as the engine's queues are)
+    subprocess.Popen([sys.executable, "-c", """
+import mmap, os, sys, time
+if len(sys.argv) > 1:
+    fd = os.open(f"/dev/shm/{sys.argv[1]}-{os.getpid()}", os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 1 << 20)
+    segment = mmap.mmap(fd, 1 << 20)
+time.sleep(300)
+""", *([os.environ["FAKE_SHM"]] if os.environ.get("FAKE_SHM") else [])])
 if os.environ.get("FAKE_CLEANUP_MARK"):  # like multiprocessing's resource tracker: once the server is gone, it
     # takes a moment to unlink what the engine left in /dev/shm, then ends (this one writes a file instead)
     subprocess.Popen([sys.executable, "-c", f"""
@@ -551,6 +559,35 @@ def test_sigkill_of_the_gateway_leaves_no_worker_behind(fake_vllm: Path, tmp_pat
             wait_until(lambda: not any(alive(p) for p in tree), 5, "no orphaned worker process")
         finally:
             kill_leftovers(tree)
+
+
+def _shm(name: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"{name}-*"))
+
+
+def test_what_workers_left_in_dev_shm_is_removed_after_a_kill_9_and_after_the_gateway_s(fake_vllm: Path,
+                                                                                          tmp_path: Path) -> None:
+    """A process killed with SIGKILL unlinks nothing (nor does multiprocessing's resource tracker killed with it):
+    vLLM's engine queues stayed in /dev/shm, hundreds of MiB of memory each time, until the machine restarted."""
+    name = f"tg-test-{os.getpid()}-{tmp_path.name}"
+    with serve_fake(fake_vllm, tmp_path, "--replicas", "2", env=("FAKE_ENGINE_CHILD=1", f"FAKE_SHM={name}")) as gw:
+        workers = [w["pid"] for w in readyz(gw.url)["workers"]]
+        wait_until(lambda: len(_shm(name)) == 2, 10, "each worker's engine segment")
+        tree = [p for pid in workers for p in [pid, *descendants(pid)]]
+        try:
+            first = _shm(name)
+            os.kill(workers[0], signal.SIGKILL)  # the server: the supervisor ends its group, and removes its segment
+            wait_until(lambda: len(_shm(name)) == 2 and _shm(name) != first, 30, "the restarted worker's segment")
+            assert len(set(first) & set(_shm(name))) == 1  # the other worker's is untouched
+            tree += [p for w in readyz(gw.url)["workers"] if w["pid"] for p in [w["pid"], *descendants(w["pid"])]]
+            os.kill(gw.proc.pid, signal.SIGKILL)  # the gateway: the janitor kills the groups, and removes theirs
+            gw.proc.wait(10)
+            wait_until(lambda: not _shm(name), 10, "no segment left in /dev/shm")
+            wait_until(lambda: not any(alive(p) for p in tree), 5, "no orphaned worker process")
+        finally:
+            kill_leftovers(tree)
+            for leftover in _shm(name):
+                os.unlink(f"/dev/shm/{leftover}")
 
 
 # --- the embedded default, for real -----------------------------------------------------------------------------

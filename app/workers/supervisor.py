@@ -2,8 +2,10 @@
 
 Each worker runs in its own process group (its engine children too) and is told to die with the gateway
 (``PR_SET_PDEATHSIG``).  That signal reaches the worker only, not vLLM's engine processes under it, so a small
-janitor process (its own session, no state but the worker groups it is told about) kills the groups when its
-pipe from the gateway closes: no worker process outlives us even when we are killed with SIGKILL.  A worker that
+janitor process (its own session, no state but the worker groups it is told about; ``janitor.py``) kills the groups
+when its pipe from the gateway closes: no worker process outlives us even when we are killed with SIGKILL. What a
+group's processes had mapped in /dev/shm is removed once the group has ended (the janitor's, or here after a crash
+or a stop): a process killed with SIGKILL unlinks nothing, and vLLM keeps its engine queues there.  A worker that
 exits is restarted after a backoff that doubles from ``backoff_base`` to ``backoff_max`` and resets once it
 stayed up for ``healthy_after`` seconds; while it is down it is out of rotation, with the supervisor's reason.
 """
@@ -24,22 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..metrics import GatewayMetrics
+from .janitor import group_members, remove, shm_of
 from .registry import Registry, Worker, doubling
 
 log = logging.getLogger("tokengate.supervisor")
 _PR_SET_PDEATHSIG = 1
-# "+PGID" / "-PGID" lines on stdin; end of input (the gateway exited or was killed) kills every group still known
-_JANITOR = """\
-import os, signal, sys
-groups = set()
-for line in sys.stdin:
-    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-for pgid in groups:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
+# the janitor process: "+PGID" / "-PGID" lines on stdin; end of input (the gateway exited or was killed) kills every
+# group still known and removes the /dev/shm files their processes had mapped
+_JANITOR = str(Path(__file__).with_name("janitor.py"))
+SHM_EVERY = 5.0  # seconds between looks at the /dev/shm files each live worker has mapped
 
 
 GROUP_GRACE = 5.0  # seconds a dead server's process group gets to end on its own before it is killed
@@ -67,21 +62,9 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
+    if not os.path.isdir("/proc"):
         return True  # no /proc to tell zombies apart: alive, to be safe (the deadline bounds the wait)
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    return bool(group_members(pgid))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +93,7 @@ class _Managed:
     failures_in_row: int = 0
     stopping: bool = False
     exits: list[int] = field(default_factory=list)
+    shm: set[str] = field(default_factory=set)  # /dev/shm files its processes mapped: removed once its group ended
 
 
 def _served_names(argv: tuple[str, ...]) -> frozenset[str]:
@@ -174,6 +158,25 @@ class Supervisor:
             self.metrics.worker_up.labels(m.spec.region, m.spec.preset, m.spec.name).set(0)
             self.metrics.worker_restarts.labels(m.spec.region, m.spec.preset, m.spec.name)
             self._tasks.append(asyncio.create_task(self._keep_running(m), name=f"supervise-{m.spec.name}"))
+        self._tasks.append(asyncio.create_task(self._note_shm(), name="supervise-shm"))
+
+    async def _note_shm(self) -> None:
+        while True:
+            for m in self._managed:
+                await self._look_at_shm(m)
+            await asyncio.sleep(SHM_EVERY)
+
+    async def _look_at_shm(self, m: _Managed) -> None:
+        if m.proc is not None:
+            m.shm |= await asyncio.to_thread(shm_of, m.proc.pid)
+
+    def _free_shm(self, m: _Managed) -> None:
+        """What a worker whose group has ended left in /dev/shm (a SIGKILL, of its engine or of it, unlinks
+        nothing; vLLM's queues there are hundreds of MiB of memory)."""
+        freed = remove(m.shm)
+        m.shm.clear()
+        if freed:
+            log.warning("worker %s left %.0f MiB in /dev/shm: removed", m.spec.name, freed / 2**20)
 
     async def _spawn(self, m: _Managed) -> None:
         spec = m.spec
@@ -217,10 +220,12 @@ class Supervisor:
             self.registry.update(m.worker, ready=False, reason=f"exited ({m.exits[-1]}), restarting")
             self.metrics.worker_up.labels(m.spec.region, m.spec.preset, m.spec.name).set(0)
             if m.proc is not None:  # engine children of a dead server: asked, then made, to go
+                await self._look_at_shm(m)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(m.proc.pid, signal.SIGTERM)
                 await _end_groups([m.proc.pid], time.monotonic() + GROUP_GRACE)
                 self._tell_janitor(f"-{m.proc.pid}")
+                self._free_shm(m)
             up_for = ended - m.started_at  # (not counting the wait for its group to end)
             m.failures_in_row = 1 if up_for >= self.healthy_after else m.failures_in_row + 1
             delay = doubling(self.backoff_base, self.backoff_max, m.failures_in_row - 1)
@@ -241,6 +246,8 @@ class Supervisor:
             if not task.done():
                 task.cancel()
         procs = [m.proc for m in self._managed if m.proc is not None and m.proc.returncode is None]
+        for m in self._managed:
+            await self._look_at_shm(m)
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
@@ -256,11 +263,13 @@ class Supervisor:
                 await asyncio.wait_for(p.wait(), 5)
             self._tell_janitor(f"-{p.pid}")
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for m in self._managed:
+            self._free_shm(m)
         await self._stop_janitor()
 
     def _start_janitor(self) -> None:
         try:
-            self._janitor = subprocess.Popen([sys.executable, "-I", "-c", _JANITOR], stdin=subprocess.PIPE,
+            self._janitor = subprocess.Popen([sys.executable, "-I", _JANITOR], stdin=subprocess.PIPE,
                                              stdout=subprocess.DEVNULL, text=True, start_new_session=True)
         except OSError as exc:
             log.warning("no janitor process (%s): if the gateway is killed, engine processes may outlive it", exc)
