@@ -424,6 +424,28 @@ def test_stop_terms_then_kills_a_worker_that_ignores_sigterm(log_dir: Path, tmp_
 
 # --- logs ---------------------------------------------------------------------------------------------------------
 
+def test_a_worker_log_past_its_limit_is_rotated_and_the_worker_writes_on(log_dir: Path) -> None:
+    """The log of a long-running engine grew without end (each health check adds access-log lines)."""
+    script = ("import sys, time\n"
+              "for i in range(400):\n"
+              "    print(f'line {i} ' + 'x' * 90, flush=True); time.sleep(0.005)\n"
+              "time.sleep(60)\n")
+    spec = WorkerSpec("chatty", "local", "cpu", (sys.executable, "-c", script), {}, free_port(), "",
+                      log_dir / "chatty.log")
+    with run_gateway(Settings(**FAST), worker_specs=[spec], wait_ready=False,
+                     before_start=tune(housekeeping_every=0.1, log_max_bytes=8192)):
+        old = log_dir / "chatty.log.1"
+
+        def both() -> bytes:
+            return (old.read_bytes() if old.exists() else b"") + spec.log_path.read_bytes()
+
+        wait_until(lambda: b"line 399 " in both(), 15, "the worker's last line")
+        time.sleep(0.5)  # (a last look)
+        assert 8192 < old.stat().st_size < 20_000  # rotated, each time at the limit
+        assert len(both()) < 30_000  # of the ~40 KB written, what is older than the last rotation is gone
+        assert b"\0" not in spec.log_path.read_bytes()  # the worker writes on at the new end, not past a hole
+
+
 def test_worker_logs_go_to_files_and_the_admin_endpoint_tails_them(log_dir: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     spec = fake_spec("logged", log_dir)

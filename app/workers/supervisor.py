@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..metrics import GatewayMetrics
 from .janitor import group_members, remove, shm_of
+from .logs import MAX_LOG_BYTES, rotate
 from .registry import Registry, Worker, doubling
 
 log = logging.getLogger("tokengate.supervisor")
@@ -34,7 +35,7 @@ _PR_SET_PDEATHSIG = 1
 # the janitor process: "+PGID" / "-PGID" lines on stdin; end of input (the gateway exited or was killed) kills every
 # group still known and removes the /dev/shm files their processes had mapped
 _JANITOR = str(Path(__file__).with_name("janitor.py"))
-SHM_EVERY = 5.0  # seconds between looks at the /dev/shm files each live worker has mapped
+HOUSEKEEPING_EVERY = 5.0  # seconds between looks at each worker's /dev/shm files and log size
 
 
 GROUP_GRACE = 5.0  # seconds a dead server's process group gets to end on its own before it is killed
@@ -115,7 +116,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Supervisor:
     def __init__(self, specs: Sequence[WorkerSpec], registry: Registry, metrics: GatewayMetrics, *,
                  backoff_base: float = 1.0, backoff_max: float = 60.0, healthy_after: float = 60.0,
-                 stop_timeout: float = 20.0, on_start: Callable[[], None] | None = None) -> None:
+                 stop_timeout: float = 20.0, on_start: Callable[[], None] | None = None,
+                 housekeeping_every: float = HOUSEKEEPING_EVERY, log_max_bytes: int = MAX_LOG_BYTES) -> None:
         self.registry = registry
         self.metrics = metrics
         self.backoff_base = backoff_base
@@ -123,6 +125,8 @@ class Supervisor:
         self.healthy_after = healthy_after
         self.stop_timeout = stop_timeout
         self.on_start = on_start
+        self.housekeeping_every = housekeeping_every
+        self.log_max_bytes = log_max_bytes
         self._managed = [
             _Managed(s, Worker(name=s.name, url=s.url, region=s.region, preset=s.preset, api_key=s.api_key,
                                expected_models=_served_names(s.argv)))
@@ -158,13 +162,16 @@ class Supervisor:
             self.metrics.worker_up.labels(m.spec.region, m.spec.preset, m.spec.name).set(0)
             self.metrics.worker_restarts.labels(m.spec.region, m.spec.preset, m.spec.name)
             self._tasks.append(asyncio.create_task(self._keep_running(m), name=f"supervise-{m.spec.name}"))
-        self._tasks.append(asyncio.create_task(self._note_shm(), name="supervise-shm"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="supervise-housekeeping"))
 
-    async def _note_shm(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Every few seconds: the /dev/shm files each live worker has mapped, and its log file's size."""
         while True:
             for m in self._managed:
                 await self._look_at_shm(m)
-            await asyncio.sleep(SHM_EVERY)
+                if await asyncio.to_thread(rotate, m.spec.log_path, self.log_max_bytes):
+                    log.info("worker %s: log rotated to %s.1", m.spec.name, m.spec.log_path)
+            await asyncio.sleep(self.housekeeping_every)
 
     async def _look_at_shm(self, m: _Managed) -> None:
         if m.proc is not None:
