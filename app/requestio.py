@@ -42,7 +42,11 @@ def read_headers(scope: dict[str, Any]) -> tuple[str | None, str | None, int | N
                 raise InvalidRequest("more than one Authorization header", param=None)
             authorization = value
         elif name == REGION_HEADER:
-            region = value.decode("latin-1").strip() or None
+            named = value.decode("latin-1").strip() or None
+            if region is not None and named != region:  # (which one would be a guess, and residency is no guess)
+                raise InvalidRequest("more than one region in x-tokengate-region headers", param="region",
+                                     code="ambiguous_region")
+            region = named
         elif name == b"x-request-id":
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable() and " " not in text:

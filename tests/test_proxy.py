@@ -767,6 +767,13 @@ def test_region_header(worker: ThreadedFakeWorker) -> None:
         assert post("uae").status_code == 200  # allowed fallback
         r = post("mars")
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_region"
+        # two headers naming two regions: refused, not the last one taken (data residency is no guess)
+        two = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10,
+                         headers=[("x-tokengate-region", "uae"), ("x-tokengate-region", "fr")])
+        assert two.status_code == 400 and two.json()["error"]["code"] == "ambiguous_region", two.text
+        same = httpx.post(gw.base + "/chat/completions", json={**CHAT, "stream": False}, timeout=10,
+                          headers=[("x-tokengate-region", "fr"), ("x-tokengate-region", "fr")])
+        assert same.status_code == 200
 
 
 def test_models_list_follows_the_region_a_request_would_use() -> None:
