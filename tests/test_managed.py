@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -347,6 +348,24 @@ def test_kill_9_takes_a_worker_out_of_rotation_and_it_comes_back_with_a_new_pid(
         served = [chat(gw.url) for _ in range(6)]
         assert all(r.status_code == 200 for r in served)
         assert "w-a" in {r.headers["x-tokengate-worker"] for r in served}  # traffic reaches it again
+
+
+def test_the_healthy_period_counts_from_ready_not_from_the_start(log_dir: Path) -> None:
+    """A worker that dies soon after becoming ready is in a crash loop however long it took to start (minutes, for
+    a large model): counted from its start, such a worker looked healthy and its backoff never grew."""
+    spec = fake_spec("slow-start", log_dir)
+    spec = dataclasses.replace(spec, argv=("/bin/sh", "-c", 'sleep 2; exec "$@"', "sh", *spec.argv))
+    with run_gateway(Settings(**FAST), worker_specs=[spec], wait_ready=False,
+                     before_start=tune(healthy_after=1.5, backoff_base=0.1)) as gw:
+        for _ in range(2):  # up 2 s + ready ~0.5 s: each run is past 1.5 s from its start, not from ready
+            wait_until(lambda: entry(readyz(gw.url), "slow-start")["ready"], 20, "ready")
+            pid = entry(readyz(gw.url), "slow-start")["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: not entry(readyz(gw.url), "slow-start")["ready"], 5, "out of rotation")
+        managed = gw.server.config.app.state.tokengate.supervisor.managed[0]
+        # (counted from its start, each run was "healthy": 1 exit in a row, then 1 again)
+        wait_until(lambda: managed.failures_in_row == 2, 10, "the second exit counted as a second in a row")
+        assert len(managed.exits) == 2
 
 
 def test_crash_loop_backs_off_exponentially_and_the_others_keep_serving(log_dir: Path, tmp_path: Path) -> None:

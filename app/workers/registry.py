@@ -37,6 +37,7 @@ class Worker:
     process_down: bool = False  # a managed worker whose process is not running: its supervisor gives the reason
     expected_models: frozenset[str] = frozenset()  # what a managed worker will serve once ready
     slow_checks: int = 0  # health checks in a row that timed out
+    ready_at: float | None = None  # monotonic time it last became ready
     origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +100,7 @@ class Registry:
                ) -> None:
         changed = worker.ready != ready or (models is not None and models != worker.models)
         if ready and not worker.ready:
+            worker.ready_at = time.monotonic()
             worker.explicit_abort = True  # back (maybe restarted, maybe upgraded): its abort endpoint is asked again
             # a fresh start; a health check of a worker already ready does not clear its requests' failures (one
             # that answers /health but not its requests — hung past the read timeout — would never be ejected)

@@ -7,7 +7,7 @@ when its pipe from the gateway closes: no worker process outlives us even when w
 group's processes had mapped in /dev/shm is removed once the group has ended (the janitor's, or here after a crash
 or a stop): a process killed with SIGKILL unlinks nothing, and vLLM keeps its engine queues there.  A worker that
 exits is restarted after a backoff that doubles from ``backoff_base`` to ``backoff_max`` and resets once it
-stayed up for ``healthy_after`` seconds; while it is down it is out of rotation, with the supervisor's reason.
+had been ready for ``healthy_after`` seconds; while it is down it is out of rotation, with the supervisor's reason.
 """
 
 from __future__ import annotations
@@ -233,7 +233,10 @@ class Supervisor:
                 await _end_groups([m.proc.pid], time.monotonic() + GROUP_GRACE)
                 self._tell_janitor(f"-{m.proc.pid}")
                 self._free_shm(m)
-            up_for = ended - m.started_at  # (not counting the wait for its group to end)
+            # how long it served: from becoming ready (start-up, minutes for a large model, does not count) to its
+            # exit (not counting the wait for its group to end)
+            ready_at = m.worker.ready_at
+            up_for = ended - ready_at if ready_at is not None and ready_at >= m.started_at else 0.0
             m.failures_in_row = 1 if up_for >= self.healthy_after else m.failures_in_row + 1
             delay = doubling(self.backoff_base, self.backoff_max, m.failures_in_row - 1)
             if m.failures_in_row > 1:
