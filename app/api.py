@@ -110,10 +110,10 @@ def _model_cards(request: Request, state: AppState, query: str | None, header: s
         # the caps of the presets a request would meet: those of the first region of its route that serves the
         # model (as routing picks), or without a region the tightest of every allowed region's
         if route is not None:
-            serving = next((r for r in route if r in regions), None)
-            if serving is None:
+            regions = [r for r in route if r in regions]  # where a request for that region can go, in its order
+            if not regions:
                 continue
-            pool = [w for w in workers if w.region == serving]
+            pool = [w for w in workers if w.region == regions[0]]
         elif regions:
             pool = [w for w in workers if w.region in regions]
         else:

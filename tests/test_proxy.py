@@ -776,6 +776,18 @@ def test_region_header(worker: ThreadedFakeWorker) -> None:
         assert same.status_code == 200
 
 
+def test_a_model_card_for_a_region_names_the_regions_a_request_for_it_can_reach() -> None:
+    with ThreadedFakeWorker() as fr, ThreadedFakeWorker() as uae, ThreadedFakeWorker() as us, \
+            run_gateway(Settings(upstream=[f"fr={fr.url}", f"uae={uae.url}", f"us={us.url}"], region="fr",
+                                 region_fallbacks=["fr=uae"], discovery_interval=60.0), ready_timeout=20) as gw:
+        def regions(query: str = "") -> list[list[str]]:
+            return [m["regions"] for m in httpx.get(gw.base + "/models" + query, timeout=5).json()["data"]]
+
+        assert regions() == [["fr", "uae", "us"]]  # no region: everywhere it is served
+        assert regions("?region=fr") == [["fr", "uae"]]  # fr's route (its fallback), not us
+        assert regions("?region=us") == [["us"]]
+
+
 def test_models_list_follows_the_region_a_request_would_use() -> None:
     with ThreadedFakeWorker(model="tiny") as fr, ThreadedFakeWorker(model="other") as uae, \
             run_gateway(Settings(upstream=[f"fr/h100-1x={fr.url}", f"uae/h100-1x={uae.url}"], region="fr",
