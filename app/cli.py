@@ -257,13 +257,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def run_server(settings: Settings, specs: Sequence[WorkerSpec], caps: Mapping[str, CapConfig] | None = None,
                regions: set[str] | None = None) -> int:
     from .httpserver import server_config
+    from .limits_redis import url_problem
     from .main import create_app
 
     if settings.redis_fail_open and not settings.redis_url:
         print("tokengate serve: --redis-fail-open needs --redis (limits are in memory without it)", file=sys.stderr)
         return 2
     # (--redis-fail-open: a Redis that does not answer is no reason not to start; a URL that can't work still is)
-    if settings.redis_url and (problem := _redis_problem(settings.redis_url, ping=not settings.redis_fail_open)):
+    if settings.redis_url and (problem := url_problem(settings.redis_url, ping=not settings.redis_fail_open)):
         print(f"tokengate serve: --redis: {problem}", file=sys.stderr)  # before anything starts
         return 2
     if settings.workers > 1:
@@ -319,34 +320,6 @@ def _run_processes(settings: Settings) -> int:
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
-
-
-def _redis_problem(url: str, *, ping: bool = True) -> str | None:
-    """Why the limits' Redis can't be used, in one line (its password left out), or None when it answers a PING
-    (``ping=False``: when the URL is one)."""
-    import asyncio
-    from urllib.parse import urlsplit
-
-    from .errors import GatewayError
-    from .limits_redis import RedisLimiter
-
-    async def check() -> None:
-        limiter = RedisLimiter.from_url(url)
-        try:
-            if ping:
-                await limiter.ping()
-        finally:
-            await limiter.aclose()
-
-    try:
-        asyncio.run(check())
-    except ValueError as exc:  # not a Redis URL
-        return str(exc)
-    except GatewayError as exc:  # RedisLimiter.ping's "unavailable", raised from what Redis said
-        parts = urlsplit(url)
-        where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-        return f"Redis at {where} does not answer: {exc.__cause__ or exc}"
-    return None
 
 
 class DrainingServer(uvicorn.Server):

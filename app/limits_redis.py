@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -327,6 +328,28 @@ class RedisLimiter:
             await self._flush_voids()
         if self._owns:
             await self.client.aclose()
+
+
+def url_problem(url: str, *, ping: bool = True) -> str | None:
+    """Why the limits' Redis can't be used, in one line (its password left out), or None when it answers a PING
+    (``ping=False``: when the URL is one). Synchronous: for the start of ``tokengate serve``, before any loop."""
+    async def check() -> None:
+        limiter = RedisLimiter.from_url(url)
+        try:
+            if ping:
+                await limiter.ping()
+        finally:
+            await limiter.aclose()
+
+    try:
+        asyncio.run(check())
+    except ValueError as exc:  # not a Redis URL
+        return str(exc)
+    except NoWorkerAvailable as exc:  # ping's "unavailable", raised from what Redis said
+        parts = urlsplit(url)
+        where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return f"Redis at {where} does not answer: {exc.__cause__ or exc}"
+    return None
 
 
 def _unavailable(exc: BaseException) -> NoWorkerAvailable:

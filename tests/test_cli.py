@@ -12,7 +12,7 @@ import pytest
 
 from app import __version__
 from app.auth import hash_key
-from app.cli import _SETTINGS_FLAGS, _redis_problem, build_parser, main, settings_from_args
+from app.cli import _SETTINGS_FLAGS, build_parser, main, settings_from_args
 from app.settings import Settings
 from bench.fakeworker import ThreadedFakeWorker
 
@@ -316,9 +316,3 @@ def test_the_printed_examples_work_when_pasted_into_a_plain_shell(tmp_path: Path
         assert out.returncode == 0 and out.stdout.strip(), (sdk, out.stdout, out.stderr[-2000:])
         assert gw.url.removeprefix("http://") in curl and gw.url in sdk
 
-
-def test_redis_fail_open_checks_the_url_but_not_that_redis_answers() -> None:
-    dead = "redis://127.0.0.1:1/0"
-    assert "does not answer" in (_redis_problem(dead) or "")
-    assert _redis_problem(dead, ping=False) is None  # --redis-fail-open: the start goes on
-    assert "scheme" in (_redis_problem("notaurl", ping=False) or "")

@@ -20,7 +20,7 @@ import redis
 from app.auth import OPEN, Principal
 from app.errors import NoWorkerAvailable, RateLimited, render
 from app.limits import Limiter, Limits, MemoryLimiter, Ticket
-from app.limits_redis import RedisLimiter
+from app.limits_redis import RedisLimiter, url_problem
 
 from .utils import redis_server
 
@@ -533,3 +533,11 @@ def test_limits_hold_under_concurrent_load_from_two_replicas(redis_url: str) -> 
         assert all(isinstance(r, (Ticket, RateLimited)) for r in results)
 
     _run("redis", redis_url, main)
+
+
+def test_a_redis_url_is_checked_at_start_and_with_fail_open_only_as_a_url() -> None:
+    dead = f"redis://:secret@127.0.0.1:{_free_port()}/0"
+    said = url_problem(dead) or ""
+    assert "does not answer" in said and "secret" not in said
+    assert url_problem(dead, ping=False) is None  # --redis-fail-open: the start goes on
+    assert "scheme" in (url_problem("notaurl", ping=False) or "")

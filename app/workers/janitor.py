@@ -72,7 +72,7 @@ def _main() -> None:
     groups: set[int] = set()
     for line in sys.stdin:
         (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-    shm = set().union(*(shm_of(g) for g in groups)) if groups else set()
+    shm: set[str] = set().union(*map(shm_of, groups))
     for pgid in groups:
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
