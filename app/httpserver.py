@@ -29,6 +29,7 @@ from .eager import PassBudget, start_eager
 from .errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout, render
 from .protocol import ROUTES
 from .settings import Settings
+from .writebatch import BatchedTransport, WriteBatcher
 
 EAGER_PATHS = frozenset(ROUTES)  # the generation routes start eagerly (see _start_asgi_task)
 EAGER_PER_PASS = 4  # eager starts per loop pass (app.eager): a light or bursty load's requests, not saturation's
@@ -179,6 +180,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     max_headers: int = 100
     eager_paths: frozenset[str] = EAGER_PATHS
     eager_budget: PassBudget = PassBudget(EAGER_PER_PASS)  # one per server: protocol_class / configure_protocol
+    write_batch: WriteBatcher = WriteBatcher()  # the same: the writes of one pass leave together (app.writebatch)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -194,7 +196,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._deferred: tuple[RequestResponseCycle, Any] | None = None  # a request to start when the read is parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(BatchedTransport(transport, self.write_batch))
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -349,6 +351,7 @@ def configure_protocol(settings: Settings) -> None:
     HardenedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
     HardenedHttpToolsProtocol.max_headers = settings.max_headers
     HardenedHttpToolsProtocol.eager_budget = PassBudget(EAGER_PER_PASS)
+    HardenedHttpToolsProtocol.write_batch = WriteBatcher()
 
 
 PROTOCOL_PATH = "app.httpserver:HardenedHttpToolsProtocol"
@@ -361,6 +364,7 @@ def protocol_class(settings: Settings) -> type[HardenedHttpToolsProtocol]:
         "max_header_bytes": settings.max_header_bytes,
         "max_headers": settings.max_headers,
         "eager_budget": PassBudget(EAGER_PER_PASS),
+        "write_batch": WriteBatcher(),
     })
 
 

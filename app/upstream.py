@@ -28,6 +28,7 @@ from .workerconn import (
     UpstreamProtocolError,
     WorkerConnection,
 )
+from .writebatch import WriteBatcher
 
 __all__ = ["Origin", "Sink", "UpstreamAborted", "UpstreamClosed", "UpstreamPool", "UpstreamProtocolError",
            "UpstreamResponse"]
@@ -112,6 +113,7 @@ class UpstreamPool:
     def __init__(self, *, connect_timeout: float = 5.0, idle_ttl: float = 4.0, max_idle_per_origin: int = 1024,
                  ssl_context: ssl_module.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.batch = WriteBatcher()  # the requests of one loop pass leave together (app.writebatch)
         self.idle_ttl = idle_ttl
         self.max_idle = max_idle_per_origin
         self._idle: dict[Origin, list[WorkerConnection]] = {}
@@ -141,7 +143,8 @@ class UpstreamPool:
             ssl_ctx = self._ssl or ssl_module.create_default_context()
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: WorkerConnection(origin, self), origin.host, origin.port, ssl=ssl_ctx),
+                loop.create_connection(lambda: WorkerConnection(origin, self, self.batch), origin.host, origin.port,
+                                       ssl=ssl_ctx),
                 self.connect_timeout,
             )
         except TimeoutError as exc:

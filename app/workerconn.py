@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from .errors import UpstreamError, UpstreamTimeout
+from .writebatch import WriteBatcher
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
@@ -87,11 +88,12 @@ class WorkerConnection(asyncio.Protocol):
 
     __slots__ = ("origin", "transport", "parser", "status", "headers", "_headers_done", "_buf", "_buffered",
                  "_paused", "_complete", "_closed", "_exc", "_waiter", "_keep_alive", "_got_bytes", "idle_since",
-                 "pool", "_sink", "_sent", "_head_bytes", "_framed", "_interim")
+                 "pool", "_sink", "_sent", "_head_bytes", "_framed", "_interim", "_batch")
 
-    def __init__(self, origin: Origin, pool: Owner) -> None:
+    def __init__(self, origin: Origin, pool: Owner, batch: WriteBatcher | None = None) -> None:
         self.origin = origin
         self.pool = pool
+        self._batch = batch  # the request goes out with the others of this loop pass; None: at once
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self._closed = False
@@ -250,12 +252,21 @@ class WorkerConnection(asyncio.Protocol):
         if transport is None or self._closed or transport.is_closing():
             raise UpstreamClosed("worker closed the connection before the request was sent")
         self._sent = True
+        parts = (head + body,) if len(body) < 65536 else (head, body)
+        batch = self._batch
+        if batch is not None:
+            for part in parts:
+                batch.write(transport, part, self._unsent)
+            return
         try:
-            transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                transport.write(body)
+            for part in parts:
+                transport.write(part)
         except (RuntimeError, OSError) as exc:  # uvloop: "the handler is closed" when the peer just went away
             raise UpstreamClosed(f"worker closed the connection before the request was sent: {exc}") from None
+
+    def _unsent(self, exc: BaseException) -> None:
+        """The batched request could not be written: the connection closed before its turn."""
+        self._fail(UpstreamClosed(f"worker closed the connection before the request was sent: {exc}"))
 
     async def wait_headers(self, timeout: float) -> None:
         while not self._headers_done:
