@@ -136,6 +136,8 @@ class WorkerConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(f"malformed HTTP from worker: {exc}"))
         if self._sink is not None:
             self._feed_sink()
+        elif self._buf:
+            self._wake()  # once for what this read brought (a short answer: its every chunk, with the head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -188,7 +190,6 @@ class WorkerConnection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
