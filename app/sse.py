@@ -178,28 +178,39 @@ class SSEParser:
 
     def _drop(self, event: bytes, now: float) -> bool:
         """Inspect one event; True when it must not reach the client (the usage event nobody asked for)."""
-        if event.startswith(b"data: {") and self.take is not None:
-            try:
-                content, usage, has_choices = self.take(event[6:])
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                pass  # another shape, or not JSON: the general way says which
-            else:
-                return self._learn(usage, has_choices, content, now)
-        elif event.startswith(b"data: {") and self.sink is None:
-            payload = event[6:]
-            try:
-                if not payload.isascii():
-                    payload.decode()  # the typed decoder does not check the UTF-8 of the strings it skips
-                ev = _decode_event(payload)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # (ValidationError is a DecodeError)
-                pass  # another shape, not JSON, or nested past the typed decoder's depth: the general way says which
-            else:
-                if ev.error is not msgspec.UNSET:
-                    self.state.saw_error = True
-                    self.state.error = ev.error
-                    return False
-                choices = ev.choices
-                return self._learn(ev.usage, bool(choices), _event_has_content(choices) if choices else False, now)
+        if event.startswith(b"data: {"):
+            take = self.take
+            if take is not None:
+                try:
+                    content, usage, has_choices = take(event[6:])
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                    pass  # another shape, or not JSON: the general way says which
+                else:
+                    return self._learn(usage, has_choices, content, now)
+            elif self.sink is None:
+                payload = event[6:]
+                try:
+                    if not payload.isascii():
+                        payload.decode()  # the typed decoder does not check the UTF-8 of the strings it skips
+                    ev = _decode_event(payload)
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # (ValidationError is one too)
+                    pass  # another shape, not JSON, or nested past the typed decoder's depth: the general way says
+                else:
+                    if ev.error is not msgspec.UNSET:
+                        self.state.saw_error = True
+                        self.state.error = ev.error
+                        return False
+                    choices = ev.choices
+                    if ev.usage is None:  # a token, the role or the finish: _learn's case without usage, inline
+                        if choices and _event_has_content(choices):
+                            st = self.state
+                            st.content_events += 1
+                            if st.first_token is None:
+                                st.first_token = now
+                            st.last_token = now
+                        return False
+                    return self._learn(ev.usage, bool(choices), _event_has_content(choices) if choices else False,
+                                       now)
         return self._drop_general(event, now)
 
     def _learn(self, usage: dict[str, Any] | None, has_choices: bool, content: bool, now: float) -> bool:
