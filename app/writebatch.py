@@ -5,7 +5,7 @@ CPU (an inter-processor interrupt: a VM exit on a virtual machine). A busy gatew
 of its loop and writes after each: to the worker (a request) and to the client (an answer). Written where they
 are made, those writes are spread over the pass, and each finds its peer asleep again; issued together right
 after the pass, the first wakes the peer and the rest find it awake, and the peer reads them in one pass of its
-own. At saturation this took ~10 % of a gateway's CPU per request; a write leaves at the end of the pass, or
+own. At saturation this took ~12 % of a gateway's CPU per request; a write leaves at the end of the pass, or
 sooner once ``MAX_BATCH`` are held (at light load a pass is a few microseconds).
 
 Order is kept: a transport's writes leave in the order they were made, and ``close()`` of a ``BatchedTransport``
@@ -20,11 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 OnFail = Callable[[BaseException], None]
-# Writes held at most: the pass's eighth write issues them all at once. A burst's first answers leave after at most
-# seven more reads have been handled (~0.1 ms), not at the end of a pass of hundreds; most of the saving is kept
-# (same-run A/B, saturation: 220 vs 245 µs of CPU per request with 8, 218 vs 249 unbounded; paced 64 streams:
-# TTFT p99 +3.7 vs +5.0 ms with 8, +6.4 vs +3.4 ms unbounded).
-MAX_BATCH = 8
+# Writes held at most: the pass's 16th write issues them all at once, so a burst's first answers leave after at most
+# 15 more reads have been handled, not at the end of a pass of hundreds. Same-run A/Bs (bench.ab, c=64): with 8
+# against none, saturation 220 vs 245 µs of CPU per request, paced TTFT p99 +3.7 vs +5.0 ms (unbounded: 218 vs 249
+# µs, but paced p99 +6.4 vs +3.4 ms); with 16 against 8, saturation 190 vs 195 µs, paced TTFT p50 / p99
+# +0.66 / +3.74 vs +1.10 / +6.50 ms.
+MAX_BATCH = 16
 
 
 class WriteBatcher:
