@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
@@ -88,13 +89,17 @@ class WorkerConnection(asyncio.Protocol):
 
     __slots__ = ("origin", "transport", "parser", "status", "headers", "_headers_done", "_buf", "_buffered",
                  "_paused", "_complete", "_closed", "_exc", "_waiter", "_keep_alive", "_got_bytes", "idle_since",
-                 "pool", "_sink", "_sent", "_head_bytes", "_framed", "_interim", "_batch")
+                 "pool", "_sink", "_sent", "_head_bytes", "_framed", "_interim", "_batch", "on_body")
 
     def __init__(self, origin: Origin, pool: Owner, batch: WriteBatcher | None = None) -> None:
         self.origin = origin
         self.pool = pool
         self._batch = batch  # the request goes out with the others of this loop pass; None: at once
         self.transport: asyncio.Transport | None = None
+        self._buf: deque[bytes] = deque()
+        # httptools' body callback, once per HTTP chunk (vLLM sends each SSE event as one): the buffer's own append,
+        # no Python frame per chunk; what a read buffered is counted and bounded once per read (data_received)
+        self.on_body: Callable[[bytes], None] = self._buf.append
         self.parser = httptools.HttpResponseParser(self)
         self._closed = False
         self.idle_since = 0.0
@@ -105,8 +110,8 @@ class WorkerConnection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self._headers_done = False
-        self._buf: deque[bytes] = deque()
-        self._buffered = 0
+        self._buf.clear()
+        self._buffered = 0  # bytes read since the buffer was last taken (an upper bound of the body bytes in it)
         self._paused = False
         self._complete = False
         self._exc: BaseException | None = None
@@ -137,6 +142,10 @@ class WorkerConnection(asyncio.Protocol):
         if self._sink is not None:
             self._feed_sink()
         elif self._buf:
+            self._buffered += len(data)
+            if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True  # a reader that falls behind: stop reading until it takes the buffer
+                self.transport.pause_reading()
             self._wake()  # once for what this read brought (a short answer: its every chunk, with the head)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -181,15 +190,6 @@ class WorkerConnection(asyncio.Protocol):
         elif not self._framed:
             self._keep_alive = False
         self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self._buf.append(body)
-        self._buffered += len(body)
-        if self._sink is not None:
-            return  # handed over in one piece when this read has been parsed (_feed_sink)
-        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         if self._interim:
