@@ -351,7 +351,7 @@ def configure_protocol(settings: Settings) -> None:
     HardenedHttpToolsProtocol.max_header_bytes = settings.max_header_bytes
     HardenedHttpToolsProtocol.max_headers = settings.max_headers
     HardenedHttpToolsProtocol.eager_budget = PassBudget(EAGER_PER_PASS)
-    HardenedHttpToolsProtocol.write_batch = WriteBatcher()
+    HardenedHttpToolsProtocol.write_batch = WriteBatcher(settings.write_batch)
 
 
 PROTOCOL_PATH = "app.httpserver:HardenedHttpToolsProtocol"
@@ -364,7 +364,7 @@ def protocol_class(settings: Settings) -> type[HardenedHttpToolsProtocol]:
         "max_header_bytes": settings.max_header_bytes,
         "max_headers": settings.max_headers,
         "eager_budget": PassBudget(EAGER_PER_PASS),
-        "write_batch": WriteBatcher(),
+        "write_batch": WriteBatcher(settings.write_batch),
     })
 
 

@@ -77,7 +77,7 @@ def create_app(settings: Settings, *, worker_specs: Sequence[WorkerSpec] = (),
     prom = prom_registry if prom_registry is not None else CollectorRegistry()
     metrics = GatewayMetrics(prom, version=__version__)
     registry = Registry()
-    pool = UpstreamPool(connect_timeout=settings.connect_timeout)
+    pool = UpstreamPool(connect_timeout=settings.connect_timeout, write_batch=settings.write_batch)
     tokenizers = TokenizerStore(settings.tokenizer_paths())
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokengate-count")
     keys = load_keys(settings.keys_file) if settings.keys_file is not None else KeyStore.open()

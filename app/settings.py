@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .writebatch import MAX_BATCH
+
 CapPolicy = Literal["clamp", "reject"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -181,6 +183,9 @@ class Settings(BaseSettings):
                                                            "of sleeping, and this many seconds after the last: a "
                                                            "CPU core per process for the wake-up latency of an "
                                                            "idle one; 0 = off")
+    write_batch: int = Field(MAX_BATCH, ge=1, le=1024,
+                             description="socket writes of one event-loop pass held and issued together, at most "
+                                         "this many (app.writebatch); 1 = each at once")
     gc_freeze: bool = Field(True, description="move start-up objects out of the garbage collector's reach")
     dry_run: bool = Field(False, description="print the worker command lines and environment, start nothing")
     admin_key: str | None = Field(None, description="bearer key for /admin/*; unset: loopback clients only")

@@ -28,7 +28,7 @@ from .workerconn import (
     UpstreamProtocolError,
     WorkerConnection,
 )
-from .writebatch import WriteBatcher
+from .writebatch import MAX_BATCH, WriteBatcher
 
 __all__ = ["Origin", "Sink", "UpstreamAborted", "UpstreamClosed", "UpstreamPool", "UpstreamProtocolError",
            "UpstreamResponse"]
@@ -111,9 +111,9 @@ class UpstreamPool:
     (vLLM's uvicorn closes idle connections after 5 s; reusing one it is closing would fail the request)."""
 
     def __init__(self, *, connect_timeout: float = 5.0, idle_ttl: float = 4.0, max_idle_per_origin: int = 1024,
-                 ssl_context: ssl_module.SSLContext | None = None) -> None:
+                 ssl_context: ssl_module.SSLContext | None = None, write_batch: int = MAX_BATCH) -> None:
         self.connect_timeout = connect_timeout
-        self.batch = WriteBatcher()  # the requests of one loop pass leave together (app.writebatch)
+        self.batch = WriteBatcher(write_batch)  # the requests of one loop pass leave together (app.writebatch)
         self.idle_ttl = idle_ttl
         self.max_idle = max_idle_per_origin
         self._idle: dict[Origin, list[WorkerConnection]] = {}

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
+from app.cli import build_parser, settings_from_args
+from app.settings import Settings
 from app.workerconn import Origin, UpstreamClosed, WorkerConnection
 from app.writebatch import MAX_BATCH, BatchedTransport, WriteBatcher
+from bench.fakeworker import ThreadedFakeWorker
+
+from .utils import run_gateway
 
 
 class _Transport:
@@ -170,3 +176,48 @@ def test_a_large_body_goes_as_two_writes_in_order() -> None:
         assert log == [("w", "write", b"HEAD"), ("w", "write", body)]
 
     asyncio.run(go())
+
+
+def test_a_batch_of_one_writes_at_once() -> None:
+    log: list[tuple[str, str, bytes]] = []
+
+    async def go() -> None:
+        batch = WriteBatcher(1)
+        batch.write(_Transport("t", log), b"now")  # type: ignore[arg-type]
+        assert log == [("t", "write", b"now")]
+
+    asyncio.run(go())
+
+
+def test_flag_and_environment() -> None:
+    assert settings_from_args(build_parser().parse_args(["serve", "--write-batch", "1"])).write_batch == 1
+    assert Settings().write_batch == MAX_BATCH
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENGATE_WRITE_BATCH", "4")
+        assert Settings().write_batch == 4
+    with pytest.raises(ValueError):
+        Settings(write_batch=0)
+
+
+@pytest.mark.parametrize("write_batch", [1, MAX_BATCH])
+def test_gateway_streams_whole_answers_either_way(write_batch: int) -> None:
+    """Many streams at once through the batched writes (requests to the worker, answers to the clients): each
+    answer complete and in order, and the pool and server use the size given."""
+    with ThreadedFakeWorker() as worker, run_gateway(Settings(upstream=[worker.url], discovery_interval=60.0,
+                                                              write_batch=write_batch), ready_timeout=20) as gw:
+        assert gw.state.proxy.pool.batch.max_batch == write_batch
+
+        async def one(client: httpx.AsyncClient, i: int) -> list[str]:
+            body = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": f"hi {i}"}]}
+            async with client.stream("POST", gw.base + "/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                return [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+        async def many() -> list[list[str]]:
+            async with httpx.AsyncClient(timeout=20) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(40)))
+
+        for events in asyncio.run(many()):
+            assert events[-1] == "data: [DONE]"
+            tokens = [e for e in events[:-1] if '"content":"' in e and '"content":""' not in e]
+            assert len(tokens) == 8, events
