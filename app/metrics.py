@@ -119,7 +119,8 @@ class GatewayMetrics:
         )
         self.overhead = Histogram(
             "tokengate_gateway_overhead_seconds",
-            "Time spent inside the gateway: dispatch (arrival to upstream request sent) and relay (per chunk).",
+            "Time spent inside the gateway: dispatch (arrival to upstream request written) and relay (per chunk); "
+            "a write leaves at the end of its event-loop pass (--write-batch).",
             ["phase"], buckets=OVERHEAD_BUCKETS, registry=registry,
         )
         self.queue_time = Histogram(
