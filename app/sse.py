@@ -194,7 +194,7 @@ class SSEParser:
                         payload.decode()  # the typed decoder does not check the UTF-8 of the strings it skips
                     ev = _decode_event(payload)
                 except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # (ValidationError is one too)
-                    pass  # another shape, not JSON, or nested past the typed decoder's depth: the general way says
+                    pass  # another shape, not JSON, or too deep for the typed decoder: the general way says which
                 else:
                     if ev.error is not msgspec.UNSET:
                         self.state.saw_error = True
