@@ -295,7 +295,9 @@ async def run_closed(target: Target, *, concurrency: int, duration: float | None
         rng = random.Random(index)
         sent = 0.0
         first = True
-        while time.perf_counter() < deadline and left[0] != 0:
+        # windowed: until the window has closed, not the instant it was due (its timer may run late on a busy
+        # machine; streams that stopped first would leave the window's end with no requests running)
+        while (time.perf_counter() < deadline or windowed and window[1] == inf) and left[0] != 0:
             if windowed:
                 now = time.perf_counter()
                 if window[0] <= sent and window[1] == inf:
