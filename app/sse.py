@@ -108,6 +108,13 @@ class SSEState:
     relay_buckets: dict[int, int] = field(default_factory=dict, repr=False)
     _pending: bytes = field(default=b"", repr=False)
 
+    def token(self, now: float) -> None:
+        """An event with content, read at ``now``."""
+        self.content_events += 1
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+
     def relayed(self, seconds: float) -> None:
         """One chunk passed on, ``seconds`` after its read arrived."""
         self.chunks += 1
@@ -203,11 +210,7 @@ class SSEParser:
                     choices = ev.choices
                     if ev.usage is None:  # a token, the role or the finish: _learn's case without usage, inline
                         if choices and _event_has_content(choices):
-                            st = self.state
-                            st.content_events += 1
-                            if st.first_token is None:
-                                st.first_token = now
-                            st.last_token = now
+                            self.state.token(now)
                         return False
                     return self._learn(ev.usage, bool(choices), _event_has_content(choices) if choices else False,
                                        now)
@@ -222,10 +225,7 @@ class SSEParser:
             if not has_choices:
                 return not self.include_usage
         if content:
-            st.content_events += 1
-            if st.first_token is None:
-                st.first_token = now
-            st.last_token = now
+            st.token(now)
         return False
 
     def _drop_general(self, event: bytes, now: float) -> bool:

@@ -67,15 +67,12 @@ class WriteBatcher:
                 if on_fail is not None:
                     on_fail(exc)
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
 
 class BatchedTransport(asyncio.Transport):
     """A client connection's transport whose writes go through a ``WriteBatcher``: every writer (uvicorn's
     ``send``, its error answers, ``ClientLink``) shares the one queue, so their order holds; closing sends the
-    queue first."""
+    queue first. What uvicorn and the gateway call on a transport is passed on; the rest is asyncio's default
+    (``writelines`` joins and writes; others are not implemented)."""
 
     __slots__ = ("_inner", "_batch")
 
@@ -87,22 +84,12 @@ class BatchedTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._batch.write(self._inner, bytes(data) if not isinstance(data, bytes) else data)
 
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
     def close(self) -> None:
         self._batch.flush()
         self._inner.close()
 
     def abort(self) -> None:
         self._inner.abort()  # what it held for this transport is dropped at the flush (closing)
-
-    def write_eof(self) -> None:
-        self._batch.flush()
-        self._inner.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._inner.can_write_eof()
 
     def is_closing(self) -> bool:
         return self._inner.is_closing()
@@ -116,20 +103,5 @@ class BatchedTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         self._inner.resume_reading()
 
-    def is_reading(self) -> bool:
-        return self._inner.is_reading()
-
-    def get_write_buffer_size(self) -> int:
-        return self._inner.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._inner.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._inner.set_write_buffer_limits(high, low)
-
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._inner.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._inner.get_protocol()
