@@ -144,14 +144,19 @@ class _Pool:
         pass
 
 
+def _batched_conn(log: list[tuple[str, str, bytes]]) -> tuple[WorkerConnection, _Transport]:
+    transport = _Transport("w", log)
+    conn = WorkerConnection(Origin.parse("http://127.0.0.1:8001"), _Pool(), WriteBatcher())
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
 def test_a_batched_request_the_worker_closed_before_it_left_fails_as_unsent() -> None:
     """The pool retries such a request on a fresh connection (upstream.request): it never reached the worker."""
     log: list[tuple[str, str, bytes]] = []
 
     async def go() -> None:
-        transport = _Transport("w", log)
-        conn = WorkerConnection(Origin.parse("http://127.0.0.1:8001"), _Pool(), WriteBatcher())
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, transport = _batched_conn(log)
         conn.send(b"POST / HTTP/1.1\r\n\r\n", b"{}")
         transport.closing = True  # the worker's FIN is handled in the same pass, before the write's turn
         with pytest.raises(UpstreamClosed, match="before the request was sent"):
@@ -166,9 +171,7 @@ def test_a_large_body_goes_as_two_writes_in_order() -> None:
     log: list[tuple[str, str, bytes]] = []
 
     async def go() -> None:
-        transport = _Transport("w", log)
-        conn = WorkerConnection(Origin.parse("http://127.0.0.1:8001"), _Pool(), WriteBatcher())
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn, _ = _batched_conn(log)
         body = b"x" * 70000
         conn.send(b"HEAD", body)
         await asyncio.sleep(0)
